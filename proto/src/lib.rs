@@ -1,0 +1,1 @@
+//! The husk agent API. Its .proto and generated code arrive with the agent.

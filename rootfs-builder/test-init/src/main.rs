@@ -1,0 +1,80 @@
+//! Guest PID 1 for VMM tests. It mounts /proc, prints one marker line with what the guest sees,
+//! then does what `husk.test=` on the kernel command line asks:
+//! `poweroff` (default), `panic` (init exits, so the kernel panics), `reboot`, or `hang`.
+//!
+//! Static and std-only so it runs from a bare initramfs.
+
+use std::ffi::CString;
+use std::io::Write;
+
+const MARKER: &str = "HUSK-TEST-INIT-READY";
+
+fn mount(src: &str, target: &str, fstype: &str) {
+    let (s, t, f) = match (CString::new(src), CString::new(target), CString::new(fstype)) {
+        (Ok(s), Ok(t), Ok(f)) => (s, t, f),
+        _ => return,
+    };
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+}
+
+fn online_cpus() -> i64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }
+}
+
+fn uptime() -> String {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn cmdline_action() -> String {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    cmdline.split_whitespace().find_map(|w| w.strip_prefix("husk.test=")).unwrap_or("poweroff").to_string()
+}
+
+fn mem_total_kib() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string()))
+        .unwrap_or_default()
+}
+
+fn main() {
+    std::fs::create_dir_all("/proc").ok();
+    std::fs::create_dir_all("/sys").ok();
+    mount("proc", "/proc", "proc");
+    mount("sysfs", "/sys", "sysfs");
+    let action = cmdline_action();
+    let rng = std::fs::read_to_string("/sys/class/misc/hw_random/rng_current").unwrap_or_default();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{MARKER} cpus={} mem_kib={} uptime={} rng={} action={action}",
+        online_cpus(),
+        mem_total_kib(),
+        uptime(),
+        rng.trim(),
+    );
+    let _ = out.flush();
+    drop(out);
+    // SAFETY: sync/reboot take no pointers; as PID 1 we own the machine's fate.
+    unsafe { libc::sync() };
+    match action.as_str() {
+        "panic" => std::process::exit(7),
+        "reboot" => unsafe {
+            libc::reboot(libc::RB_AUTOBOOT);
+        },
+        "hang" => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
+        _ => unsafe {
+            libc::reboot(libc::RB_POWER_OFF);
+        },
+    }
+    // reboot(2) only returns on failure; exiting makes the kernel panic, which tests would see.
+    eprintln!("husk-test-init: reboot({action}) failed: {}", std::io::Error::last_os_error());
+    std::process::exit(1);
+}

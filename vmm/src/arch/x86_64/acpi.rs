@@ -1,0 +1,207 @@
+//! A minimal hardware-reduced ACPI platform: RSDP → XSDT → {FADT → DSDT, MADT}.
+//!
+//! It gives the guest exactly three things: every vCPU (MADT local APICs plus one IOAPIC),
+//! poweroff (the FADT sleep control register plus `\_S5` in the DSDT), and panic reporting (a
+//! pvpanic `QEMU0001` device in the DSDT). Hardware-reduced mode also tells Linux there is no
+//! legacy PIC or PIT to set up, which shortens boot.
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use super::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::devices::legacy::{pvpanic, sleep_ctl};
+
+const OEM_ID: [u8; 6] = *b"HUSK  ";
+const OEM_TABLE_ID: [u8; 8] = *b"HUSKVM  ";
+const OEM_REVISION: u32 = 1;
+/// FADT IAPC_BOOT_ARCH: no VGA, no CMOS RTC (kvmclock gives the wall clock).
+const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("ACPI tables need {0} bytes, more than the space reserved for them")]
+    TooLarge(u64),
+    #[error("writing ACPI tables: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    #[error("{0} vCPUs do not fit 8-bit APIC IDs")]
+    TooManyCpus(u32),
+}
+
+fn dsdt() -> Vec<u8> {
+    let mut body = Vec::new();
+    // Sleep type for S5; the sleep control register device matches this value.
+    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&sleep_ctl::S5_SLEEP_TYPE]))
+        .to_aml_bytes(&mut body);
+    let port = pvpanic::PORT as u16;
+    let io = aml::IO::new(port, port, 1, pvpanic::PORT_LEN as u8);
+    let crs = aml::ResourceTemplate::new(vec![&io]);
+    aml::Scope::new(
+        "\\_SB_".into(),
+        vec![&aml::Device::new(
+            "PEVT".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"QEMU0001"),
+                &aml::Name::new("_CRS".into(), &crs),
+                &aml::Name::new("_STA".into(), &0x0fu8),
+            ],
+        )],
+    )
+    .to_aml_bytes(&mut body);
+    let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    sdt.append_slice(&body);
+    sdt.as_slice().to_vec()
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let io_reg = |port: u64| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port);
+    let mut b =
+        FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION).dsdt_64(dsdt_addr).flag(Flags::HwReducedAcpi);
+    b.sleep_control_reg = io_reg(sleep_ctl::PORT);
+    b.sleep_status_reg = io_reg(sleep_ctl::PORT + 1);
+    b.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).into();
+    let mut out = Vec::new();
+    b.finalize().to_aml_bytes(&mut out);
+    out
+}
+
+fn madt(vcpus: u32) -> Result<Vec<u8>, AcpiError> {
+    if vcpus > crate::config::MAX_VCPUS {
+        return Err(AcpiError::TooManyCpus(vcpus));
+    }
+    let mut madt =
+        MADT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION, LocalInterruptController::Address(LAPIC_ADDR as u32));
+    for cpu in 0..vcpus {
+        let id = u8::try_from(cpu).ok().filter(|&i| i != 0xff).ok_or(AcpiError::TooManyCpus(vcpus))?;
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
+    // The IOAPIC ID follows the CPUs' so IDs stay unique.
+    let ioapic_id = u8::try_from(vcpus).map_err(|_| AcpiError::TooManyCpus(vcpus))?;
+    madt.add_structure(IoApic::new(ioapic_id, IOAPIC_ADDR as u32, 0));
+    let mut out = Vec::new();
+    madt.to_aml_bytes(&mut out);
+    Ok(out)
+}
+
+fn align16(v: u64) -> u64 {
+    (v + 15) & !15
+}
+
+/// Builds the tables and writes them at `ACPI_START`; returns the RSDP address for the boot
+/// protocol (PVH start_info or boot_params), and where the tables end.
+pub fn write_acpi_tables<M: GuestMemory>(mem: &M, vcpus: u32) -> Result<(u64, u64), AcpiError> {
+    let rsdp_addr = ACPI_START;
+    let xsdt_addr = align16(rsdp_addr + Rsdp::len() as u64);
+    // XSDT: header + one pointer per table.
+    let fadt_addr = align16(xsdt_addr + 36 + 2 * 8);
+    let dsdt_addr = align16(fadt_addr + FADTBuilder::default_len());
+    let dsdt = dsdt();
+    let madt_addr = align16(dsdt_addr + dsdt.len() as u64);
+    let madt = madt(vcpus)?;
+    let end = madt_addr + madt.len() as u64;
+    if end > ACPI_END {
+        return Err(AcpiError::TooLarge(end - ACPI_START));
+    }
+    let fadt = fadt(dsdt_addr);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let mut xsdt_bytes = Vec::new();
+    xsdt.to_aml_bytes(&mut xsdt_bytes);
+    let mut rsdp_bytes = Vec::new();
+    Rsdp::new(OEM_ID, xsdt_addr).to_aml_bytes(&mut rsdp_bytes);
+
+    for (addr, bytes) in [
+        (rsdp_addr, &rsdp_bytes),
+        (xsdt_addr, &xsdt_bytes),
+        (fadt_addr, &fadt),
+        (dsdt_addr, &dsdt),
+        (madt_addr, &madt),
+    ] {
+        mem.write_slice(bytes, GuestAddress(addr))?;
+    }
+    Ok((rsdp_addr, end))
+}
+
+/// The FADT size, which the crate exposes only through `FADT::len`.
+trait FadtLen {
+    fn default_len() -> u64;
+}
+
+impl FadtLen for FADTBuilder {
+    fn default_len() -> u64 {
+        acpi_tables::fadt::FADT::len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestMemoryMmap;
+
+    use super::*;
+
+    fn checksum_ok(b: &[u8]) -> bool {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x)) == 0
+    }
+
+    fn table_at(m: &GuestMemoryMmap<()>, addr: u64) -> Vec<u8> {
+        let len: u32 = m.read_obj(GuestAddress(addr + 4)).unwrap();
+        let mut b = vec![0u8; len as usize];
+        m.read_slice(&mut b, GuestAddress(addr)).unwrap();
+        b
+    }
+
+    #[test]
+    fn tables_link_and_checksum() {
+        let m: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let (rsdp, end) = write_acpi_tables(&m, 2).unwrap();
+        assert!(end <= ACPI_END);
+        let mut r = [0u8; 36];
+        m.read_slice(&mut r, GuestAddress(rsdp)).unwrap();
+        assert_eq!(&r[..8], b"RSD PTR ");
+        assert!(checksum_ok(&r[..20]) && checksum_ok(&r));
+        let xsdt_addr = u64::from_le_bytes(r[24..32].try_into().unwrap());
+        let xsdt = table_at(&m, xsdt_addr);
+        assert_eq!(&xsdt[..4], b"XSDT");
+        assert!(checksum_ok(&xsdt));
+        let ptrs: Vec<u64> =
+            xsdt[36..].chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        let fadt = table_at(&m, ptrs[0]);
+        assert_eq!(&fadt[..4], b"FACP");
+        assert!(checksum_ok(&fadt));
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        // Sleep control register GAS at offset 244: system I/O at the device's port.
+        assert_eq!(fadt[244], 1);
+        assert_eq!(u64::from_le_bytes(fadt[248..256].try_into().unwrap()), sleep_ctl::PORT);
+        let dsdt_addr = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
+        let dsdt = table_at(&m, dsdt_addr);
+        assert_eq!(&dsdt[..4], b"DSDT");
+        assert!(checksum_ok(&dsdt));
+        assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        assert!(dsdt.windows(8).any(|w| w == b"QEMU0001"));
+        let madt = table_at(&m, ptrs[1]);
+        assert_eq!(&madt[..4], b"APIC");
+        assert!(checksum_ok(&madt));
+        // Two local APIC entries (type 0, length 8) then the IOAPIC (type 1).
+        assert_eq!(&madt[44..46], &[0, 8]);
+        assert_eq!(madt[47], 0);
+        assert_eq!(&madt[52..54], &[0, 8]);
+        assert_eq!(madt[55], 1);
+        assert_eq!(madt[60], 1);
+    }
+
+    #[test]
+    fn too_many_cpus_is_an_error() {
+        let m: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        assert!(write_acpi_tables(&m, 254).is_ok());
+        assert!(matches!(write_acpi_tables(&m, 255), Err(AcpiError::TooManyCpus(255))));
+    }
+}

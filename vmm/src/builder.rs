@@ -1,0 +1,167 @@
+//! Turns a validated [`VmConfig`] into a ready-to-run [`Vmm`]: memory, irqchip, devices, kernel,
+//! boot tables and vCPUs, in the order KVM requires.
+
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::boot::{self, KernelKind};
+use crate::arch::layout::{IRQ_MAX, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
+use crate::arch::{acpi, regs};
+use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::devices::legacy::{i8042, pvpanic, serial, sleep_ctl};
+use crate::devices::legacy::{AcpiSleepControl, PvPanic, SerialConsole, SerialOutput, I8042};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::{rng::Rng, VirtioDevice, VirtioInterrupt};
+use crate::devices::{Bus, BusError};
+use crate::exit::ExitNotifier;
+use crate::memory::{create_guest_memory, GuestMem, MemoryError};
+use crate::vmm::Vmm;
+use crate::vstate::{Vcpu, VcpuError, Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    #[error("too many devices: no interrupt line left")]
+    OutOfIrqs,
+    #[error("serial output file {path}: {source}")]
+    SerialFile { path: String, source: std::io::Error },
+    #[error("{what}: {source}")]
+    Io { what: &'static str, source: std::io::Error },
+    #[error("virtio queue setup: {0:?}")]
+    Queue(virtio_queue::Error),
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
+    move |source| BuildError::Io { what, source }
+}
+
+/// Places virtio-mmio devices one page apart with consecutive GSIs, and records the kernel
+/// command-line entries that announce them.
+struct VirtioPlacer {
+    next: u32,
+    cmdline: Vec<String>,
+}
+
+impl VirtioPlacer {
+    fn add(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMem,
+        mmio: &mut Bus,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(), BuildError> {
+        let irq = VIRTIO_IRQ_START + self.next;
+        if irq > IRQ_MAX {
+            return Err(BuildError::OutOfIrqs);
+        }
+        let base = VIRTIO_MMIO_START + u64::from(self.next) * MMIO_LEN;
+        let irqfd = EventFd::new(EFD_NONBLOCK).map_err(io_err("irqfd"))?;
+        vm.register_irqfd(&irqfd, irq)?;
+        let mut queue_evts = Vec::new();
+        for q in 0..device.queue_max_sizes().len() {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("ioeventfd"))?;
+            vm.register_mmio_ioevent(&evt, base + REG_QUEUE_NOTIFY, q as u32)?;
+            queue_evts.push(evt);
+        }
+        let interrupt = Arc::new(VirtioInterrupt::new(irqfd));
+        let transport =
+            MmioTransport::new(device, mem.clone(), interrupt, queue_evts).map_err(BuildError::Queue)?;
+        mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
+        self.cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        self.next += 1;
+        Ok(())
+    }
+}
+
+pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
+    cfg.validate()?;
+    let vm = Vm::new(cfg.vcpus)?;
+    let mem = create_guest_memory(cfg.memory_mib)?;
+    vm.register_memory(&mem)?;
+    vm.setup_irqchip()?;
+
+    let exit = Arc::new(ExitNotifier::new().map_err(io_err("exit eventfd"))?);
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+
+    let serial = match &cfg.serial {
+        SerialConfig::None => None,
+        other => {
+            let out = match other {
+                SerialConfig::File(path) => SerialOutput::File(
+                    std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|source| {
+                        BuildError::SerialFile { path: path.display().to_string(), source }
+                    })?,
+                ),
+                _ => SerialOutput::Stdout,
+            };
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("serial irqfd"))?;
+            vm.register_irqfd(&irq, serial::COM1_IRQ)?;
+            let dev = Arc::new(Mutex::new(SerialConsole::new(irq, out).map_err(io_err("serial"))?));
+            pio.insert(dev.clone(), serial::COM1_PORT, serial::PORT_LEN)?;
+            Some(dev)
+        }
+    };
+    pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), i8042::PORT_BASE, i8042::PORT_LEN)?;
+    pio.insert(
+        Arc::new(Mutex::new(AcpiSleepControl::new(exit.clone()))),
+        sleep_ctl::PORT,
+        sleep_ctl::PORT_LEN,
+    )?;
+    pio.insert(Arc::new(Mutex::new(PvPanic::new(exit.clone()))), pvpanic::PORT, pvpanic::PORT_LEN)?;
+
+    let mut placer = VirtioPlacer { next: 0, cmdline: Vec::new() };
+    if cfg.rng {
+        placer.add(&vm, &mem, &mut mmio, Box::new(Rng::new()))?;
+    }
+
+    let mut cmdline = cfg.cmdline.clone();
+    for extra in &placer.cmdline {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+    let initrd_max = match kernel.kind {
+        KernelKind::BzImage { header, .. } if header.initrd_addr_max != 0 => {
+            u64::from(header.initrd_addr_max)
+        }
+        _ => u64::MAX,
+    };
+    let initrd =
+        cfg.initramfs.as_ref().map(|p| boot::load_initrd(&mem, p, kernel.end, initrd_max)).transpose()?;
+    boot::write_cmdline(&mem, &cmdline)?;
+    let (rsdp, _) = acpi::write_acpi_tables(&mem, cfg.vcpus)?;
+    let entry = match kernel.kind {
+        KernelKind::Pvh { entry } => boot::write_pvh_info(&mem, entry, initrd, rsdp)?,
+        KernelKind::BzImage { load_addr, header } => {
+            boot::write_zero_page(&mem, load_addr, header, cmdline.len(), initrd, rsdp)?
+        }
+    };
+    regs::write_boot_tables(&mem, entry)?;
+
+    let supported = vm.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    for i in 0..cfg.vcpus {
+        let vcpu = Vcpu::new(&vm, i)?;
+        vcpu.configure(&supported, cfg.vcpus, (i == 0).then_some(entry))?;
+        vcpus.push(vcpu);
+    }
+    tracing::debug!(cmdline, "VM built");
+    Ok(Vmm::new(vm, mem, vcpus, pio, mmio, exit, serial, cfg.serial == SerialConfig::Stdio))
+}

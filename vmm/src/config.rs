@@ -1,0 +1,233 @@
+//! VM configuration: one schema, read from CLI flags or a JSON file, validated before any KVM
+//! resource is created so that bad input costs nothing and gets a precise message.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Guest memory bounds. The floor keeps the boot structures and a tiny kernel in reach; the
+/// ceiling is far beyond any sandbox but catches unit mistakes (bytes given as MiB).
+pub const MIN_MEMORY_MIB: u64 = 16;
+pub const MAX_MEMORY_MIB: u64 = 1 << 20; // 1 TiB
+/// xAPIC IDs are 8 bits and 0xff is the broadcast ID.
+pub const MAX_VCPUS: u32 = 254;
+/// Linux on x86 reads at most 2048 bytes of command line (COMMAND_LINE_SIZE).
+pub const MAX_CMDLINE_LEN: usize = 2048;
+
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{what} {path}: {reason}")]
+    File { what: &'static str, path: PathBuf, reason: String },
+    #[error("memory_mib {0} is out of range ({MIN_MEMORY_MIB}..={MAX_MEMORY_MIB})")]
+    Memory(u64),
+    #[error("vcpus {0} is out of range (1..={MAX_VCPUS})")]
+    Vcpus(u32),
+    #[error("cmdline is {0} bytes; the kernel accepts at most {MAX_CMDLINE_LEN}")]
+    CmdlineTooLong(usize),
+    #[error("cmdline must be printable ASCII without newlines")]
+    CmdlineChars,
+    #[error("serial {0:?}: expected stdio, none or file:PATH")]
+    Serial(String),
+}
+
+/// Where the guest's 16550 console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SerialConfig {
+    /// Output to our stdout; input from our stdin when it is a terminal or pipe.
+    #[default]
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// No console device at all.
+    None,
+}
+
+impl std::str::FromStr for SerialConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "stdio" => Ok(Self::Stdio),
+            "none" => Ok(Self::None),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(Self::File(PathBuf::from(p))),
+                _ => Err(ConfigError::Serial(s.to_string())),
+            },
+        }
+    }
+}
+
+fn default_memory() -> u64 {
+    DEFAULT_MEMORY_MIB
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// The whole VM description. The JSON file uses these field names; CLI flags map onto them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Guest kernel: an ELF `vmlinux` with a PVH note, or a bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs (any format the kernel unpacks).
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line; husk appends its device parameters to it.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub serial: SerialConfig,
+    /// virtio-rng, so the guest's entropy pool is ready without waiting for jitter.
+    #[serde(default = "default_true")]
+    pub rng: bool,
+}
+
+impl VmConfig {
+    pub fn new(kernel: PathBuf) -> Self {
+        Self {
+            kernel,
+            initramfs: None,
+            cmdline: default_cmdline(),
+            memory_mib: DEFAULT_MEMORY_MIB,
+            vcpus: 1,
+            serial: SerialConfig::Stdio,
+            rng: true,
+        }
+    }
+
+    pub fn from_json_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
+        Self::from_json(&text).map_err(|source| ConfigError::Json { path: path.to_path_buf(), source })
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// Checks everything that can be checked without KVM: ranges, strings and that input
+    /// files are readable regular files. Image formats are checked when loading.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ConfigError::Memory(self.memory_mib));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.cmdline.len() >= MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        }
+        if !self.cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(ConfigError::CmdlineChars);
+        }
+        check_readable_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initramfs {
+            check_readable_file("initramfs", initrd)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_readable_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let err = |reason: String| ConfigError::File { what, path: path.to_path_buf(), reason };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    if meta.len() == 0 {
+        return Err(err("file is empty".into()));
+    }
+    std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp_file(name: &str, data: &[u8]) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("husk-cfg-{}-{name}", std::process::id()));
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    #[test]
+    fn json_defaults_and_round_trip() {
+        let cfg = VmConfig::from_json(r#"{"kernel": "/k"}"#).unwrap();
+        assert_eq!(cfg, VmConfig::new("/k".into()));
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert_eq!(VmConfig::from_json(&text).unwrap(), cfg);
+        let cfg = VmConfig::from_json(r#"{"kernel":"/k","serial":{"file":"/tmp/x"},"vcpus":2}"#).unwrap();
+        assert_eq!(cfg.serial, SerialConfig::File("/tmp/x".into()));
+    }
+
+    #[test]
+    fn json_rejects_unknown_fields_and_bad_types() {
+        assert!(VmConfig::from_json(r#"{"kernel":"/k","memory":64}"#).is_err());
+        assert!(VmConfig::from_json(r#"{"kernel":"/k","vcpus":-1}"#).is_err());
+        assert!(VmConfig::from_json(r#"{"kernel":"/k","serial":{"file":"/x","y":1}}"#).is_err());
+        assert!(VmConfig::from_json(r#"{"kernel":"/k""#).is_err());
+        assert!(VmConfig::from_json(r#"{}"#).is_err());
+    }
+
+    #[test]
+    fn validate_ranges() {
+        let k = tmp_file("kernel", b"x");
+        let mut cfg = VmConfig::new(k.clone());
+        cfg.validate().unwrap();
+        cfg.vcpus = 0;
+        assert!(matches!(cfg.validate(), Err(ConfigError::Vcpus(0))));
+        cfg.vcpus = 100_000;
+        assert!(matches!(cfg.validate(), Err(ConfigError::Vcpus(_))));
+        cfg.vcpus = 1;
+        cfg.memory_mib = 1;
+        assert!(matches!(cfg.validate(), Err(ConfigError::Memory(1))));
+        cfg.memory_mib = u64::MAX;
+        assert!(cfg.validate().is_err());
+        cfg.memory_mib = 64;
+        cfg.cmdline = "a\nb".into();
+        assert!(matches!(cfg.validate(), Err(ConfigError::CmdlineChars)));
+        cfg.cmdline = "x".repeat(4096);
+        assert!(matches!(cfg.validate(), Err(ConfigError::CmdlineTooLong(_))));
+        std::fs::remove_file(k).unwrap();
+    }
+
+    #[test]
+    fn validate_files() {
+        let cfg = VmConfig::new("/nonexistent/vmlinux".into());
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(msg.contains("kernel /nonexistent/vmlinux"), "{msg}");
+        let cfg = VmConfig::new("/".into());
+        assert!(cfg.validate().unwrap_err().to_string().contains("not a regular file"));
+        let empty = tmp_file("empty", b"");
+        let cfg = VmConfig::new(empty.clone());
+        assert!(cfg.validate().unwrap_err().to_string().contains("empty"));
+        std::fs::remove_file(empty).unwrap();
+    }
+
+    #[test]
+    fn serial_parse() {
+        assert_eq!("stdio".parse::<SerialConfig>().unwrap(), SerialConfig::Stdio);
+        assert_eq!("file:/a".parse::<SerialConfig>().unwrap(), SerialConfig::File("/a".into()));
+        assert!("file:".parse::<SerialConfig>().is_err());
+        assert!("tcp:1".parse::<SerialConfig>().is_err());
+    }
+}

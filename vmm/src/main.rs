@@ -1,0 +1,107 @@
+//! `husk-vmm`: boots one microVM from CLI flags or a JSON config and exits with a status that
+//! says how the guest ended (see `ExitReason::exit_code`); 1 means the VM could not be started.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use husk_vmm::config::{SerialConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB};
+use husk_vmm::{build_vmm, ExitReason};
+
+const EXIT_SETUP_FAILED: u8 = 1;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "husk-vmm",
+    version,
+    about = "husk's KVM microVM monitor",
+    after_help = "Exit status: 0 guest powered off, 1 bad configuration or setup failure, 2 guest \
+                  kernel panic, 3 triple fault, 4 guest reset, 5 KVM/vCPU error.\n\
+                  Environment: HUSK_LOG sets the log filter (default: warn); HUSK_KVM_DEVICE \
+                  overrides /dev/kvm."
+)]
+struct Cli {
+    /// JSON VM config (same field names as the flags below); excludes the other flags.
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "vcpus", "serial", "no_rng"])]
+    config: Option<PathBuf>,
+    /// Guest kernel: ELF vmlinux with a PVH entry, or bzImage.
+    #[arg(long, required_unless_present = "config")]
+    kernel: Option<PathBuf>,
+    /// Initramfs to hand the kernel.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line (husk appends its device parameters).
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Console: stdio, none, or file:PATH.
+    #[arg(long, default_value = "stdio")]
+    serial: String,
+    /// Leave out the virtio-rng device.
+    #[arg(long)]
+    no_rng: bool,
+}
+
+fn config_from(cli: Cli) -> anyhow::Result<VmConfig> {
+    if let Some(path) = cli.config {
+        return Ok(VmConfig::from_json_file(&path)?);
+    }
+    let kernel = cli.kernel.ok_or_else(|| anyhow::anyhow!("--kernel or --config is required"))?;
+    Ok(VmConfig {
+        kernel,
+        initramfs: cli.initramfs,
+        cmdline: cli.cmdline,
+        memory_mib: cli.memory,
+        vcpus: cli.vcpus,
+        serial: cli.serial.parse::<SerialConfig>()?,
+        rng: !cli.no_rng,
+    })
+}
+
+/// Errors are one line on stderr: callers (and people) should not have to parse a usage page.
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("husk-vmm: error: {msg}");
+    ExitCode::from(EXIT_SETUP_FAILED)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                print!("{e}");
+                return ExitCode::SUCCESS;
+            }
+            _ => {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or("invalid arguments");
+                return fail(first.trim_start_matches("error: "));
+            }
+        },
+    };
+    let cfg = match config_from(cli) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("{e:#}")),
+    };
+    let vmm = match build_vmm(&cfg) {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    let reason = vmm.run();
+    if reason != ExitReason::PowerOff {
+        eprintln!("husk-vmm: {}", reason.describe());
+    }
+    ExitCode::from(reason.exit_code() as u8)
+}

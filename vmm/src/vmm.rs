@@ -1,0 +1,165 @@
+//! A built VM and its main loop: start the vCPUs, feed console input, wait for the guest to end.
+
+use std::io::Read;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::terminal::Terminal;
+
+use crate::devices::legacy::SerialConsole;
+use crate::devices::Bus;
+use crate::exit::{ExitNotifier, ExitReason};
+use crate::memory::GuestMem;
+use crate::vstate::{Vcpu, VcpuHandle, Vm};
+
+const TOKEN_EXIT: u64 = 0;
+const TOKEN_STDIN: u64 = 1;
+const TOKEN_SERIAL_DRAINED: u64 = 2;
+
+pub struct Vmm {
+    // Field order is drop order: vCPUs stop before the VM and memory go away.
+    vcpus: Vec<Vcpu>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitNotifier>,
+    serial: Option<Arc<Mutex<SerialConsole>>>,
+    stdin_input: bool,
+    vm: Vm,
+    mem: GuestMem,
+}
+
+/// Puts a terminal stdin in raw mode for the console and restores it on drop.
+struct RawStdin(bool);
+
+impl RawStdin {
+    fn enter() -> Self {
+        let stdin = std::io::stdin();
+        // SAFETY: isatty only inspects the descriptor.
+        let tty = unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
+        Self(tty && stdin.lock().set_raw_mode().is_ok())
+    }
+}
+
+impl Drop for RawStdin {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = std::io::stdin().lock().set_canon_mode();
+        }
+    }
+}
+
+impl Vmm {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        vm: Vm,
+        mem: GuestMem,
+        vcpus: Vec<Vcpu>,
+        pio: Bus,
+        mmio: Bus,
+        exit: Arc<ExitNotifier>,
+        serial: Option<Arc<Mutex<SerialConsole>>>,
+        stdin_input: bool,
+    ) -> Self {
+        Self { vcpus, pio: Arc::new(pio), mmio: Arc::new(mmio), exit, serial, stdin_input, vm, mem }
+    }
+
+    pub fn guest_memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Runs the guest until it powers off, panics, resets or fails.
+    pub fn run(mut self) -> ExitReason {
+        let mut handles: Vec<VcpuHandle> = Vec::new();
+        for vcpu in self.vcpus.drain(..) {
+            let stop = Arc::new(AtomicBool::new(false));
+            match vcpu.start(self.pio.clone(), self.mmio.clone(), self.exit.clone(), stop) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    self.exit.notify(ExitReason::VcpuError(e.to_string()));
+                    break;
+                }
+            }
+        }
+        let reason = match self.event_loop() {
+            Ok(r) => r,
+            Err(e) => ExitReason::VcpuError(format!("event loop: {e}")),
+        };
+        for h in &mut handles {
+            h.stop();
+        }
+        reason
+    }
+
+    fn event_loop(&mut self) -> std::io::Result<ExitReason> {
+        let epoll = Epoll::new()?;
+        let add =
+            |fd: i32, token: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
+        add(self.exit.eventfd().as_raw_fd(), TOKEN_EXIT)?;
+        let stdin = std::io::stdin();
+        let stdin_fd = stdin.as_raw_fd();
+        let _raw = RawStdin::enter();
+        let mut stdin_open = false;
+        let drained = self.serial.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).drained_evt());
+        if let (true, Some(drained)) = (self.stdin_input, &drained) {
+            // Regular files and /dev/null cannot be polled: such stdin is simply not console input.
+            stdin_open = add(stdin_fd, TOKEN_STDIN).is_ok();
+            add(drained.as_raw_fd(), TOKEN_SERIAL_DRAINED)?;
+        }
+        let mut events = [EpollEvent::default(); 4];
+        let mut buf = [0u8; 64];
+        loop {
+            if let Some(reason) = self.exit.reason() {
+                return Ok(reason);
+            }
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_EXIT => {
+                        let _ = self.exit.eventfd().read();
+                    }
+                    TOKEN_STDIN => {
+                        let Some(serial) = &self.serial else { continue };
+                        let mut s = serial.lock().unwrap_or_else(|p| p.into_inner());
+                        let room = s.fifo_capacity().min(buf.len());
+                        if room == 0 {
+                            // Guest is not reading: stop polling stdin until it drains the FIFO.
+                            epoll.ctl(ControlOperation::Delete, stdin_fd, EpollEvent::default())?;
+                            stdin_open = false;
+                            continue;
+                        }
+                        match stdin.lock().read(&mut buf[..room]) {
+                            Ok(0) | Err(_) => {
+                                let _ = epoll.ctl(ControlOperation::Delete, stdin_fd, EpollEvent::default());
+                                stdin_open = false;
+                                // EOF for good: don't re-arm on drain.
+                                self.stdin_input = false;
+                            }
+                            Ok(got) => {
+                                s.enqueue_input(&buf[..got]);
+                            }
+                        }
+                    }
+                    TOKEN_SERIAL_DRAINED => {
+                        if let Some(d) = &drained {
+                            let _ = d.read();
+                        }
+                        if self.stdin_input && !stdin_open {
+                            stdin_open = add(stdin_fd, TOKEN_STDIN).is_ok();
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! KVM state: the VM (memory slots, irqchip, PIT, eventfds) and its vCPU threads.
+
+pub mod vcpu;
+pub mod vm;
+
+pub use vcpu::{Vcpu, VcpuError, VcpuHandle};
+pub use vm::{Vm, VmError};
