@@ -12,7 +12,7 @@ use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::devices::legacy::{i8042, pvpanic, serial, sleep_ctl};
 use crate::devices::legacy::{AcpiSleepControl, PvPanic, SerialConsole, SerialOutput, I8042};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN, REG_QUEUE_NOTIFY};
-use crate::devices::virtio::{rng::Rng, VirtioDevice, VirtioInterrupt};
+use crate::devices::virtio::{rng::Rng, vsock::Vsock, VirtioDevice, VirtioInterrupt};
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitNotifier;
 use crate::memory::{create_guest_memory, GuestMem, MemoryError};
@@ -91,8 +91,16 @@ impl VirtioPlacer {
 
 pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     cfg.validate()?;
-    let vm = Vm::new(cfg.vcpus)?;
+    // Images are loaded before KVM is touched so that bad input is reported as such on any host.
     let mem = create_guest_memory(cfg.memory_mib)?;
+    let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+    let initrd_max = match kernel.kind {
+        KernelKind::BzImage { header, .. } if header.initrd_addr_max != 0 => u64::from(header.initrd_addr_max),
+        _ => u64::MAX,
+    };
+    let initrd = cfg.initramfs.as_ref().map(|p| boot::load_initrd(&mem, p, kernel.end, initrd_max)).transpose()?;
+
+    let vm = Vm::new(cfg.vcpus)?;
     vm.register_memory(&mem)?;
     vm.setup_irqchip()?;
 
@@ -130,21 +138,15 @@ pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     if cfg.rng {
         placer.add(&vm, &mem, &mut mmio, Box::new(Rng::new()))?;
     }
+    if let Some(v) = &cfg.vsock {
+        placer.add(&vm, &mem, &mut mmio, Box::new(Vsock::new(v.guest_cid, v.uds_path.clone())))?;
+    }
 
     let mut cmdline = cfg.cmdline.clone();
     for extra in &placer.cmdline {
         cmdline.push(' ');
         cmdline.push_str(extra);
     }
-    let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
-    let initrd_max = match kernel.kind {
-        KernelKind::BzImage { header, .. } if header.initrd_addr_max != 0 => {
-            u64::from(header.initrd_addr_max)
-        }
-        _ => u64::MAX,
-    };
-    let initrd =
-        cfg.initramfs.as_ref().map(|p| boot::load_initrd(&mem, p, kernel.end, initrd_max)).transpose()?;
     boot::write_cmdline(&mem, &cmdline)?;
     let (rsdp, _) = acpi::write_acpi_tables(&mem, cfg.vcpus)?;
     let entry = match kernel.kind {

@@ -19,10 +19,10 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    ReadFile { path: PathBuf, source: std::io::Error },
-    #[error("config file {path}: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    #[error("cannot read config file {path}: {err}")]
+    ReadFile { path: PathBuf, err: std::io::Error },
+    #[error("config file {path}: {err}")]
+    Json { path: PathBuf, err: serde_json::Error },
     #[error("{what} {path}: {reason}")]
     File { what: &'static str, path: PathBuf, reason: String },
     #[error("memory_mib {0} is out of range ({MIN_MEMORY_MIB}..={MAX_MEMORY_MIB})")]
@@ -35,6 +35,12 @@ pub enum ConfigError {
     CmdlineChars,
     #[error("serial {0:?}: expected stdio, none or file:PATH")]
     Serial(String),
+    #[error("vsock {0:?}: expected PATH[,cid=N]")]
+    VsockSpec(String),
+    #[error("vsock guest cid {0} is reserved or out of range (3..=4294967294)")]
+    VsockCid(u64),
+    #[error("vsock socket {path}: {reason}")]
+    VsockPath { path: PathBuf, reason: String },
 }
 
 /// Where the guest's 16550 console goes.
@@ -61,6 +67,61 @@ impl std::str::FromStr for SerialConfig {
                 _ => Err(ConfigError::Serial(s.to_string())),
             },
         }
+    }
+}
+
+/// virtio-vsock with the host side on Unix sockets: `uds_path` takes host-initiated
+/// connections (`CONNECT <port>`), and a guest connect to port P reaches `<uds_path>_P`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    pub uds_path: PathBuf,
+    #[serde(default = "default_guest_cid")]
+    pub guest_cid: u64,
+}
+
+fn default_guest_cid() -> u64 {
+    3
+}
+
+impl std::str::FromStr for VsockConfig {
+    type Err = ConfigError;
+    /// `PATH[,cid=N]`
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::VsockSpec(s.to_string());
+        let mut parts = s.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(bad)?;
+        let mut cfg = VsockConfig { uds_path: PathBuf::from(path), guest_cid: default_guest_cid() };
+        for p in parts {
+            let cid = p.strip_prefix("cid=").ok_or_else(bad)?;
+            cfg.guest_cid = cid.parse().map_err(|_| bad())?;
+        }
+        Ok(cfg)
+    }
+}
+
+impl VsockConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        // CIDs are 32-bit in Linux; 0-2 and u32::MAX are reserved.
+        if !(3..u64::from(u32::MAX)).contains(&self.guest_cid) {
+            return Err(ConfigError::VsockCid(self.guest_cid));
+        }
+        let err = |reason: &str| ConfigError::VsockPath { path: self.uds_path.clone(), reason: reason.into() };
+        // sun_path holds 108 bytes; guest-to-host listeners add `_<port>` (up to 11 bytes).
+        if self.uds_path.as_os_str().len() + 11 >= 108 {
+            return Err(err("path too long for a Unix socket"));
+        }
+        let parent = match self.uds_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !parent.is_dir() {
+            return Err(err("parent directory does not exist"));
+        }
+        if self.uds_path.is_dir() {
+            return Err(err("is a directory"));
+        }
+        Ok(())
     }
 }
 
@@ -98,6 +159,8 @@ pub struct VmConfig {
     /// virtio-rng, so the guest's entropy pool is ready without waiting for jitter.
     #[serde(default = "default_true")]
     pub rng: bool,
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -110,13 +173,14 @@ impl VmConfig {
             vcpus: 1,
             serial: SerialConfig::Stdio,
             rng: true,
+            vsock: None,
         }
     }
 
     pub fn from_json_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
-        Self::from_json(&text).map_err(|source| ConfigError::Json { path: path.to_path_buf(), source })
+            .map_err(|err| ConfigError::ReadFile { path: path.to_path_buf(), err })?;
+        Self::from_json(&text).map_err(|err| ConfigError::Json { path: path.to_path_buf(), err })
     }
 
     pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
@@ -141,6 +205,9 @@ impl VmConfig {
         check_readable_file("kernel", &self.kernel)?;
         if let Some(initrd) = &self.initramfs {
             check_readable_file("initramfs", initrd)?;
+        }
+        if let Some(v) = &self.vsock {
+            v.validate()?;
         }
         Ok(())
     }
@@ -221,6 +288,29 @@ mod tests {
         let cfg = VmConfig::new(empty.clone());
         assert!(cfg.validate().unwrap_err().to_string().contains("empty"));
         std::fs::remove_file(empty).unwrap();
+    }
+
+    #[test]
+    fn vsock_parse_and_validate() {
+        let v: VsockConfig = "/tmp/v.sock".parse().unwrap();
+        assert_eq!((v.uds_path.to_str(), v.guest_cid), (Some("/tmp/v.sock"), 3));
+        let v: VsockConfig = "/tmp/v.sock,cid=42".parse().unwrap();
+        assert_eq!(v.guest_cid, 42);
+        v.validate().unwrap();
+        for bad in ["", ",cid=3", "/tmp/x,cid=", "/tmp/x,cid=-1", "/tmp/x,port=3"] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad}");
+        }
+        for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
+            let v = VsockConfig { uds_path: "/tmp/v.sock".into(), guest_cid: cid };
+            assert!(matches!(v.validate(), Err(ConfigError::VsockCid(_))), "{cid}");
+        }
+        let v: VsockConfig = "/nonexistent/dir/v.sock".parse().unwrap();
+        assert!(v.validate().unwrap_err().to_string().contains("parent directory"));
+        let long = format!("/tmp/{}", "x".repeat(120));
+        assert!(long.parse::<VsockConfig>().unwrap().validate().unwrap_err().to_string().contains("too long"));
+        let cfg = VmConfig::from_json(r#"{"kernel":"/k","vsock":{"uds_path":"/tmp/v","guest_cid":9}}"#).unwrap();
+        assert_eq!(cfg.vsock.unwrap().guest_cid, 9);
+        assert!(VmConfig::from_json(r#"{"kernel":"/k","vsock":{"uds_path":"/tmp/v","cid":9}}"#).is_err());
     }
 
     #[test]

@@ -22,7 +22,7 @@ const EXIT_SETUP_FAILED: u8 = 1;
 )]
 struct Cli {
     /// JSON VM config (same field names as the flags below); excludes the other flags.
-    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "vcpus", "serial", "no_rng"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "vcpus", "serial", "no_rng", "vsock"])]
     config: Option<PathBuf>,
     /// Guest kernel: ELF vmlinux with a PVH entry, or bzImage.
     #[arg(long, required_unless_present = "config")]
@@ -45,6 +45,9 @@ struct Cli {
     /// Leave out the virtio-rng device.
     #[arg(long)]
     no_rng: bool,
+    /// virtio-vsock with its host side on this Unix socket: PATH[,cid=N] (guest CID default 3).
+    #[arg(long, value_name = "PATH[,cid=N]")]
+    vsock: Option<String>,
 }
 
 fn config_from(cli: Cli) -> anyhow::Result<VmConfig> {
@@ -60,6 +63,7 @@ fn config_from(cli: Cli) -> anyhow::Result<VmConfig> {
         vcpus: cli.vcpus,
         serial: cli.serial.parse::<SerialConfig>()?,
         rng: !cli.no_rng,
+        vsock: cli.vsock.as_deref().map(str::parse).transpose()?,
     })
 }
 
@@ -85,15 +89,17 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             _ => {
+                // clap's message up to its usage block, folded onto one line.
                 let text = e.to_string();
-                let first = text.lines().next().unwrap_or("invalid arguments");
-                return fail(first.trim_start_matches("error: "));
+                let msg: Vec<&str> =
+                    text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+                return fail(msg.join(" ").trim_start_matches("error: "));
             }
         },
     };
     let cfg = match config_from(cli) {
         Ok(c) => c,
-        Err(e) => return fail(format!("{e:#}")),
+        Err(e) => return fail(e),
     };
     let vmm = match build_vmm(&cfg) {
         Ok(v) => v,

@@ -358,8 +358,8 @@ mod tests {
         let last: MemmapEntry = m.read_obj(GuestAddress(info.memmap_paddr + 2 * 24)).unwrap();
         assert_eq!((last.0.addr, last.0.type_), (HIMEM_START, E820_RAM));
         // The structures must not overlap each other or the page tables.
-        assert!(PVH_INFO_START + 56 <= PVH_MODLIST_START);
-        assert!(PVH_MEMMAP_START + (PVH_MEMMAP_MAX as u64) * 24 <= ZERO_PAGE_START);
+        const { assert!(PVH_INFO_START + 56 <= PVH_MODLIST_START) };
+        const { assert!(PVH_MEMMAP_START + (PVH_MEMMAP_MAX as u64) * 24 <= ZERO_PAGE_START) };
     }
 
     #[test]
@@ -385,7 +385,7 @@ mod tests {
         let mut b = [0u8; 20];
         m.read_slice(&mut b, GuestAddress(CMDLINE_START)).unwrap();
         assert_eq!(&b, b"console=ttyS0 quiet\0");
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+        const { assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START) };
         assert!(write_cmdline(&m, &"x".repeat(CMDLINE_MAX_SIZE + 1)).is_err());
     }
 

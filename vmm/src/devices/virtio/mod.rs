@@ -8,6 +8,7 @@ pub mod device;
 pub mod interrupt;
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 pub use device::{ActivateContext, ActivateError, VirtioDevice};
 pub use interrupt::VirtioInterrupt;

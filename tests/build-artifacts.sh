@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Builds everything the tests and the demo use, installing what a fresh Debian machine lacks:
+#   target/<profile>/husk-*       workspace binaries
+#   target/husk/vmlinux, bzImage  the guest kernel (cached outside the clone by its config hash)
+#   target/husk/test-init.cpio    guest initramfs with the static test init
+# and the test host's L1 kernel (cached). Safe to run repeatedly; cached steps are instant.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+target="${CARGO_TARGET_DIR:-$root/target}"
+out="$target/husk"
+mkdir -p "$out"
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# Debian packages: the test host (QEMU, busybox), the guest kernel build, and test peers.
+need_pkgs=()
+for p in qemu-system-x86 busybox-static linux-source-6.1 flex bison bc libelf-dev build-essential cpio util-linux; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
+done
+if ((${#need_pkgs[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        log "missing packages (${need_pkgs[*]}); run as root or install them"; exit 1
+    fi
+    log "installing ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends "${need_pkgs[@]}" >&2 \
+        || { apt-get update >&2 && apt-get install -y --no-install-recommends "${need_pkgs[@]}" >&2; }
+fi
+
+log "guest kernel"
+kdir="$(dirname "$("$root/guest-kernel/build.sh")")"
+for f in vmlinux bzImage; do
+    [[ -f "$kdir/$f" ]] || { log "guest kernel build did not produce $f"; exit 1; }
+    cmp -s "$kdir/$f" "$out/$f" || cp -f "$kdir/$f" "$out/$f"
+done
+
+log "workspace binaries"
+cargo build --workspace --all-targets >&2
+
+log "static guest binaries"
+RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --target x86_64-unknown-linux-gnu -p husk-test-init >&2
+"$target/debug/husk-rootfs-builder" --output "$out/test-init.cpio" \
+    --init "$target/x86_64-unknown-linux-gnu/release/husk-test-init"
+
+log "test host (L1) kernel"
+"$root/tests/testhost/prepare-l1.sh" >/dev/null
+
+log "artifacts ready in $out"

@@ -1,0 +1,40 @@
+//! Runs one test-host job by hand, for debugging and timing:
+//! `cargo run -p husk-tests --example testhost-run -- [--cpus N] [--mem MIB] [--timeout SECS]
+//! [--qemu] SCRIPT [FILE...]`. Prints the script's output, timings and the exit code.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use husk_tests::{kvm_mode, run_job, Job};
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut job = Job::default();
+    let mut qemu = false;
+    let mut script = None;
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--cpus" => job.cpus = value("--cpus")?.parse()?,
+            "--mem" => job.mem_mib = value("--mem")?.parse()?,
+            "--timeout" => job.timeout = Duration::from_secs(value("--timeout")?.parse()?),
+            "--qemu" => qemu = true,
+            _ if script.is_none() => script = Some(a),
+            _ => job.files.push(PathBuf::from(a)),
+        }
+    }
+    let Some(script) = script else { bail!("usage: testhost-run [options] SCRIPT [FILE...]") };
+    job.script = script;
+    if qemu {
+        job = job.with_qemu()?;
+    }
+    eprintln!("mode: {:?}", kvm_mode());
+    let out = run_job(&job)?;
+    print!("{}", out.output);
+    eprintln!("exit {} after {:?}; L1: {:?}", out.exit_code, out.elapsed, out.l1);
+    if std::env::var_os("SHOW_CONSOLE").is_some() {
+        eprintln!("--- console ---\n{}", out.console);
+    }
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! Where tests find what `tests/build-artifacts.sh` built: husk binaries in the cargo target
+//! directory, and guest images (kernel, initramfs) under `target/husk/`.
+
+use std::path::{Path, PathBuf};
+
+/// Set by the test command (and so by CI): a missing prerequisite fails the test instead of
+/// skipping it.
+pub const STRICT_ENV: &str = "HUSK_TESTS_STRICT";
+
+pub fn strict() -> bool {
+    std::env::var(STRICT_ENV).is_ok_and(|v| v == "1")
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Guest images: `vmlinux`, `bzImage`, `test-init.cpio`.
+pub fn guest_dir() -> PathBuf {
+    target_dir().join("husk")
+}
+
+/// A workspace binary built in the same profile as the running test (target/<profile>/).
+pub fn bin(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // Test executables live in target/<profile>/deps/.
+    let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let p = profile_dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!("{} is not built (run tests/build-artifacts.sh or cargo build)", p.display()))
+    }
+}
+
+pub fn guest_artifact(name: &str) -> Result<PathBuf, String> {
+    let p = guest_dir().join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!("{} is missing (run tests/build-artifacts.sh)", p.display()))
+    }
+}
+
+/// Resolves prerequisites or returns from the test: skipping with the reason, or panicking
+/// with it in strict mode.
+#[macro_export]
+macro_rules! require {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(reason) => {
+                if $crate::artifacts::strict() {
+                    panic!("prerequisite missing in strict mode: {reason}");
+                }
+                eprintln!("skipped: {reason}");
+                return;
+            }
+        }
+    };
+}

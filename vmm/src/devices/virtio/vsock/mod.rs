@@ -1,0 +1,139 @@
+//! virtio-vsock (spec 5.10) with a hybrid host side: streams end on Unix sockets, so the host
+//! needs no vhost-vsock module and every VM has its own socket namespace (see [`muxer`]).
+
+pub mod muxer;
+pub mod packet;
+
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+
+use virtio_queue::QueueT;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::device::read_config_bytes;
+use super::{ActivateContext, ActivateError, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use muxer::Muxer;
+
+pub const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+const EVQ: usize = 2;
+const TOKEN_RXQ: u64 = 0;
+const TOKEN_TXQ: u64 = 1;
+const TOKEN_EVQ: u64 = 2;
+const TOKEN_KILL: u64 = 3;
+const TOKEN_MUXER: u64 = 4;
+
+/// Guest CIDs 0-2 are reserved (hypervisor, local, host).
+pub const MIN_GUEST_CID: u64 = 3;
+
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    config: [u8; 8],
+    worker: Option<(EventFd, JoinHandle<()>)>,
+}
+
+impl Vsock {
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Self {
+        Self { guest_cid, uds_path, config: guest_cid.to_le_bytes(), worker: None }
+    }
+}
+
+fn run_worker(mut ctx: ActivateContext, mut muxer: Muxer, kill: EventFd) {
+    let epoll = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => return tracing::error!("vsock: epoll: {e}"),
+    };
+    let fds = [
+        (ctx.queue_evts[RXQ].as_raw_fd(), TOKEN_RXQ),
+        (ctx.queue_evts[TXQ].as_raw_fd(), TOKEN_TXQ),
+        (ctx.queue_evts[EVQ].as_raw_fd(), TOKEN_EVQ),
+        (kill.as_raw_fd(), TOKEN_KILL),
+        (muxer.epoll().as_raw_fd(), TOKEN_MUXER),
+    ];
+    for (fd, token) in fds {
+        if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)) {
+            return tracing::error!("vsock: epoll_ctl: {e}");
+        }
+    }
+    let mut events = [EpollEvent::default(); 8];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return tracing::error!("vsock: epoll_wait: {e}"),
+        };
+        let mut used = false;
+        for ev in &events[..n] {
+            match ev.data() {
+                TOKEN_KILL => return,
+                TOKEN_MUXER => muxer.handle_events(),
+                t @ (TOKEN_RXQ | TOKEN_TXQ | TOKEN_EVQ) => {
+                    let _ = ctx.queue_evts[t as usize].read();
+                }
+                _ => {}
+            }
+        }
+        // TX first: guest packets can free credit or queue replies that RX then delivers.
+        used |= muxer.process_tx(&mut ctx.queues[TXQ], &ctx.mem);
+        used |= muxer.process_rx(&mut ctx.queues[RXQ], &ctx.mem);
+        if used {
+            let notify = ctx.queues[RXQ].needs_notification(&ctx.mem).unwrap_or(true)
+                | ctx.queues[TXQ].needs_notification(&ctx.mem).unwrap_or(true);
+            if notify {
+                ctx.interrupt.signal_used_queue();
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data)
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if ctx.queues.len() != QUEUE_SIZES.len() || ctx.queue_evts.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::QueueCount { needed: QUEUE_SIZES.len(), ready: ctx.queues.len() });
+        }
+        self.reset();
+        let muxer = Muxer::new(self.guest_cid, &self.uds_path).map_err(|e| ActivateError::Device(e.to_string()))?;
+        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let worker_kill = kill.try_clone().map_err(ActivateError::Worker)?;
+        let handle = std::thread::Builder::new()
+            .name("virtio-vsock".into())
+            .spawn(move || run_worker(ctx, muxer, worker_kill))
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some((kill, handle));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some((kill, handle)) = self.worker.take() {
+            let _ = kill.write(1);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
