@@ -499,13 +499,20 @@ fn exit_code(status: ExitStatus) -> i32 {
 }
 
 /// A scratch directory removed on drop (kept with `HUSK_TESTHOST_KEEP=1`, for debugging).
+/// Initramfs images are tens of MB, so the first one per process also sweeps away those that
+/// processes killed before their drop (a test binary under `timeout`, say) left behind.
 struct TempDir(PathBuf);
+
+const TEMP_PREFIX: &str = "husk-testhost-";
+const KEEP_MARKER: &str = ".keep";
 
 impl TempDir {
     fn new(tag: &str) -> Result<Self, TestHostError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(sweep_stale_temp_dirs);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("husk-testhost-{tag}-{}-{n}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("{TEMP_PREFIX}{tag}-{}-{n}", std::process::id()));
         fs::create_dir_all(&path).map_err(TestHostError::io(format!("creating {}", path.display())))?;
         Ok(Self(path))
     }
@@ -518,9 +525,27 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         if std::env::var_os("HUSK_TESTHOST_KEEP").is_some() {
+            fs::write(self.0.join(KEEP_MARKER), b"").ok();
             eprintln!("husk-testhost: kept {}", self.0.display());
         } else {
             fs::remove_dir_all(&self.0).ok();
+        }
+    }
+}
+
+/// Removes `husk-testhost-<tag>-<pid>-<n>` dirs whose process is gone and that were not kept.
+fn sweep_stale_temp_dirs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)) else { continue };
+        let mut parts = rest.rsplit('-');
+        let (Some(_n), Some(pid)) = (parts.next(), parts.next()) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        let path = entry.path();
+        let alive = Path::new("/proc").join(pid.to_string()).exists();
+        if !alive && path.is_dir() && !path.join(KEEP_MARKER).exists() {
+            fs::remove_dir_all(&path).ok();
         }
     }
 }

@@ -45,6 +45,8 @@ pub enum BuildError {
     Io { what: &'static str, source: std::io::Error },
     #[error("virtio queue setup: {0:?}")]
     Queue(virtio_queue::Error),
+    #[error("virtio-fs share {tag:?}: {source}")]
+    FsShare { tag: String, source: std::io::Error },
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
@@ -95,10 +97,13 @@ pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     let mem = create_guest_memory(cfg.memory_mib)?;
     let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
     let initrd_max = match kernel.kind {
-        KernelKind::BzImage { header, .. } if header.initrd_addr_max != 0 => u64::from(header.initrd_addr_max),
+        KernelKind::BzImage { header, .. } if header.initrd_addr_max != 0 => {
+            u64::from(header.initrd_addr_max)
+        }
         _ => u64::MAX,
     };
-    let initrd = cfg.initramfs.as_ref().map(|p| boot::load_initrd(&mem, p, kernel.end, initrd_max)).transpose()?;
+    let initrd =
+        cfg.initramfs.as_ref().map(|p| boot::load_initrd(&mem, p, kernel.end, initrd_max)).transpose()?;
 
     let vm = Vm::new(cfg.vcpus)?;
     vm.register_memory(&mem)?;
@@ -137,6 +142,11 @@ pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     let mut placer = VirtioPlacer { next: 0, cmdline: Vec::new() };
     if cfg.rng {
         placer.add(&vm, &mem, &mut mmio, Box::new(Rng::new()))?;
+    }
+    for share in &cfg.fs {
+        let dev = crate::devices::virtio::fs::Fs::new(share)
+            .map_err(|source| BuildError::FsShare { tag: share.tag.clone(), source })?;
+        placer.add(&vm, &mem, &mut mmio, Box::new(dev))?;
     }
     if let Some(v) = &cfg.vsock {
         placer.add(&vm, &mem, &mut mmio, Box::new(Vsock::new(v.guest_cid, v.uds_path.clone())))?;

@@ -35,6 +35,10 @@ pub enum ConfigError {
     CmdlineChars,
     #[error("serial {0:?}: expected stdio, none or file:PATH")]
     Serial(String),
+    #[error("fs {spec:?}: {reason} (expected tag=TAG,path=DIR[,ro][,cache=never|auto|always])")]
+    FsSpec { spec: String, reason: String },
+    #[error("fs share {tag:?}: {reason}")]
+    FsShare { tag: String, reason: String },
     #[error("vsock {0:?}: expected PATH[,cid=N]")]
     VsockSpec(String),
     #[error("vsock guest cid {0} is reserved or out of range (3..=4294967294)")]
@@ -106,7 +110,8 @@ impl VsockConfig {
         if !(3..u64::from(u32::MAX)).contains(&self.guest_cid) {
             return Err(ConfigError::VsockCid(self.guest_cid));
         }
-        let err = |reason: &str| ConfigError::VsockPath { path: self.uds_path.clone(), reason: reason.into() };
+        let err =
+            |reason: &str| ConfigError::VsockPath { path: self.uds_path.clone(), reason: reason.into() };
         // sun_path holds 108 bytes; guest-to-host listeners add `_<port>` (up to 11 bytes).
         if self.uds_path.as_os_str().len() + 11 >= 108 {
             return Err(err("path too long for a Unix socket"));
@@ -122,6 +127,103 @@ impl VsockConfig {
             return Err(err("is a directory"));
         }
         Ok(())
+    }
+}
+
+/// Longest virtio-fs mount tag: the size of the tag field in the device's config space.
+pub const MAX_FS_TAG_LEN: usize = 36;
+
+/// How much of a share the guest may cache (the meaning of virtiofsd's `cache=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FsCache {
+    /// Nothing cached: every access reaches the host (directories the host changes too).
+    Never,
+    /// Close-to-open consistency; attributes and names trusted for one second.
+    #[default]
+    Auto,
+    /// Everything cached for a day: only for directories nothing else changes.
+    Always,
+}
+
+impl std::str::FromStr for FsCache {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "never" => Ok(Self::Never),
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            _ => Err(format!("cache={s:?} is not never, auto or always")),
+        }
+    }
+}
+
+/// A host directory shared with the guest over virtio-fs (`mount -t virtiofs TAG DIR`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsShareConfig {
+    pub tag: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub cache: FsCache,
+}
+
+impl std::str::FromStr for FsShareConfig {
+    type Err = ConfigError;
+    /// `tag=TAG,path=DIR[,ro][,cache=never|auto|always]` (so DIR cannot contain a comma).
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |reason: String| ConfigError::FsSpec { spec: s.to_string(), reason };
+        let (mut tag, mut path, mut ro, mut cache) = (None, None, None, None);
+        for part in s.split(',') {
+            let (key, value) = match part.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (part, None),
+            };
+            let repeated = match (key, value) {
+                ("tag", Some(v)) => tag.replace(v.to_string()).is_some(),
+                ("path", Some(v)) => path.replace(PathBuf::from(v)).is_some(),
+                ("ro", None) => ro.replace(true).is_some(),
+                ("cache", Some(v)) => cache.replace(v.parse::<FsCache>().map_err(bad)?).is_some(),
+                ("tag" | "path" | "cache", None) => return Err(bad(format!("{key} needs a value"))),
+                ("ro", Some(_)) => return Err(bad("ro takes no value".into())),
+                _ => return Err(bad(format!("unknown option {part:?}"))),
+            };
+            if repeated {
+                return Err(bad(format!("{key} given twice")));
+            }
+        }
+        Ok(Self {
+            tag: tag.ok_or_else(|| bad("tag= is missing".into()))?,
+            path: path.ok_or_else(|| bad("path= is missing".into()))?,
+            read_only: ro.unwrap_or(false),
+            cache: cache.unwrap_or_default(),
+        })
+    }
+}
+
+impl FsShareConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |reason: String| ConfigError::FsShare { tag: self.tag.clone(), reason };
+        if self.tag.is_empty() {
+            return Err(err("tag is empty".into()));
+        }
+        if self.tag.len() > MAX_FS_TAG_LEN {
+            return Err(err(format!("tag is {} bytes; at most {MAX_FS_TAG_LEN} fit", self.tag.len())));
+        }
+        if self.tag.contains('\0') {
+            return Err(err("tag contains a NUL byte".into()));
+        }
+        let path = self.path.display();
+        if self.path.to_str().is_none_or(|p| p.contains('\0')) {
+            return Err(err(format!("path {path}: not valid UTF-8 or contains NUL")));
+        }
+        match std::fs::metadata(&self.path) {
+            Err(e) => Err(err(format!("path {path}: {e}"))),
+            Ok(m) if !m.is_dir() => Err(err(format!("path {path}: not a directory"))),
+            Ok(_) => Ok(()),
+        }
     }
 }
 
@@ -159,6 +261,9 @@ pub struct VmConfig {
     /// virtio-rng, so the guest's entropy pool is ready without waiting for jitter.
     #[serde(default = "default_true")]
     pub rng: bool,
+    /// Host directories shared over virtio-fs, one device each.
+    #[serde(default)]
+    pub fs: Vec<FsShareConfig>,
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
 }
@@ -173,6 +278,7 @@ impl VmConfig {
             vcpus: 1,
             serial: SerialConfig::Stdio,
             rng: true,
+            fs: Vec::new(),
             vsock: None,
         }
     }
@@ -205,6 +311,12 @@ impl VmConfig {
         check_readable_file("kernel", &self.kernel)?;
         if let Some(initrd) = &self.initramfs {
             check_readable_file("initramfs", initrd)?;
+        }
+        for (i, share) in self.fs.iter().enumerate() {
+            share.validate()?;
+            if self.fs[..i].iter().any(|s| s.tag == share.tag) {
+                return Err(ConfigError::FsShare { tag: share.tag.clone(), reason: "tag used twice".into() });
+            }
         }
         if let Some(v) = &self.vsock {
             v.validate()?;
@@ -307,10 +419,85 @@ mod tests {
         let v: VsockConfig = "/nonexistent/dir/v.sock".parse().unwrap();
         assert!(v.validate().unwrap_err().to_string().contains("parent directory"));
         let long = format!("/tmp/{}", "x".repeat(120));
-        assert!(long.parse::<VsockConfig>().unwrap().validate().unwrap_err().to_string().contains("too long"));
-        let cfg = VmConfig::from_json(r#"{"kernel":"/k","vsock":{"uds_path":"/tmp/v","guest_cid":9}}"#).unwrap();
+        assert!(long
+            .parse::<VsockConfig>()
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("too long"));
+        let cfg =
+            VmConfig::from_json(r#"{"kernel":"/k","vsock":{"uds_path":"/tmp/v","guest_cid":9}}"#).unwrap();
         assert_eq!(cfg.vsock.unwrap().guest_cid, 9);
         assert!(VmConfig::from_json(r#"{"kernel":"/k","vsock":{"uds_path":"/tmp/v","cid":9}}"#).is_err());
+    }
+
+    #[test]
+    fn fs_share_parse() {
+        let s: FsShareConfig = "tag=src,path=/a/b".parse().unwrap();
+        assert_eq!(
+            s,
+            FsShareConfig { tag: "src".into(), path: "/a/b".into(), read_only: false, cache: FsCache::Auto }
+        );
+        let s: FsShareConfig = "path=/x,ro,cache=never,tag=t".parse().unwrap();
+        assert_eq!((s.tag.as_str(), s.read_only, s.cache), ("t", true, FsCache::Never));
+        assert_eq!("tag=t,path=/x,cache=always".parse::<FsShareConfig>().unwrap().cache, FsCache::Always);
+        for (bad, why) in [
+            ("", "unknown option"),
+            ("tag=t", "path= is missing"),
+            ("path=/x", "tag= is missing"),
+            ("tag=t,path=/x,tag=u", "tag given twice"),
+            ("tag=t,path=/x,ro,ro", "ro given twice"),
+            ("tag=t,path=/x,ro=1", "ro takes no value"),
+            ("tag,path=/x", "tag needs a value"),
+            ("tag=t,path=/x,cache=sometimes", "not never, auto or always"),
+            ("tag=t,path=/x,rw", "unknown option \"rw\""),
+            ("tag=t,path=/a,b", "unknown option \"b\""),
+        ] {
+            let msg = bad.parse::<FsShareConfig>().unwrap_err().to_string();
+            assert!(msg.contains(why) && msg.contains("expected tag=TAG"), "{bad}: {msg}");
+        }
+    }
+
+    #[test]
+    fn fs_share_validate() {
+        let k = tmp_file("fs-kernel", b"x");
+        let dir = std::env::temp_dir();
+        let share = |tag: &str, path: &Path| FsShareConfig {
+            tag: tag.into(),
+            path: path.into(),
+            read_only: true,
+            cache: FsCache::Auto,
+        };
+        let mut cfg = VmConfig::new(k.clone());
+        cfg.fs = vec![share("a", &dir), share(&"x".repeat(MAX_FS_TAG_LEN), &dir)];
+        cfg.validate().unwrap();
+        let check = |shares: Vec<FsShareConfig>, why: &str| {
+            let mut cfg = VmConfig::new(k.clone());
+            cfg.fs = shares;
+            let msg = cfg.validate().unwrap_err().to_string();
+            assert!(msg.contains(why), "{msg}");
+        };
+        check(vec![share("", &dir)], "tag is empty");
+        check(vec![share(&"x".repeat(MAX_FS_TAG_LEN + 1), &dir)], "at most 36");
+        check(vec![share("a\0b", &dir)], "NUL");
+        check(vec![share("a", &dir), share("a", &dir)], "tag used twice");
+        check(vec![share("a", Path::new("/nonexistent/husk"))], "/nonexistent/husk");
+        check(vec![share("a", &k)], "not a directory");
+        check(vec![share("a", Path::new("/tmp/a\0b"))], "NUL");
+        let cfg = VmConfig::from_json(
+            r#"{"kernel":"/k","fs":[{"tag":"t","path":"/d","read_only":true,"cache":"never"}]}"#,
+        )
+        .unwrap();
+        let want =
+            FsShareConfig { tag: "t".into(), path: "/d".into(), read_only: true, cache: FsCache::Never };
+        assert_eq!(cfg.fs, vec![want]);
+        let bad_shares = [r#"{"tag":"t","path":"/d","ro":true}"#, r#"{"tag":"t","path":"/d","cache":"no"}"#];
+        for bad in bad_shares {
+            assert!(VmConfig::from_json(&format!(r#"{{"kernel":"/k","fs":[{bad}]}}"#)).is_err(), "{bad}");
+        }
+        assert_eq!(VmConfig::from_json(r#"{"kernel":"/k"}"#).unwrap().fs, vec![]);
+        std::fs::remove_file(k).unwrap();
     }
 
     #[test]

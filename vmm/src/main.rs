@@ -22,7 +22,7 @@ const EXIT_SETUP_FAILED: u8 = 1;
 )]
 struct Cli {
     /// JSON VM config (same field names as the flags below); excludes the other flags.
-    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "vcpus", "serial", "no_rng", "vsock"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "vcpus", "serial", "no_rng", "vsock", "fs"])]
     config: Option<PathBuf>,
     /// Guest kernel: ELF vmlinux with a PVH entry, or bzImage.
     #[arg(long, required_unless_present = "config")]
@@ -48,6 +48,10 @@ struct Cli {
     /// virtio-vsock with its host side on this Unix socket: PATH[,cid=N] (guest CID default 3).
     #[arg(long, value_name = "PATH[,cid=N]")]
     vsock: Option<String>,
+    /// Share a host directory over virtio-fs (repeatable); the guest mounts it with
+    /// `mount -t virtiofs TAG DIR`.
+    #[arg(long, value_name = "tag=TAG,path=DIR[,ro][,cache=never|auto|always]")]
+    fs: Vec<String>,
 }
 
 fn config_from(cli: Cli) -> anyhow::Result<VmConfig> {
@@ -64,6 +68,7 @@ fn config_from(cli: Cli) -> anyhow::Result<VmConfig> {
         serial: cli.serial.parse::<SerialConfig>()?,
         rng: !cli.no_rng,
         vsock: cli.vsock.as_deref().map(str::parse).transpose()?,
+        fs: cli.fs.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
     })
 }
 
@@ -77,7 +82,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // fuse-backend-rs logs guest-caused request errors at error level: a guest could
+                // flood our stderr with them, so they are shown only when asked for.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuse_backend_rs=off")),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -1,8 +1,11 @@
 //! Guest PID 1 for VMM tests. It mounts /proc, prints one marker line with what the guest sees,
 //! then does what `husk.test=` on the kernel command line asks:
-//! `poweroff` (default), `panic` (init exits, so the kernel panics), `reboot`, or `hang`.
+//! `poweroff` (default), `panic` (init exits, so the kernel panics), `reboot`, `hang`, or
+//! `vsock` (echo servers and guest-to-host checks, see [`vsock_checks`]).
 //!
-//! Static and std-only so it runs from a bare initramfs.
+//! Static and std + libc only so it runs from a bare initramfs.
+
+mod vsock_checks;
 
 use std::ffi::CString;
 use std::io::Write;
@@ -67,6 +70,11 @@ fn main() {
         "reboot" => unsafe {
             libc::reboot(libc::RB_AUTOBOOT);
         },
+        "vsock" => {
+            vsock_checks::run();
+            // SAFETY: as below.
+            unsafe { libc::reboot(libc::RB_POWER_OFF) };
+        }
         "hang" => loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         },

@@ -5,6 +5,7 @@
 //! chain and cap the work one request can cause.
 
 pub mod device;
+pub mod fs;
 pub mod interrupt;
 pub mod mmio;
 pub mod rng;

@@ -345,7 +345,14 @@ impl FileSystem for ShareFs {
         self.inner.access(ctx, inode, mask)
     }
 
-    fn lseek(&self, ctx: &Context, inode: Inode, handle: Handle, offset: u64, whence: u32) -> io::Result<u64> {
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
         self.inner.lseek(ctx, inode, handle, offset, whence)
     }
 }

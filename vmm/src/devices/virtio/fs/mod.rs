@@ -38,7 +38,7 @@ use crate::config::{FsCache, FsShareConfig};
 use crate::memory::GuestMem;
 
 /// Size of the tag field in the config space; shorter tags are NUL padded.
-pub const TAG_LEN: usize = 36;
+pub const TAG_LEN: usize = crate::config::MAX_FS_TAG_LEN;
 pub const QUEUE_SIZE: u16 = 1024;
 /// One high-priority queue (FORGET, INTERRUPT) and this many request queues.
 pub const NUM_REQUEST_QUEUES: u32 = 1;
@@ -193,7 +193,8 @@ fn run_worker(ctx: ActivateContext, server: Arc<FsServer>, kill: EventFd) {
     };
     let sources = queue_evts.iter().enumerate().map(|(i, evt)| (evt, i as u64));
     for (fd, token) in sources.chain([(&kill, TOKEN_KILL)]) {
-        if let Err(e) = epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token)) {
+        if let Err(e) = epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))
+        {
             return tracing::error!("virtio-fs: epoll_ctl: {e}");
         }
     }

@@ -113,7 +113,8 @@ impl VirtioDevice for Vsock {
             return Err(ActivateError::QueueCount { needed: QUEUE_SIZES.len(), ready: ctx.queues.len() });
         }
         self.reset();
-        let muxer = Muxer::new(self.guest_cid, &self.uds_path).map_err(|e| ActivateError::Device(e.to_string()))?;
+        let muxer =
+            Muxer::new(self.guest_cid, &self.uds_path).map_err(|e| ActivateError::Device(e.to_string()))?;
         let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let worker_kill = kill.try_clone().map_err(ActivateError::Worker)?;
         let handle = std::thread::Builder::new()

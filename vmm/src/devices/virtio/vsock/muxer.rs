@@ -240,7 +240,8 @@ impl Muxer {
                 if set.intersects(EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP) {
                     self.flush_tx(key);
                 }
-                if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR) {
+                if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
+                {
                     self.rx_pending.insert(key);
                 }
             }
@@ -284,7 +285,10 @@ impl Muxer {
         };
         let Some(hs) = self.handshakes.remove(&token) else { return };
         let _ = self.epoll.ctl(ControlOperation::Delete, hs.stream.as_raw_fd(), EpollEvent::default());
-        let port = line.as_deref().and_then(|l| l.strip_prefix("CONNECT ")).and_then(|p| p.trim().parse::<u32>().ok());
+        let port = line
+            .as_deref()
+            .and_then(|l| l.strip_prefix("CONNECT "))
+            .and_then(|p| p.trim().parse::<u32>().ok());
         let Some(peer_port) = port else {
             let mut s = hs.stream;
             let _ = s.write_all(b"ERROR expected CONNECT <port>\n");

@@ -93,7 +93,14 @@ mod tests {
     use super::*;
 
     fn good() -> PacketHeader {
-        PacketHeader { src_cid: 3, dst_cid: HOST_CID, type_: TYPE_STREAM, op: OP_RW, len: 10, ..Default::default() }
+        PacketHeader {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            type_: TYPE_STREAM,
+            op: OP_RW,
+            len: 10,
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -1,0 +1,496 @@
+//! The device driven like a guest driver would, through a mock split queue on guest memory,
+//! with real FUSE messages against a temporary host directory. No KVM needed.
+
+use std::mem::size_of;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuse_backend_rs::abi::fuse_abi::{
+    AttrOut, CreateIn, EntryOut, ForgetIn, GetattrIn, InHeader, InitIn, InitOut, MkdirIn, MknodIn, Opcode,
+    OpenIn, OpenOut, OutHeader, ReadIn, RenameIn, SetattrIn, WriteIn, KERNEL_VERSION, ROOT_ID,
+};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::tempdir::TempDir;
+
+use super::*;
+use crate::devices::virtio::VirtioInterrupt;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const REQ: u64 = 0x10_0000;
+const RESP: u64 = 0x20_0000;
+const RESP_LEN: u32 = 0x2_0000;
+const HELLO: &[u8] = b"hello, virtio-fs\n";
+
+fn mem() -> GuestMem {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+}
+
+fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+}
+
+fn obj<T: ByteValued + Default>(bytes: &[u8]) -> T {
+    let mut v = T::default();
+    let n = size_of::<T>();
+    v.as_mut_slice().copy_from_slice(&bytes[..n]);
+    v
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    [s.as_bytes(), b"\0"].concat()
+}
+
+/// A share with `hello.txt`, a subdirectory and a symlink pointing out of the share.
+fn share(read_only: bool) -> (TempDir, Fs) {
+    let dir = TempDir::new_with_prefix("/tmp/husk-fs-").unwrap();
+    let root = dir.as_path();
+    std::fs::write(root.join("hello.txt"), HELLO).unwrap();
+    std::fs::create_dir(root.join("sub")).unwrap();
+    std::os::unix::fs::symlink("/", root.join("escape")).unwrap();
+    let cfg = FsShareConfig { tag: "share".into(), path: root.into(), read_only, cache: FsCache::Auto };
+    (dir, Fs::new(&cfg).unwrap())
+}
+
+/// Serves `descs` (one or more chains) from a fresh queue; returns the used length of each.
+fn serve(dev: &Fs, m: &GuestMem, descs: &[RawDescriptor]) -> Vec<u32> {
+    let vq = MockSplitQueue::new(m, 64);
+    vq.build_multiple_desc_chains(descs).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let (done, more) = process_queue(&mut q, m, &dev.server, MAX_CHAINS_PER_PASS);
+    assert!(!more);
+    assert_eq!(vq.used().idx().load(), done as u16);
+    (0..done).map(|i| vq.used().ring().ref_at(i).unwrap().load().len()).collect()
+}
+
+fn message(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
+    let header = InHeader {
+        len: (size_of::<InHeader>() + body.len()) as u32,
+        opcode,
+        unique,
+        nodeid,
+        ..Default::default()
+    };
+    [header.as_slice(), body].concat()
+}
+
+struct Client {
+    dev: Fs,
+    unique: u64,
+}
+
+impl Client {
+    /// One well-formed request and its reply: (error, body).
+    fn call(&mut self, opcode: Opcode, nodeid: u64, body: &[u8]) -> (i32, Vec<u8>) {
+        self.unique += 1;
+        let m = mem();
+        let req = message(opcode as u32, self.unique, nodeid, body);
+        m.write_slice(&req, GuestAddress(REQ)).unwrap();
+        let lens =
+            serve(&self.dev, &m, &[desc(REQ, req.len() as u32, F_NEXT, 1), desc(RESP, RESP_LEN, F_WRITE, 0)]);
+        let mut out = vec![0u8; lens[0] as usize];
+        m.read_slice(&mut out, GuestAddress(RESP)).unwrap();
+        assert!(out.len() >= size_of::<OutHeader>(), "{opcode:?}: no reply");
+        let header: OutHeader = obj(&out);
+        assert_eq!((header.len as usize, header.unique), (out.len(), self.unique));
+        (header.error, out[size_of::<OutHeader>()..].to_vec())
+    }
+
+    fn ok(&mut self, opcode: Opcode, nodeid: u64, body: &[u8]) -> Vec<u8> {
+        let (err, out) = self.call(opcode, nodeid, body);
+        assert_eq!(err, 0, "{opcode:?} failed");
+        out
+    }
+
+    fn errno(&mut self, opcode: Opcode, nodeid: u64, body: &[u8]) -> i32 {
+        let (err, out) = self.call(opcode, nodeid, body);
+        assert!(out.is_empty());
+        -err
+    }
+
+    fn init(&mut self) {
+        let init = InitIn { major: KERNEL_VERSION, minor: 31, max_readahead: 0x2_0000, flags: 0 };
+        let out: InitOut = obj(&self.ok(Opcode::Init, 0, init.as_slice()));
+        assert_eq!(out.major, KERNEL_VERSION);
+    }
+
+    fn lookup(&mut self, parent: u64, name: &str) -> EntryOut {
+        obj(&self.ok(Opcode::Lookup, parent, &cstr(name)))
+    }
+
+    fn open(&mut self, nodeid: u64, flags: i32) -> Result<u64, i32> {
+        let body = OpenIn { flags: flags as u32, fuse_flags: 0 };
+        match self.call(Opcode::Open, nodeid, body.as_slice()) {
+            (0, out) => Ok(obj::<OpenOut>(&out).fh),
+            (e, _) => Err(-e),
+        }
+    }
+}
+
+fn client(read_only: bool) -> (TempDir, Client) {
+    let (dir, dev) = share(read_only);
+    let mut c = Client { dev, unique: 0 };
+    c.init();
+    (dir, c)
+}
+
+#[test]
+fn config_space_and_features() {
+    let (_dir, dev) = share(true);
+    assert_eq!(dev.device_type(), TYPE_FS);
+    assert_eq!(dev.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
+    assert_eq!(dev.avail_features(), VIRTIO_F_VERSION_1);
+    let mut cfg = [0xffu8; CONFIG_LEN];
+    dev.read_config(0, &mut cfg);
+    assert_eq!(&cfg[..5], b"share");
+    assert!(cfg[5..TAG_LEN].iter().all(|&b| b == 0));
+    assert_eq!(&cfg[TAG_LEN..], &1u32.to_le_bytes());
+    let mut tail = [0xffu8; 8];
+    dev.read_config(TAG_LEN as u64, &mut tail);
+    assert_eq!(tail, [1, 0, 0, 0, 0, 0, 0, 0]);
+    dev.read_config(u64::MAX, &mut tail);
+    assert_eq!(tail, [0; 8]);
+    let full = "x".repeat(TAG_LEN);
+    let dir = TempDir::new_with_prefix("/tmp/husk-fs-").unwrap();
+    let cfg = FsShareConfig {
+        tag: full.clone(),
+        path: dir.as_path().into(),
+        read_only: true,
+        cache: FsCache::Never,
+    };
+    let mut bytes = [0u8; CONFIG_LEN];
+    Fs::new(&cfg).unwrap().read_config(0, &mut bytes);
+    assert_eq!(&bytes[..TAG_LEN], full.as_bytes());
+}
+
+#[test]
+fn bad_shares_are_refused() {
+    let dir = TempDir::new_with_prefix("/tmp/husk-fs-").unwrap();
+    let file = dir.as_path().join("f");
+    std::fs::write(&file, b"x").unwrap();
+    let mk = |tag: &str, path: &std::path::Path| {
+        Fs::new(&FsShareConfig { tag: tag.into(), path: path.into(), read_only: false, cache: FsCache::Auto })
+    };
+    assert!(mk("t", std::path::Path::new("/nonexistent/husk")).is_err());
+    assert!(mk("t", &file).is_err());
+    assert!(mk("", dir.as_path()).is_err());
+    assert!(mk(&"x".repeat(TAG_LEN + 1), dir.as_path()).is_err());
+    assert!(mk("a\0b", dir.as_path()).is_err());
+}
+
+#[test]
+fn lookup_getattr_open_read() {
+    let (_dir, mut c) = client(true);
+    let entry = c.lookup(ROOT_ID, "hello.txt");
+    assert!(entry.nodeid > ROOT_ID);
+    assert_eq!(entry.attr.size, HELLO.len() as u64);
+    assert_eq!(entry.attr.mode & libc::S_IFMT, libc::S_IFREG);
+    // cache=auto: names and attributes are trusted for a second.
+    assert_eq!((entry.entry_valid, entry.attr_valid), (1, 1));
+
+    let attr: AttrOut = obj(&c.ok(Opcode::Getattr, entry.nodeid, GetattrIn::default().as_slice()));
+    assert_eq!(attr.attr.size, HELLO.len() as u64);
+    assert_eq!(attr.attr.ino, entry.attr.ino);
+    let root: AttrOut = obj(&c.ok(Opcode::Getattr, ROOT_ID, GetattrIn::default().as_slice()));
+    assert_eq!(root.attr.mode & libc::S_IFMT, libc::S_IFDIR);
+
+    let fh = c.open(entry.nodeid, libc::O_RDONLY).unwrap();
+    let read = ReadIn { fh, offset: 0, size: 4096, ..Default::default() };
+    assert_eq!(c.ok(Opcode::Read, entry.nodeid, read.as_slice()), HELLO);
+    let read = ReadIn { fh, offset: 7, size: 3, ..Default::default() };
+    assert_eq!(c.ok(Opcode::Read, entry.nodeid, read.as_slice()), b"vir");
+    // A read larger than the reply buffers is refused, not overrun.
+    let read = ReadIn { fh, offset: 0, size: RESP_LEN * 2, ..Default::default() };
+    assert_ne!(c.call(Opcode::Read, entry.nodeid, read.as_slice()).0, 0);
+    // Unknown handles and inodes are errors, not panics.
+    let read = ReadIn { fh: fh + 1000, offset: 0, size: 16, ..Default::default() };
+    assert_eq!(c.errno(Opcode::Read, entry.nodeid, read.as_slice()), libc::EBADF);
+    assert_eq!(c.errno(Opcode::Getattr, 0xdead_beef, GetattrIn::default().as_slice()), libc::EBADF);
+    assert_eq!(c.errno(Opcode::Lookup, ROOT_ID, &cstr("missing")), libc::ENOENT);
+    c.ok(Opcode::Statfs, ROOT_ID, &[]);
+}
+
+#[test]
+fn read_only_share_refuses_every_write() {
+    let (dir, mut c) = client(true);
+    let file = c.lookup(ROOT_ID, "hello.txt").nodeid;
+    for flags in
+        [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC, libc::O_RDONLY | libc::O_APPEND]
+    {
+        assert_eq!(c.open(file, flags), Err(libc::EROFS), "flags {flags:#x}");
+    }
+    let erofs = |c: &mut Client, op: Opcode, node: u64, body: Vec<u8>| {
+        assert_eq!(c.errno(op, node, &body), libc::EROFS, "{op:?}");
+    };
+    let create =
+        CreateIn { flags: (libc::O_CREAT | libc::O_WRONLY) as u32, mode: 0o644, umask: 0, fuse_flags: 0 };
+    erofs(&mut c, Opcode::Create, ROOT_ID, [create.as_slice(), &cstr("new")].concat());
+    erofs(
+        &mut c,
+        Opcode::Mkdir,
+        ROOT_ID,
+        [MkdirIn { mode: 0o755, umask: 0 }.as_slice(), &cstr("d")].concat(),
+    );
+    let mknod = MknodIn { mode: libc::S_IFIFO | 0o644, ..Default::default() };
+    erofs(&mut c, Opcode::Mknod, ROOT_ID, [mknod.as_slice(), &cstr("fifo")].concat());
+    erofs(&mut c, Opcode::Unlink, ROOT_ID, cstr("hello.txt"));
+    erofs(&mut c, Opcode::Rmdir, ROOT_ID, cstr("sub"));
+    erofs(&mut c, Opcode::Symlink, ROOT_ID, [cstr("link"), cstr("/etc")].concat());
+    let rename = RenameIn { newdir: ROOT_ID };
+    erofs(&mut c, Opcode::Rename, ROOT_ID, [rename.as_slice(), &cstr("hello.txt"), &cstr("moved")].concat());
+    let setattr = SetattrIn { valid: 0x8, size: 0, ..Default::default() }; // FATTR_SIZE: truncate
+    erofs(&mut c, Opcode::Setattr, file, setattr.as_slice().to_vec());
+    let setattr = SetattrIn { valid: 0x1, mode: 0o777, ..Default::default() }; // FATTR_MODE
+    erofs(&mut c, Opcode::Setattr, file, setattr.as_slice().to_vec());
+    erofs(&mut c, Opcode::Link, ROOT_ID, [file.to_le_bytes().as_slice(), &cstr("hard")].concat());
+    // A write through a handle opened read-only is refused before it reaches the file.
+    let fh = c.open(file, libc::O_RDONLY).unwrap();
+    let write = WriteIn { fh, offset: 0, size: 4, ..Default::default() };
+    erofs(&mut c, Opcode::Write, file, [write.as_slice(), b"evil"].concat());
+    let fallocate = [fh.to_le_bytes(), 0u64.to_le_bytes(), 4096u64.to_le_bytes()].concat();
+    erofs(&mut c, Opcode::Fallocate, file, [fallocate, 0u32.to_le_bytes().to_vec(), vec![0; 4]].concat());
+    let setxattr = [8u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+    erofs(&mut c, Opcode::Setxattr, file, [setxattr, cstr("user.x"), b"12345678".to_vec()].concat());
+    erofs(&mut c, Opcode::Removexattr, file, cstr("user.x"));
+    let access = [(libc::W_OK as u32).to_le_bytes(), 0u32.to_le_bytes()].concat();
+    erofs(&mut c, Opcode::Access, file, access);
+    // Reads still work, and the host directory is untouched.
+    let read = ReadIn { fh, offset: 0, size: 64, ..Default::default() };
+    assert_eq!(c.ok(Opcode::Read, file, read.as_slice()), HELLO);
+    assert_eq!(std::fs::read(dir.as_path().join("hello.txt")).unwrap(), HELLO);
+    let mut names: Vec<_> =
+        std::fs::read_dir(dir.as_path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["escape", "hello.txt", "sub"]);
+}
+
+#[test]
+fn writable_share_writes_but_makes_no_device_nodes() {
+    let (dir, mut c) = client(false);
+    let out: EntryOut = obj(&c.ok(
+        Opcode::Mkdir,
+        ROOT_ID,
+        &[MkdirIn { mode: 0o755, umask: 0 }.as_slice(), &cstr("d")].concat(),
+    ));
+    assert_eq!(out.attr.mode & libc::S_IFMT, libc::S_IFDIR);
+    assert!(dir.as_path().join("d").is_dir());
+    let file = c.lookup(ROOT_ID, "hello.txt").nodeid;
+    let fh = c.open(file, libc::O_RDWR).unwrap();
+    let write = WriteIn { fh, offset: 0, size: 5, ..Default::default() };
+    c.ok(Opcode::Write, file, &[write.as_slice(), b"HELLO"].concat());
+    assert!(std::fs::read(dir.as_path().join("hello.txt")).unwrap().starts_with(b"HELLO, virtio"));
+    for kind in [libc::S_IFCHR, libc::S_IFBLK] {
+        let mknod = MknodIn { mode: kind | 0o666, rdev: libc::makedev(1, 3) as u32, ..Default::default() };
+        let body = [mknod.as_slice(), &cstr("null")].concat();
+        assert_eq!(c.errno(Opcode::Mknod, ROOT_ID, &body), libc::EPERM);
+    }
+    assert!(!dir.as_path().join("null").exists());
+}
+
+#[test]
+fn guest_cannot_walk_out_of_the_share() {
+    let (_dir, mut c) = client(true);
+    // `..` at the root is the root itself.
+    assert_eq!(c.lookup(ROOT_ID, "..").nodeid, ROOT_ID);
+    let sub = c.lookup(ROOT_ID, "sub").nodeid;
+    assert_eq!(c.lookup(sub, "..").nodeid, ROOT_ID);
+    // Multi-component names are refused outright.
+    for name in ["sub/../..", "../etc", "/etc", "sub/"] {
+        assert_eq!(c.errno(Opcode::Lookup, ROOT_ID, &cstr(name)), libc::EINVAL, "{name}");
+    }
+    // A symlink is looked up as a symlink, never followed on the host.
+    let link = c.lookup(ROOT_ID, "escape");
+    assert_eq!(link.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+    assert_eq!(c.ok(Opcode::Readlink, link.nodeid, &[]), b"/");
+    assert_eq!(c.errno(Opcode::Lookup, link.nodeid, &cstr("etc")), libc::ENOTDIR);
+    assert!(c.open(link.nodeid, libc::O_RDONLY).is_err());
+    assert!(c.call(Opcode::Opendir, link.nodeid, OpenIn::default().as_slice()).0 != 0);
+}
+
+#[test]
+fn hostile_chains_are_completed_and_the_device_keeps_going() {
+    let (_dir, c) = client(true);
+    let m = mem();
+    let getattr = |unique| message(Opcode::Getattr as u32, unique, ROOT_ID, GetattrIn::default().as_slice());
+    let mut reqs: Vec<Vec<u8>> = vec![
+        getattr(1),
+        // Header claims more than the buffer holds.
+        {
+            let mut r = message(Opcode::Lookup as u32, 2, ROOT_ID, &cstr("hello.txt"));
+            r[..4].copy_from_slice(&4096u32.to_le_bytes());
+            r
+        },
+        // Header claims less than the header itself.
+        {
+            let mut r = message(Opcode::Lookup as u32, 3, ROOT_ID, &cstr("hello.txt"));
+            r[..4].copy_from_slice(&0u32.to_le_bytes());
+            r
+        },
+        // Header claims 4 GiB.
+        {
+            let mut r = getattr(4);
+            r[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+            r
+        },
+        message(9999, 5, ROOT_ID, &[]),
+        // Truncated header.
+        getattr(6)[..20].to_vec(),
+        // Name without its NUL terminator.
+        message(Opcode::Lookup as u32, 7, ROOT_ID, b"hello.txt"),
+        getattr(8),
+    ];
+    let mut addrs = Vec::new();
+    for (i, r) in reqs.iter_mut().enumerate() {
+        let addr = REQ + i as u64 * 0x1000;
+        m.write_slice(r, GuestAddress(addr)).unwrap();
+        addrs.push((addr, r.len() as u32));
+    }
+    let resp = |i: u64| RESP + i * 0x1000;
+    let pair = |i: usize, idx: u16| {
+        [desc(addrs[i].0, addrs[i].1, F_NEXT, idx + 1), desc(resp(i as u64), 0x1000, F_WRITE, 0)]
+    };
+    let mut descs = Vec::new();
+    let mut push = |d: &[RawDescriptor]| descs.extend_from_slice(d);
+    push(&pair(0, 0)); // 0: fine
+    push(&pair(1, 2)); // 1: header longer than buffer
+    push(&pair(2, 4)); // 2: header shorter than header
+    push(&pair(3, 6)); // 3: 4 GiB header
+    push(&pair(4, 8)); // 4: unknown opcode
+    push(&pair(5, 10)); // 5: truncated header
+    push(&pair(6, 12)); // 6: unterminated name
+                        // 7: request outside guest memory
+    push(&[desc(0xffff_0000_0000, 64, F_NEXT, 15), desc(resp(7), 0x1000, F_WRITE, 0)]);
+    // 8: zero-length request
+    push(&[desc(addrs[0].0, 0, F_NEXT, 17), desc(resp(8), 0x1000, F_WRITE, 0)]);
+    // 9: only device-writable buffers (no request at all)
+    push(&[desc(resp(9), 0x1000, F_WRITE, 0)]);
+    // 10: only a request, no room for the reply
+    push(&[desc(addrs[0].0, addrs[0].1, 0, 0)]);
+    // 11: reply buffer too short for the reply
+    push(&[desc(addrs[0].0, addrs[0].1, F_NEXT, 21), desc(resp(11), 8, F_WRITE, 0)]);
+    // 12: reply buffer of 4 GiB
+    push(&[desc(addrs[0].0, addrs[0].1, F_NEXT, 23), desc(resp(12), u32::MAX, F_WRITE, 0)]);
+    // 13: reply buffer outside guest memory
+    push(&[desc(addrs[0].0, addrs[0].1, F_NEXT, 25), desc(0xffff_0000_0000, 0x1000, F_WRITE, 0)]);
+    // 14: fine again
+    push(&pair(7, 26));
+    let lens = serve(&c.dev, &m, &descs);
+    let hdr = size_of::<OutHeader>() as u32;
+    let attr = hdr + size_of::<AttrOut>() as u32;
+    // Chain 6 does get an EINVAL reply written, but the server reports it as an error, so it
+    // is completed with length 0 like the other undecodable requests.
+    assert_eq!(lens, [attr, 0, 0, hdr, hdr, 0, 0, 0, 0, 0, 0, 0, 0, 0, attr]);
+    let err = |i: u64| m.read_obj::<OutHeader>(GuestAddress(resp(i))).unwrap().error;
+    assert_eq!(err(3), -libc::ENOMEM);
+    assert_eq!(err(4), -libc::ENOSYS);
+    // The last chain replies into request 7's buffer.
+    assert_eq!(err(7), 0);
+}
+
+#[test]
+fn looping_chain_terminates() {
+    let (_dir, c) = client(true);
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, 4);
+    vq.build_desc_chain(&[desc(REQ, 64, F_NEXT, 1), desc(RESP, 64, F_WRITE | F_NEXT, 0)]).unwrap();
+    // Point the last descriptor back at the first.
+    vq.desc_table().store(1, desc(RESP, 64, F_WRITE | F_NEXT, 0)).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    assert_eq!(process_queue(&mut q, &m, &c.dev.server, MAX_CHAINS_PER_PASS), (1, false));
+}
+
+#[test]
+fn budget_bounds_one_pass() {
+    let (_dir, c) = client(true);
+    let m = mem();
+    let req = message(Opcode::Getattr as u32, 1, ROOT_ID, GetattrIn::default().as_slice());
+    m.write_slice(&req, GuestAddress(REQ)).unwrap();
+    let vq = MockSplitQueue::new(&m, 16);
+    let len = req.len() as u32;
+    vq.build_multiple_desc_chains(&[
+        desc(REQ, len, F_NEXT, 1),
+        desc(RESP, 0x1000, F_WRITE, 0),
+        desc(REQ, len, F_NEXT, 3),
+        desc(RESP, 0x1000, F_WRITE, 0),
+        desc(REQ, len, F_NEXT, 5),
+        desc(RESP, 0x1000, F_WRITE, 0),
+    ])
+    .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    assert_eq!(process_queue(&mut q, &m, &c.dev.server, 2), (2, true));
+    assert_eq!(process_queue(&mut q, &m, &c.dev.server, 2), (1, false));
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn worker_serves_both_queues_and_resets() {
+    let (_dir, mut dev) = share(true);
+    let m = mem();
+    // Queue 0 (high priority) at 0, queue 1 (requests) at 64 KiB.
+    let hiprio = MockSplitQueue::create(&m, GuestAddress(0), 16);
+    let requests = MockSplitQueue::create(&m, GuestAddress(0x1_0000), 16);
+    let init = InitIn { major: KERNEL_VERSION, minor: 31, max_readahead: 0, flags: 0 };
+    let msgs = [
+        message(Opcode::Init as u32, 1, 0, init.as_slice()),
+        message(Opcode::Lookup as u32, 2, ROOT_ID, &cstr("hello.txt")),
+    ];
+    let mut descs = Vec::new();
+    for (i, msg) in msgs.iter().enumerate() {
+        let addr = REQ + i as u64 * 0x1000;
+        m.write_slice(msg, GuestAddress(addr)).unwrap();
+        let idx = i as u16 * 2;
+        descs.push(desc(addr, msg.len() as u32, F_NEXT, idx + 1));
+        descs.push(desc(RESP + i as u64 * 0x1000, 0x1000, F_WRITE, 0));
+    }
+    requests.build_multiple_desc_chains(&descs).unwrap();
+    let forget = message(Opcode::Forget as u32, 3, 2, ForgetIn { nlookup: 1 }.as_slice());
+    m.write_slice(&forget, GuestAddress(REQ + 0x8000)).unwrap();
+    hiprio.build_multiple_desc_chains(&[desc(REQ + 0x8000, forget.len() as u32, 0, 0)]).unwrap();
+
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let interrupt = Arc::new(VirtioInterrupt::new(irqfd.try_clone().unwrap()));
+    let evts: Vec<EventFd> = (0..2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+    let kicks: Vec<EventFd> = evts.iter().map(|e| e.try_clone().unwrap()).collect();
+    let ctx = |queues: Vec<Queue>, queue_evts: Vec<EventFd>| ActivateContext {
+        mem: m.clone(),
+        queues,
+        queue_evts,
+        interrupt: interrupt.clone(),
+        acked_features: VIRTIO_F_VERSION_1,
+    };
+    // One queue is not enough.
+    let one = ctx(vec![requests.create_queue().unwrap()], vec![EventFd::new(EFD_NONBLOCK).unwrap()]);
+    assert!(matches!(dev.activate(one), Err(ActivateError::QueueCount { needed: 2, ready: 1 })));
+
+    let queues = vec![hiprio.create_queue().unwrap(), requests.create_queue().unwrap()];
+    dev.activate(ctx(queues, evts)).unwrap();
+    kicks[1].write(1).unwrap();
+    wait_for("request queue", || requests.used().idx().load() == 2);
+    wait_for("interrupt", || irqfd.read().is_ok());
+    let lookup: OutHeader = m.read_obj(GuestAddress(RESP + 0x1000)).unwrap();
+    assert_eq!((lookup.error, lookup.unique), (0, 2));
+    let nodeid = m.read_obj::<EntryOut>(GuestAddress(RESP + 0x1000 + 16)).unwrap().nodeid;
+    assert!(nodeid > ROOT_ID);
+    kicks[0].write(1).unwrap();
+    wait_for("high-priority queue", || hiprio.used().idx().load() == 1);
+    // FORGET has no reply.
+    assert_eq!(hiprio.used().ring().ref_at(0).unwrap().load().len(), 0);
+    assert!(interrupt.status() & crate::devices::virtio::interrupt::INT_VRING != 0);
+
+    // Reset stops the worker and forgets every inode the driver had.
+    dev.reset();
+    assert!(dev.worker.is_none());
+    let mut c = Client { dev, unique: 10 };
+    assert_eq!(c.errno(Opcode::Getattr, nodeid, GetattrIn::default().as_slice()), libc::EBADF);
+    c.ok(Opcode::Getattr, ROOT_ID, GetattrIn::default().as_slice());
+}
