@@ -93,7 +93,7 @@ echo "@@CASE serialfile-content"; cat /tmp/console.log; echo "@@RC serialfile-co
 
     let (o, rc) = case("json");
     assert_eq!(*rc, 0, "{o}");
-    assert!(o.contains(MARKER) && o.contains("rng= "), "JSON config (rng off) boots:\n{o}");
+    assert!(o.contains(MARKER) && o.contains("rng=none"), "JSON config (rng off) boots:\n{o}");
 
     let (o, rc) = case("serialfile");
     assert_eq!(*rc, 0, "{o}");

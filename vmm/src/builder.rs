@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::arch::acpi::AcpiDevice;
 use crate::arch::boot::{self, KernelKind};
 use crate::arch::layout::{IRQ_MAX, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
 use crate::arch::{acpi, regs};
@@ -53,11 +54,11 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
     move |source| BuildError::Io { what, source }
 }
 
-/// Places virtio-mmio devices one page apart with consecutive GSIs, and records the kernel
-/// command-line entries that announce them.
+/// Places virtio-mmio devices one page apart with consecutive GSIs, and records them for the
+/// DSDT, which is how the guest finds them.
 struct VirtioPlacer {
     next: u32,
-    cmdline: Vec<String>,
+    acpi: Vec<AcpiDevice>,
 }
 
 impl VirtioPlacer {
@@ -85,7 +86,8 @@ impl VirtioPlacer {
         let transport =
             MmioTransport::new(device, mem.clone(), interrupt, queue_evts).map_err(BuildError::Queue)?;
         mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
-        self.cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        // MMIO windows sit below 4 GiB by construction (VIRTIO_MMIO_START + a few pages).
+        self.acpi.push(AcpiDevice::VirtioMmio { base: base as u32, len: MMIO_LEN as u32, gsi: irq });
         self.next += 1;
         Ok(())
     }
@@ -139,7 +141,7 @@ pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     )?;
     pio.insert(Arc::new(Mutex::new(PvPanic::new(exit.clone()))), pvpanic::PORT, pvpanic::PORT_LEN)?;
 
-    let mut placer = VirtioPlacer { next: 0, cmdline: Vec::new() };
+    let mut placer = VirtioPlacer { next: 0, acpi: Vec::new() };
     if cfg.rng {
         placer.add(&vm, &mem, &mut mmio, Box::new(Rng::new()))?;
     }
@@ -152,13 +154,18 @@ pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
         placer.add(&vm, &mem, &mut mmio, Box::new(Vsock::new(v.guest_cid, v.uds_path.clone())))?;
     }
 
-    let mut cmdline = cfg.cmdline.clone();
-    for extra in &placer.cmdline {
-        cmdline.push(' ');
-        cmdline.push_str(extra);
+    let cmdline = cfg.cmdline.clone();
+    let mut acpi_devices = Vec::new();
+    if serial.is_some() {
+        acpi_devices.push(AcpiDevice::Serial {
+            port: serial::COM1_PORT as u16,
+            len: serial::PORT_LEN as u8,
+            gsi: serial::COM1_IRQ,
+        });
     }
+    acpi_devices.extend(placer.acpi.iter().copied());
     boot::write_cmdline(&mem, &cmdline)?;
-    let (rsdp, _) = acpi::write_acpi_tables(&mem, cfg.vcpus)?;
+    let (rsdp, _) = acpi::write_acpi_tables(&mem, cfg.vcpus, &acpi_devices)?;
     let entry = match kernel.kind {
         KernelKind::Pvh { entry } => boot::write_pvh_info(&mem, entry, initrd, rsdp)?,
         KernelKind::BzImage { load_addr, header } => {

@@ -1,10 +1,12 @@
 //! Guest PID 1 for VMM tests. It mounts /proc, prints one marker line with what the guest sees,
 //! then does what `husk.test=` on the kernel command line asks:
 //! `poweroff` (default), `panic` (init exits, so the kernel panics), `reboot`, `hang`, or
-//! `vsock` (echo servers and guest-to-host checks, see [`vsock_checks`]).
+//! `vsock` (echo servers and guest-to-host checks, see [`vsock_checks`]), or `fs` (virtio-fs
+//! file operations, see [`fs_checks`]); both power off afterwards.
 //!
 //! Static and std + libc only so it runs from a bare initramfs.
 
+mod fs_checks;
 mod vsock_checks;
 
 use std::ffi::CString;
@@ -70,8 +72,12 @@ fn main() {
         "reboot" => unsafe {
             libc::reboot(libc::RB_AUTOBOOT);
         },
-        "vsock" => {
-            vsock_checks::run();
+        "vsock" | "fs" => {
+            if action == "vsock" {
+                vsock_checks::run();
+            } else {
+                fs_checks::run();
+            }
             // SAFETY: as below.
             unsafe { libc::reboot(libc::RB_POWER_OFF) };
         }

@@ -5,6 +5,8 @@
 //!   64 MiB echo, 32 concurrent streams, a refused port, closes seen on both ends, and a client
 //!   killed mid-stream; then tell the guest to power off.
 //!
+//! - `getxattr PATH NAME`: print an extended attribute (for the virtio-fs test).
+//!
 //! Prints `HOST-CHECK <name> ok|FAIL <detail>` lines and exits non-zero if any check failed.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -166,13 +168,28 @@ fn host_checks(sock: &str) -> bool {
     !failed
 }
 
+/// Prints an extended attribute's value (busybox has no getfattr; the virtio-fs test needs it).
+fn getxattr(path: &str, name: &str) -> bool {
+    let (Ok(p), Ok(n)) = (std::ffi::CString::new(path), std::ffi::CString::new(name)) else { return false };
+    let mut buf = [0u8; 256];
+    // SAFETY: valid NUL-terminated strings and a buffer of the given size.
+    let rc = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if rc < 0 {
+        eprintln!("getxattr {path} {name}: {}", std::io::Error::last_os_error());
+        return false;
+    }
+    println!("{}", String::from_utf8_lossy(&buf[..rc as usize]));
+    true
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let ok = match args.get(1..).unwrap_or_default() {
         [cmd, path] if cmd == "serve-echo" => serve_echo(path).map_err(|e| eprintln!("{e}")).is_ok(),
         [cmd, sock] if cmd == "host-checks" => host_checks(sock),
+        [cmd, path, name] if cmd == "getxattr" => getxattr(path, name),
         _ => {
-            eprintln!("usage: husk-vsock-probe serve-echo PATH | host-checks SOCKET");
+            eprintln!("usage: husk-vsock-probe serve-echo PATH | host-checks SOCKET | getxattr PATH NAME");
             false
         }
     };

@@ -1,9 +1,11 @@
 //! A minimal hardware-reduced ACPI platform: RSDP → XSDT → {FADT → DSDT, MADT}.
 //!
-//! It gives the guest exactly three things: every vCPU (MADT local APICs plus one IOAPIC),
-//! poweroff (the FADT sleep control register plus `\_S5` in the DSDT), and panic reporting (a
-//! pvpanic `QEMU0001` device in the DSDT). Hardware-reduced mode also tells Linux there is no
-//! legacy PIC or PIT to set up, which shortens boot.
+//! It gives the guest: every vCPU (MADT local APICs plus one IOAPIC), poweroff (the FADT sleep
+//! control register plus `\_S5` in the DSDT), panic reporting (a pvpanic `QEMU0001` device),
+//! and the devices themselves (COM1 as `PNP0501`, virtio-mmio as `LNRO0005`). Hardware-reduced
+//! mode tells Linux there is no legacy PIC or PIT to set up, which shortens boot; it also means
+//! Linux has no identity-mapped ISA IRQs, so a device's interrupt only exists once ACPI
+//! describes it: `virtio_mmio.device=` command-line devices could not request their IRQ.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -35,7 +37,55 @@ pub enum AcpiError {
     TooManyCpus(u32),
 }
 
-fn dsdt() -> Vec<u8> {
+/// A device the DSDT describes, with the GSI it interrupts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcpiDevice {
+    /// A 16550 UART at an I/O port range.
+    Serial { port: u16, len: u8, gsi: u32 },
+    /// A virtio-mmio transport window.
+    VirtioMmio { base: u32, len: u32, gsi: u32 },
+}
+
+fn device_aml(dev: &AcpiDevice, index: usize, out: &mut Vec<u8>) {
+    // Edge-triggered, active-high, exclusive: what irqfd delivers.
+    match *dev {
+        AcpiDevice::Serial { port, len, gsi } => {
+            let io = aml::IO::new(port, port, 1, len);
+            let irq = aml::Interrupt::new(true, true, false, false, gsi);
+            let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+            let hid = aml::EISAName::new("PNP0501");
+            let uid = index as u32;
+            let name = format!("COM{index}");
+            aml::Device::new(
+                name.as_str().into(),
+                vec![
+                    &aml::Name::new("_HID".into(), &hid),
+                    &aml::Name::new("_UID".into(), &uid),
+                    &aml::Name::new("_CRS".into(), &crs),
+                ],
+            )
+            .to_aml_bytes(out);
+        }
+        AcpiDevice::VirtioMmio { base, len, gsi } => {
+            let mem = aml::Memory32Fixed::new(true, base, len);
+            let irq = aml::Interrupt::new(true, true, false, false, gsi);
+            let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
+            let uid = index as u32;
+            let name = format!("V{index:03X}");
+            aml::Device::new(
+                name.as_str().into(),
+                vec![
+                    &aml::Name::new("_HID".into(), &"LNRO0005"),
+                    &aml::Name::new("_UID".into(), &uid),
+                    &aml::Name::new("_CRS".into(), &crs),
+                ],
+            )
+            .to_aml_bytes(out);
+        }
+    }
+}
+
+fn dsdt(devices: &[AcpiDevice]) -> Vec<u8> {
     let mut body = Vec::new();
     // Sleep type for S5; the sleep control register device matches this value.
     aml::Name::new("_S5_".into(), &aml::Package::new(vec![&sleep_ctl::S5_SLEEP_TYPE]))
@@ -43,21 +93,38 @@ fn dsdt() -> Vec<u8> {
     let port = pvpanic::PORT as u16;
     let io = aml::IO::new(port, port, 1, pvpanic::PORT_LEN as u8);
     let crs = aml::ResourceTemplate::new(vec![&io]);
-    aml::Scope::new(
-        "\\_SB_".into(),
-        vec![&aml::Device::new(
-            "PEVT".into(),
-            vec![
-                &aml::Name::new("_HID".into(), &"QEMU0001"),
-                &aml::Name::new("_CRS".into(), &crs),
-                &aml::Name::new("_STA".into(), &0x0fu8),
-            ],
-        )],
+    let mut sb = Vec::new();
+    aml::Device::new(
+        "PEVT".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"QEMU0001"),
+            &aml::Name::new("_CRS".into(), &crs),
+            &aml::Name::new("_STA".into(), &0x0fu8),
+        ],
     )
-    .to_aml_bytes(&mut body);
+    .to_aml_bytes(&mut sb);
+    let (mut serial, mut virtio) = (0, 0);
+    for dev in devices {
+        let index = match dev {
+            AcpiDevice::Serial { .. } => &mut serial,
+            AcpiDevice::VirtioMmio { .. } => &mut virtio,
+        };
+        device_aml(dev, *index, &mut sb);
+        *index += 1;
+    }
+    aml::Scope::new("\\_SB_".into(), vec![&RawAml(&sb)]).to_aml_bytes(&mut body);
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(&body);
     sdt.as_slice().to_vec()
+}
+
+/// Already-encoded AML, so device objects built in a loop can go into one scope.
+struct RawAml<'a>(&'a [u8]);
+
+impl Aml for RawAml<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(self.0);
+    }
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
@@ -96,13 +163,17 @@ fn align16(v: u64) -> u64 {
 
 /// Builds the tables and writes them at `ACPI_START`; returns the RSDP address for the boot
 /// protocol (PVH start_info or boot_params), and where the tables end.
-pub fn write_acpi_tables<M: GuestMemory>(mem: &M, vcpus: u32) -> Result<(u64, u64), AcpiError> {
+pub fn write_acpi_tables<M: GuestMemory>(
+    mem: &M,
+    vcpus: u32,
+    devices: &[AcpiDevice],
+) -> Result<(u64, u64), AcpiError> {
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align16(rsdp_addr + Rsdp::len() as u64);
     // XSDT: header + one pointer per table.
     let fadt_addr = align16(xsdt_addr + 36 + 2 * 8);
     let dsdt_addr = align16(fadt_addr + FADTBuilder::default_len());
-    let dsdt = dsdt();
+    let dsdt = dsdt(devices);
     let madt_addr = align16(dsdt_addr + dsdt.len() as u64);
     let madt = madt(vcpus)?;
     let end = madt_addr + madt.len() as u64;
@@ -158,10 +229,17 @@ mod tests {
         b
     }
 
+    fn devs() -> Vec<AcpiDevice> {
+        vec![
+            AcpiDevice::Serial { port: 0x3f8, len: 8, gsi: 4 },
+            AcpiDevice::VirtioMmio { base: 0xd000_0000, len: 0x1000, gsi: 5 },
+        ]
+    }
+
     #[test]
     fn tables_link_and_checksum() {
         let m: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
-        let (rsdp, end) = write_acpi_tables(&m, 2).unwrap();
+        let (rsdp, end) = write_acpi_tables(&m, 2, &devs()).unwrap();
         assert!(end <= ACPI_END);
         let mut r = [0u8; 36];
         m.read_slice(&mut r, GuestAddress(rsdp)).unwrap();
@@ -187,6 +265,10 @@ mod tests {
         assert!(checksum_ok(&dsdt));
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(8).any(|w| w == b"QEMU0001"));
+        assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
+        assert!(dsdt.windows(4).any(|w| w == b"COM0") && dsdt.windows(4).any(|w| w == b"V000"));
+        // The virtio window's base address appears in its Memory32Fixed descriptor.
+        assert!(dsdt.windows(4).any(|w| w == 0xd000_0000u32.to_le_bytes()));
         let madt = table_at(&m, ptrs[1]);
         assert_eq!(&madt[..4], b"APIC");
         assert!(checksum_ok(&madt));
@@ -201,7 +283,7 @@ mod tests {
     #[test]
     fn too_many_cpus_is_an_error() {
         let m: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
-        assert!(write_acpi_tables(&m, 254).is_ok());
-        assert!(matches!(write_acpi_tables(&m, 255), Err(AcpiError::TooManyCpus(255))));
+        assert!(write_acpi_tables(&m, 254, &[]).is_ok());
+        assert!(matches!(write_acpi_tables(&m, 255, &[]), Err(AcpiError::TooManyCpus(255))));
     }
 }

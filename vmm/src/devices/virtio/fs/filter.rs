@@ -259,19 +259,39 @@ impl FileSystem for ShareFs {
 
     fn setxattr(&self, ctx: &Context, inode: Inode, name: &CStr, value: &[u8], flags: u32) -> io::Result<()> {
         self.check_writable()?;
+        if !is_user_xattr(name.to_bytes()) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 
     fn getxattr(&self, ctx: &Context, inode: Inode, name: &CStr, size: u32) -> io::Result<GetxattrReply> {
+        if !is_user_xattr(name.to_bytes()) {
+            return Err(io::Error::from_raw_os_error(libc::ENODATA));
+        }
         self.inner.getxattr(ctx, inode, name, size)
     }
 
     fn listxattr(&self, ctx: &Context, inode: Inode, size: u32) -> io::Result<ListxattrReply> {
-        self.inner.listxattr(ctx, inode, size)
+        // Fetch every name, then show the guest only the user namespace.
+        let names = match self.inner.listxattr(ctx, inode, XATTR_LIST_MAX)? {
+            ListxattrReply::Names(n) => n,
+            ListxattrReply::Count(_) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+        };
+        let visible: Vec<u8> =
+            names.split_inclusive(|b| *b == 0).filter(|n| is_user_xattr(n)).flatten().copied().collect();
+        match size {
+            0 => Ok(ListxattrReply::Count(visible.len() as u32)),
+            s if visible.len() > s as usize => Err(io::Error::from_raw_os_error(libc::ERANGE)),
+            _ => Ok(ListxattrReply::Names(visible)),
+        }
     }
 
     fn removexattr(&self, ctx: &Context, inode: Inode, name: &CStr) -> io::Result<()> {
         self.check_writable()?;
+        if !is_user_xattr(name.to_bytes()) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         self.inner.removexattr(ctx, inode, name)
     }
 
@@ -355,4 +375,13 @@ impl FileSystem for ShareFs {
     ) -> io::Result<u64> {
         self.inner.lseek(ctx, inode, handle, offset, whence)
     }
+}
+
+/// Largest xattr name list Linux returns (XATTR_LIST_MAX).
+const XATTR_LIST_MAX: u32 = 65536;
+
+/// Guests get the `user.` namespace only: `security.*` (file capabilities, LSM labels) and
+/// `trusted.*` would let a guest plant attributes that the host kernel honours.
+fn is_user_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.")
 }

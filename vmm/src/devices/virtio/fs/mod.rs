@@ -76,7 +76,8 @@ fn passthrough_config(root_dir: String, cache: FsCache) -> PassthroughConfig {
         // Set explicitly: these are the settings the containment notes above rely on.
         do_import: true,
         inode_file_handles: false,
-        xattr: false,
+        // Filtered to the user namespace by ShareFs.
+        xattr: true,
         writeback: false,
         no_open: false,
         no_opendir: false,
