@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 ./tests/build-artifacts.sh
 t=target/husk
-exec cargo run -q -p husk-tests --example testhost-run -- --timeout 600 \
-    "time $PWD/target/debug/husk-vmm --kernel $PWD/$t/vmlinux --initramfs $PWD/$t/test-init.cpio --vcpus 2 \
+exec cargo run --release -q -p husk-tests --example testhost-run -- --timeout 600 \
+    "time $PWD/target/release/husk-vmm --kernel $PWD/$t/vmlinux --initramfs $PWD/$t/test-init.cpio --vcpus 2 \
      --cmdline 'console=ttyS0 reboot=k panic=-1 pci=off quiet husk.test=poweroff'; echo husk-vmm exit status \$?" \
-    "$PWD/target/debug/husk-vmm" "$PWD/$t/vmlinux" "$PWD/$t/test-init.cpio"
+    "$PWD/target/release/husk-vmm" "$PWD/$t/vmlinux" "$PWD/$t/test-init.cpio"

@@ -6,4 +6,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 ./tests/build-artifacts.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-HUSK_TESTS_STRICT=1 cargo test --workspace -- --test-threads=1 "$@"
+# Release builds: inside the nested test host every VMM cycle costs ~10x, and device
+# emulation in a debug build is slow enough to matter there.
+HUSK_TESTS_STRICT=1 cargo test --release --workspace -- --test-threads=1 "$@"

@@ -37,12 +37,12 @@ for f in vmlinux bzImage; do
 done
 
 log "workspace binaries"
-cargo build --workspace --all-targets >&2
+cargo build --release --workspace --all-targets >&2
 
 log "static guest binaries"
 RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release --target x86_64-unknown-linux-gnu -p husk-test-init >&2
-"$target/debug/husk-rootfs-builder" --output "$out/test-init.cpio" \
+"$target/release/husk-rootfs-builder" --output "$out/test-init.cpio" \
     --init "$target/x86_64-unknown-linux-gnu/release/husk-test-init"
 
 log "test host (L1) kernel"

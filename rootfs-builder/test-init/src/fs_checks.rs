@@ -89,7 +89,8 @@ fn rw_ops() -> Result<(), String> {
     Ok(())
 }
 
-/// user.* xattrs pass through; other namespaces are refused by the device. Prints `xattr
+/// user.* xattrs pass through; other namespaces (trusted.*, security.*) are refused by the
+/// device. Prints `xattr
 /// unsupported` when the host filesystem itself has no user xattrs (tmpfs before Linux 6.6).
 fn xattrs() {
     let f = "/mnt/rw/b.txt";
@@ -107,7 +108,7 @@ fn xattrs() {
     }
     report(
         "xattr-security-refused",
-        expect_errno(setxattr(f, "security.capability", b"x"), libc::EPERM, "setxattr"),
+        expect_errno(setxattr(f, "trusted.husk", b"x"), libc::EPERM, "setxattr trusted.husk"),
     );
 }
 
