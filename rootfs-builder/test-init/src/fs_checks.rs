@@ -11,7 +11,7 @@ fn cstr(s: &str) -> CString {
     CString::new(s).unwrap_or_default()
 }
 
-fn mount_virtiofs(tag: &str, dir: &str) -> io::Result<()> {
+pub fn mount_virtiofs(tag: &str, dir: &str) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     let (t, d, f) = (cstr(tag), cstr(dir), cstr("virtiofs"));
     // SAFETY: valid NUL-terminated strings for the call's duration.

@@ -2,10 +2,12 @@
 //! then does what `husk.test=` on the kernel command line asks:
 //! `poweroff` (default), `panic` (init exits, so the kernel panics), `reboot`, `hang`, or
 //! `vsock` (echo servers and guest-to-host checks, see [`vsock_checks`]), or `fs` (virtio-fs
-//! file operations, see [`fs_checks`]); both power off afterwards.
+//! file operations, see [`fs_checks`]), or `bench` (device benchmarks, see [`bench`]); these
+//! power off afterwards.
 //!
 //! Static and std + libc only so it runs from a bare initramfs.
 
+mod bench;
 mod fs_checks;
 mod vsock_checks;
 
@@ -72,11 +74,11 @@ fn main() {
         "reboot" => unsafe {
             libc::reboot(libc::RB_AUTOBOOT);
         },
-        "vsock" | "fs" => {
-            if action == "vsock" {
-                vsock_checks::run();
-            } else {
-                fs_checks::run();
+        "vsock" | "fs" | "bench" => {
+            match action.as_str() {
+                "vsock" => vsock_checks::run(),
+                "fs" => fs_checks::run(),
+                _ => bench::run(),
             }
             // SAFETY: as below.
             unsafe { libc::reboot(libc::RB_POWER_OFF) };

@@ -6,6 +6,7 @@
 //!   killed mid-stream; then tell the guest to power off.
 //!
 //! - `getxattr PATH NAME`: print an extended attribute (for the virtio-fs test).
+//! - `sink PATH`, `bench-native DIR`: the host halves of the device benchmarks.
 //!
 //! Prints `HOST-CHECK <name> ok|FAIL <detail>` lines and exits non-zero if any check failed.
 
@@ -171,6 +172,83 @@ fn host_checks(sock: &str) -> bool {
     !failed
 }
 
+/// Accepts one connection on `path`, reads it to EOF, answers `done <bytes>`.
+fn sink(path: &str) -> bool {
+    let _ = std::fs::remove_file(path);
+    let Ok(l) = UnixListener::bind(path) else { return false };
+    let Ok((mut s, _)) = l.accept() else { return false };
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0usize;
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    let _ = s.write_all(format!("done {total}\n").as_bytes());
+    true
+}
+
+/// Host-native baselines for the device benchmarks, printed as `HOST-BENCH <name> <value> <unit>`.
+fn bench_native(dir: &str) -> bool {
+    // Unix socket pair throughput, the baseline for vsock.
+    let (mut a, mut b) = match UnixStream::pair() {
+        Ok(p) => p,
+        Err(_) => return false,
+    };
+    let bytes = 256usize << 20;
+    let start = Instant::now();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![0x5au8; 64 * 1024];
+        let mut sent = 0;
+        while sent < bytes {
+            if a.write_all(&chunk).is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    while total < bytes {
+        match b.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+    }
+    let _ = writer.join();
+    println!("HOST-BENCH uds_pair {:.2} MB/s", total as f64 / 1e6 / start.elapsed().as_secs_f64());
+    // Sequential read of the same file the guest reads.
+    let start = Instant::now();
+    let mut total = 0usize;
+    if let Ok(mut f) = std::fs::File::open(format!("{dir}/big")) {
+        let mut buf = vec![0u8; 1 << 20];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+    }
+    println!("HOST-BENCH fs_seq_read {:.2} MB/s", total as f64 / 1e6 / start.elapsed().as_secs_f64());
+    // create + stat + unlink, 10k times.
+    let meta = format!("{dir}/meta-host");
+    let _ = std::fs::create_dir_all(&meta);
+    let start = Instant::now();
+    for i in 0..10_000 {
+        let p = format!("{meta}/f{i}");
+        if std::fs::File::create(&p)
+            .and_then(|_| std::fs::metadata(&p))
+            .and_then(|_| std::fs::remove_file(&p))
+            .is_err()
+        {
+            return false;
+        }
+    }
+    println!("HOST-BENCH fs_metadata {:.2} ops/s", 10_000.0 / start.elapsed().as_secs_f64());
+    true
+}
+
 /// Prints an extended attribute's value (busybox has no getfattr; the virtio-fs test needs it).
 fn getxattr(path: &str, name: &str) -> bool {
     let (Ok(p), Ok(n)) = (std::ffi::CString::new(path), std::ffi::CString::new(name)) else { return false };
@@ -191,8 +269,10 @@ fn main() {
         [cmd, path] if cmd == "serve-echo" => serve_echo(path).map_err(|e| eprintln!("{e}")).is_ok(),
         [cmd, sock] if cmd == "host-checks" => host_checks(sock),
         [cmd, path, name] if cmd == "getxattr" => getxattr(path, name),
+        [cmd, path] if cmd == "sink" => sink(path),
+        [cmd, dir] if cmd == "bench-native" => bench_native(dir),
         _ => {
-            eprintln!("usage: husk-vsock-probe serve-echo PATH | host-checks SOCKET | getxattr PATH NAME");
+            eprintln!("usage: husk-vsock-probe serve-echo PATH | host-checks SOCKET | getxattr PATH NAME | sink PATH | bench-native DIR");
             false
         }
     };

@@ -1,9 +1,10 @@
 //! What a virtio device implements; the transport owns registers, queues and status.
 
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use virtio_queue::Queue;
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::VirtioInterrupt;
 use crate::memory::GuestMem;
@@ -52,4 +53,42 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
     let n = data.len().min(config.len() - start);
     data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+/// Checks that the driver made ready exactly the queues the device has.
+pub fn check_queue_count(ctx: &ActivateContext, needed: usize) -> Result<(), ActivateError> {
+    if ctx.queues.len() != needed || ctx.queue_evts.len() != needed {
+        return Err(ActivateError::QueueCount { needed, ready: ctx.queues.len() });
+    }
+    Ok(())
+}
+
+/// A device's queue-serving thread and the eventfd that tells it to stop. Dropping it stops
+/// and joins the thread, so a reset or a VMM exit never leaves a worker touching guest memory.
+pub struct Worker {
+    kill: EventFd,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Runs `run` on a thread named `name`; `run` gets its copy of the kill eventfd and must
+    /// return soon after it becomes readable.
+    pub fn spawn(name: &str, run: impl FnOnce(EventFd) + Send + 'static) -> Result<Self, ActivateError> {
+        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let worker_kill = kill.try_clone().map_err(ActivateError::Worker)?;
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || run(worker_kill))
+            .map_err(ActivateError::Worker)?;
+        Ok(Self { kill, handle: Some(handle) })
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            let _ = self.kill.write(1);
+            let _ = handle.join();
+        }
+    }
 }

@@ -1,14 +1,12 @@
 //! virtio-rng (spec 5.4): fills the driver's write-only buffers from the host's getrandom(2), so
 //! the guest's entropy pool is ready at once instead of waiting on jitter at boot.
 
-use std::thread::JoinHandle;
-
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::device::read_config_bytes;
+use super::device::{check_queue_count, read_config_bytes, Worker};
 use super::{ActivateContext, ActivateError, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
 use crate::memory::GuestMem;
 
@@ -21,7 +19,7 @@ const TOKEN_QUEUE: u64 = 0;
 const TOKEN_KILL: u64 = 1;
 
 pub struct Rng {
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    worker: Option<Worker>,
 }
 
 impl Rng {
@@ -145,31 +143,14 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 1 || ctx.queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount { needed: 1, ready: ctx.queues.len() });
-        }
+        check_queue_count(&ctx, QUEUE_SIZES.len())?;
         self.reset();
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let worker_kill = kill.try_clone().map_err(ActivateError::Worker)?;
-        let handle = std::thread::Builder::new()
-            .name("virtio-rng".into())
-            .spawn(move || run_worker(ctx, worker_kill))
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some((kill, handle));
+        self.worker = Some(Worker::spawn("virtio-rng", move |kill| run_worker(ctx, kill))?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some((kill, handle)) = self.worker.take() {
-            let _ = kill.write(1);
-            let _ = handle.join();
-        }
-    }
-}
-
-impl Drop for Rng {
-    fn drop(&mut self) {
-        self.reset();
+        self.worker = None;
     }
 }
 

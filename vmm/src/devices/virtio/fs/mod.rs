@@ -20,7 +20,6 @@ mod tests;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fuse_backend_rs::api::filesystem::FileSystem;
@@ -29,10 +28,10 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, Pas
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use self::filter::ShareFs;
-use super::device::read_config_bytes;
+use super::device::{check_queue_count, read_config_bytes, Worker};
 use super::{ActivateContext, ActivateError, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1};
 use crate::config::{FsCache, FsShareConfig};
 use crate::memory::GuestMem;
@@ -56,7 +55,7 @@ pub struct Fs {
     config: [u8; CONFIG_LEN],
     fs: Arc<ShareFs>,
     server: Arc<FsServer>,
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    worker: Option<Worker>,
 }
 
 /// Maps the share's cache option onto the passthrough's policy and timeouts (the same meaning
@@ -130,6 +129,12 @@ impl Fs {
         let fs = Arc::new(fs);
         let server = Arc::new(Server::new(fs.clone()));
         Ok(Self { config, fs, server, worker: None })
+    }
+
+    /// The FUSE server the device's queues are served by, for driving [`process_queue`]
+    /// without a worker thread (the fuzz targets in `vmm/fuzz` do).
+    pub fn server(&self) -> &Server<Arc<ShareFs>> {
+        &self.server
     }
 }
 
@@ -250,26 +255,16 @@ impl VirtioDevice for Fs {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let needed = QUEUE_SIZES.len();
-        if ctx.queues.len() != needed || ctx.queue_evts.len() != needed {
-            return Err(ActivateError::QueueCount { needed, ready: ctx.queues.len() });
-        }
+        check_queue_count(&ctx, QUEUE_SIZES.len())?;
         self.reset();
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let worker_kill = kill.try_clone().map_err(ActivateError::Worker)?;
         let server = self.server.clone();
-        let handle = std::thread::Builder::new()
-            .name("virtio-fs".into())
-            .spawn(move || run_worker(ctx, server, worker_kill))
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some((kill, handle));
+        self.worker = Some(Worker::spawn("virtio-fs", move |kill| run_worker(ctx, server, kill))?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some((kill, handle)) = self.worker.take() {
-            let _ = kill.write(1);
-            let _ = handle.join();
+        if let Some(worker) = self.worker.take() {
+            drop(worker);
             // The driver starts over with FUSE_INIT: drop every inode and open file it held.
             self.fs.destroy();
         }

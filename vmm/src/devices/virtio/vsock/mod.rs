@@ -6,13 +6,12 @@ pub mod packet;
 
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
-use std::thread::JoinHandle;
 
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::device::read_config_bytes;
+use super::device::{check_queue_count, read_config_bytes, Worker};
 use super::{ActivateContext, ActivateError, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
 use muxer::Muxer;
 
@@ -34,7 +33,7 @@ pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
     config: [u8; 8],
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    worker: Option<Worker>,
 }
 
 impl Vsock {
@@ -109,32 +108,16 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != QUEUE_SIZES.len() || ctx.queue_evts.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount { needed: QUEUE_SIZES.len(), ready: ctx.queues.len() });
-        }
+        check_queue_count(&ctx, QUEUE_SIZES.len())?;
         self.reset();
         let muxer =
             Muxer::new(self.guest_cid, &self.uds_path).map_err(|e| ActivateError::Device(e.to_string()))?;
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let worker_kill = kill.try_clone().map_err(ActivateError::Worker)?;
-        let handle = std::thread::Builder::new()
-            .name("virtio-vsock".into())
-            .spawn(move || run_worker(ctx, muxer, worker_kill))
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some((kill, handle));
+        self.worker = Some(Worker::spawn("virtio-vsock", move |kill| run_worker(ctx, muxer, kill))?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some((kill, handle)) = self.worker.take() {
-            let _ = kill.write(1);
-            let _ = handle.join();
-        }
-    }
-}
-
-impl Drop for Vsock {
-    fn drop(&mut self) {
-        self.reset();
+        // Stopping the worker drops the muxer: host streams close and the socket file goes.
+        self.worker = None;
     }
 }

@@ -514,7 +514,12 @@ impl Muxer {
     fn rx_data(&mut self, key: ConnKey, w: &mut virtio_queue::Writer<'_, ()>) -> Option<u32> {
         let mut hdr = self.header(key, OP_RW);
         let c = self.conns.get_mut(&key)?;
-        let room = w.available_bytes().checked_sub(HDR_LEN).filter(|&r| r > 0)?;
+        let Some(room) = w.available_bytes().checked_sub(HDR_LEN).filter(|&r| r > 0) else {
+            // No room for a header and data (a read-only or tiny buffer): complete it empty, as
+            // for control packets. Handing it back would have process_rx pick it again forever.
+            tracing::debug!("vsock: RX buffer too small for data");
+            return Some(0);
+        };
         let max = room.min(c.peer_credit() as usize).min(MAX_PAYLOAD as usize);
         let n = match c.stream.read(&mut self.scratch[..max]) {
             Ok(0) => {
@@ -873,6 +878,44 @@ mod tests {
         g.send(Guest::hdr(OP_REQUEST, 200, 7), &[]);
         g.pump(&mut m);
         assert_eq!({ g.received()[0].0.op }, OP_RESPONSE);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unusable_rx_buffers_do_not_stall_host_data() {
+        let dir = sock_dir("tiny-rx");
+        let path = dir.join("v.sock");
+        let listener = UnixListener::bind(format!("{}_7", path.display())).unwrap();
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let mem = mem();
+        let mut g = Guest::new(&mem);
+        g.give_rx_buffers(1);
+        g.send(Guest::hdr(OP_REQUEST, 100, 7), &[]);
+        g.pump(&mut m);
+        assert_eq!({ g.received()[0].0.op }, OP_RESPONSE);
+        let (mut host, _) = listener.accept().unwrap();
+        host.write_all(b"data").unwrap();
+        // Host data is waiting and the guest offers buffers with no room for it: one
+        // device-readable, one only a header long. Both are completed empty (this used to spin
+        // in process_rx forever, handing the same buffer back and picking it again).
+        let d = RawDescriptor::from(SplitDescriptor::new(RX_BUFS + 0x10_0000, 4096, 0, 0));
+        g.rxm.add_desc_chains(&[d], g.rx_next).unwrap();
+        let d = RawDescriptor::from(SplitDescriptor::new(RX_BUFS + 0x11_0000, HDR_LEN as u32, F_WRITE, 0));
+        g.rxm.add_desc_chains(&[d], g.rx_next + 1).unwrap();
+        g.rx_next += 2;
+        std::thread::sleep(Duration::from_millis(20));
+        g.pump(&mut m);
+        let used = g.rx.used_idx(&mem, std::sync::atomic::Ordering::Acquire).unwrap().0;
+        assert_eq!(used, 3);
+        for i in 1..3 {
+            assert_eq!(g.rxm.used().ring().ref_at(i).unwrap().load().len(), 0);
+        }
+        // The data still arrives once a real buffer comes.
+        g.rx_used_seen = used;
+        g.give_rx_buffers(1);
+        g.pump(&mut m);
+        let pkts = g.received();
+        assert_eq!(({ pkts[0].0.op }, pkts[0].1.as_slice()), (OP_RW, b"data".as_slice()));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
