@@ -30,6 +30,19 @@ fn erofs() -> io::Error {
 /// `EROFS` for all of them).
 const WRITE_OPEN_FLAGS: i32 = libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND;
 
+/// Refuses `O_PATH` in OPEN, OPENDIR and CREATE. The Linux FUSE client never sends it (such
+/// opens do not reach the file system), and the passthrough would turn it into a handle on an
+/// `O_PATH` fd, whose `fcntl(F_SETFL)` in READ/WRITE then fails on a path where fuse-backend-rs
+/// 0.14 drops a `File` made from the handle's fd: the fd is closed under the handle, its number
+/// can be reused by another open, and it is closed again when the handle goes (found by the
+/// `virtio_fs_request` fuzz target).
+fn check_open_flags(flags: u32) -> io::Result<()> {
+    if (flags as i32) & libc::O_PATH != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(())
+}
+
 pub struct ShareFs {
     inner: PassthroughFs,
     read_only: bool,
@@ -174,6 +187,7 @@ impl FileSystem for ShareFs {
         if self.read_only && (flags as i32) & WRITE_OPEN_FLAGS != 0 {
             return Err(erofs());
         }
+        check_open_flags(flags)?;
         self.inner.open(ctx, inode, flags, fuse_flags)
     }
 
@@ -185,6 +199,7 @@ impl FileSystem for ShareFs {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
         self.check_writable()?;
+        check_open_flags(args.flags)?;
         self.inner.create(ctx, parent, name, args)
     }
 
@@ -296,6 +311,7 @@ impl FileSystem for ShareFs {
     }
 
     fn opendir(&self, ctx: &Context, inode: Inode, flags: u32) -> io::Result<(Option<Handle>, OpenOptions)> {
+        check_open_flags(flags)?;
         self.inner.opendir(ctx, inode, flags)
     }
 

@@ -268,6 +268,32 @@ fn read_only_share_refuses_every_write() {
 }
 
 #[test]
+fn o_path_opens_are_refused() {
+    // An O_PATH handle used to reach a path in fuse-backend-rs 0.14's READ/WRITE where
+    // fcntl(F_SETFL) fails and the handle's fd is closed under it, then closed again when the
+    // handle goes (an abort in debug builds, a double close otherwise). Found by fuzzing.
+    for read_only in [true, false] {
+        let (_dir, mut c) = client(read_only);
+        let file = c.lookup(ROOT_ID, "hello.txt").nodeid;
+        assert_eq!(c.open(file, libc::O_RDONLY | libc::O_PATH), Err(libc::EINVAL));
+        let opendir = OpenIn { flags: libc::O_PATH as u32, fuse_flags: 0 };
+        assert_eq!(c.errno(Opcode::Opendir, ROOT_ID, opendir.as_slice()), libc::EINVAL);
+        if !read_only {
+            let flags = (libc::O_CREAT | libc::O_RDWR | libc::O_PATH) as u32;
+            let create = CreateIn { flags, mode: 0o644, umask: 0, fuse_flags: 0 };
+            let body = [create.as_slice(), &cstr("new")].concat();
+            assert_eq!(c.errno(Opcode::Create, ROOT_ID, &body), libc::EINVAL);
+        }
+        // A normal handle still follows READ flags that differ from its open flags.
+        let fh = c.open(file, libc::O_RDONLY).unwrap();
+        let read = ReadIn { fh, offset: 0, size: 64, flags: libc::O_NONBLOCK as u32, ..Default::default() };
+        assert_eq!(c.ok(Opcode::Read, file, read.as_slice()), HELLO);
+        // Drops every handle (this is where the double close aborted).
+        c.dev.fs.destroy();
+    }
+}
+
+#[test]
 fn writable_share_writes_but_makes_no_device_nodes() {
     let (dir, mut c) = client(false);
     let out: EntryOut = obj(&c.ok(

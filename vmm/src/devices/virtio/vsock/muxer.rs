@@ -103,6 +103,38 @@ pub struct Muxer {
     scratch: Vec<u8>,
 }
 
+/// Connects without blocking: a host service whose listen backlog is full answers EAGAIN at
+/// once (the guest gets RST) instead of stalling the device worker, which serves every stream.
+fn connect_nonblocking(path: &str) -> io::Result<UnixStream> {
+    use std::os::unix::io::FromRawFd;
+    // SAFETY: plain socket(2); the fd is owned by the UnixStream right after.
+    let fd = unsafe {
+        libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid start.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_un of `len` bytes.
+    let rc = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
 fn is_would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
@@ -396,7 +428,7 @@ impl Muxer {
             return self.queue_ctrl(key, OP_RST, 0);
         }
         let path = format!("{}_{}", self.uds_path.display(), key.local_port);
-        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+        match connect_nonblocking(&path) {
             Ok(stream) => {
                 self.insert(key, stream, ConnState::Established, Some(h));
                 self.queue_ctrl(key, OP_RESPONSE, 0);
