@@ -520,3 +520,26 @@ fn worker_serves_both_queues_and_resets() {
     assert_eq!(c.errno(Opcode::Getattr, nodeid, GetattrIn::default().as_slice()), libc::EBADF);
     c.ok(Opcode::Getattr, ROOT_ID, GetattrIn::default().as_slice());
 }
+
+#[test]
+fn symlink_swapped_in_after_lookup_is_not_followed() {
+    let (dir, mut c) = client(true);
+    let entry = c.lookup(ROOT_ID, "hello.txt");
+    // The host (or another VM sharing the directory) replaces the file with a symlink to a host
+    // secret between the guest's LOOKUP and its OPEN.
+    let secret = dir.as_path().parent().unwrap().join(format!("husk-secret-{}", std::process::id()));
+    std::fs::write(&secret, b"HOST SECRET").unwrap();
+    let path = dir.as_path().join("hello.txt");
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&secret, &path).unwrap();
+    // The inode is the handle taken at LOOKUP (O_PATH, no follow): the open reaches the original
+    // file, never the link's target.
+    let fh = c.open(entry.nodeid, libc::O_RDONLY).unwrap();
+    let read = ReadIn { fh, offset: 0, size: 4096, ..Default::default() };
+    assert_eq!(c.ok(Opcode::Read, entry.nodeid, read.as_slice()), HELLO);
+    // A fresh lookup sees the symlink as a symlink, and opening it is refused.
+    let link = c.lookup(ROOT_ID, "hello.txt");
+    assert_eq!(link.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+    assert!(c.open(link.nodeid, libc::O_RDONLY).is_err());
+    std::fs::remove_file(secret).unwrap();
+}
