@@ -63,3 +63,31 @@ macro_rules! require {
         }
     };
 }
+
+/// What a device end-to-end test runs: the VMM, the host-side probe, the guest kernel and the
+/// test initramfs. In a job, the files go along with [`DeviceTestKit::files`].
+pub struct DeviceTestKit {
+    pub vmm: PathBuf,
+    pub probe: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl DeviceTestKit {
+    /// Resolves the kit, or why it (or the KVM test host) is unavailable.
+    pub fn find() -> Result<Self, String> {
+        if let Some(reason) = crate::unavailable_reason() {
+            return Err(reason);
+        }
+        Ok(Self {
+            vmm: bin("husk-vmm")?,
+            probe: bin("husk-vsock-probe")?,
+            kernel: guest_artifact("vmlinux")?,
+            initrd: guest_artifact("test-init.cpio")?,
+        })
+    }
+
+    pub fn files(&self) -> [&Path; 4] {
+        [&self.vmm, &self.probe, &self.kernel, &self.initrd]
+    }
+}

@@ -1,19 +1,16 @@
 //! virtio-fs end to end: two host directories shared into the guest (one read-only), the test
 //! init's `fs` mode doing file operations inside, and the host checking the results.
 
+use std::path::Path;
 use std::time::Duration;
 
-use husk_tests::artifacts::{bin, guest_artifact};
-use husk_tests::{require, run_job, unavailable_reason, Job};
+use husk_tests::artifacts::DeviceTestKit;
+use husk_tests::{require, run_job, Job};
 
 #[test]
 fn virtio_fs_shares_work_and_contain_the_guest() {
-    require!(unavailable_reason().map_or(Ok(()), Err));
-    let vmm = require!(bin("husk-vmm"));
-    let probe = require!(bin("husk-vsock-probe"));
-    let kernel = require!(guest_artifact("vmlinux"));
-    let initrd = require!(guest_artifact("test-init.cpio"));
-    let (v, p, k, i) = (vmm.display(), probe.display(), kernel.display(), initrd.display());
+    let kit = require!(DeviceTestKit::find());
+    let (v, p, k, i) = (kit.vmm.display(), kit.probe.display(), kit.kernel.display(), kit.initrd.display());
     let script = format!(
         r#"
 R=/var/share-rw; O=/var/share-ro; mkdir -p $R $O
@@ -35,12 +32,8 @@ cmp $O/big $R/big-copy && echo "HOST big identical"
 test -e $O/new && echo "RO-LEAK"
 "#
     );
-    let mut job = Job::new(script)
-        .timeout(Duration::from_secs(1200))
-        .file(&vmm)
-        .file(&probe)
-        .file(&kernel)
-        .file(&initrd);
+    let mut job = Job::new(script).timeout(Duration::from_secs(1200));
+    job.files.extend(kit.files().map(Path::to_path_buf));
     job.mem_mib = 3072;
     let out = run_job(&job).unwrap_or_else(|e| panic!("test host failed: {e}"));
     let o = &out.output;

@@ -1,19 +1,16 @@
 //! vsock end to end: husk-vmm with the hybrid vsock device, the test init's vsock mode in the
 //! guest, and `husk-vsock-probe` on the host side, all in one test-host run.
 
+use std::path::Path;
 use std::time::Duration;
 
-use husk_tests::artifacts::{bin, guest_artifact};
-use husk_tests::{require, run_job, unavailable_reason, Job};
+use husk_tests::artifacts::DeviceTestKit;
+use husk_tests::{require, run_job, Job};
 
 #[test]
 fn vsock_streams_between_host_and_guest() {
-    require!(unavailable_reason().map_or(Ok(()), Err));
-    let vmm = require!(bin("husk-vmm"));
-    let probe = require!(bin("husk-vsock-probe"));
-    let kernel = require!(guest_artifact("vmlinux"));
-    let initrd = require!(guest_artifact("test-init.cpio"));
-    let (v, p, k, i) = (vmm.display(), probe.display(), kernel.display(), initrd.display());
+    let kit = require!(DeviceTestKit::find());
+    let (v, p, k, i) = (kit.vmm.display(), kit.probe.display(), kit.kernel.display(), kit.initrd.display());
     let script = format!(
         r#"
 S=/tmp/vm.sock
@@ -29,12 +26,8 @@ cat /tmp/vm.out
 ls $S 2>/dev/null && echo "@@SOCKET-LEFT"
 "#
     );
-    let job = Job::new(script)
-        .timeout(Duration::from_secs(1200))
-        .file(&vmm)
-        .file(&probe)
-        .file(&kernel)
-        .file(&initrd);
+    let mut job = Job::new(script).timeout(Duration::from_secs(1200));
+    job.files.extend(kit.files().map(Path::to_path_buf));
     let out = run_job(&job).unwrap_or_else(|e| panic!("test host failed: {e}"));
     let o = &out.output;
     eprintln!("test host: {:?}\n{o}", out.elapsed);
