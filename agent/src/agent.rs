@@ -1,0 +1,637 @@
+//! The agent's state and every operation the API offers, independent of gRPC.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use husk_proto::{event, Event, ExitEvent, Stdio};
+use tokio::sync::{broadcast, Notify};
+
+use crate::cgroup::ContainerCgroup;
+use crate::error::AgentError;
+use crate::oci::{self, Op};
+use crate::oom::OomWatcher;
+use crate::reaper::{self, ExitStatus, ExitWatch, Reaper};
+use crate::stdio::StdioRegistry;
+use crate::{init, procfs, rootfs, spec, tty, validate};
+
+/// How long a forced removal waits for the container's init to die after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// How long the agent waits for a container to send its pty.
+const CONSOLE_WAIT: Duration = Duration::from_secs(30);
+
+pub struct Config {
+    /// The agent's own files: bundles, libcontainer state, console sockets, overlays.
+    pub state_dir: PathBuf,
+    /// Where share `<tag>` is found (`<shares_dir>/<tag>`).
+    pub shares_dir: PathBuf,
+    /// In a VM: shares are mounted, hostname and clock are set, destroy powers off.
+    pub guest: bool,
+    /// Use MS_MOVE + chroot instead of pivot_root (a root on rootfs refuses pivot_root).
+    pub no_pivot: bool,
+}
+
+/// One process the agent started: a container's init or an exec.
+struct Proc {
+    pid: i32,
+    exit: ExitWatch,
+    /// The pty master, kept for resizes.
+    tty: Option<OwnedFd>,
+    /// A handle on the stdin stream, so CloseStdin can shut it down under the process.
+    stdin: Mutex<Option<OwnedFd>>,
+}
+
+impl Proc {
+    fn exited(&self) -> Option<ExitStatus> {
+        *self.exit.borrow()
+    }
+}
+
+struct Container {
+    id: String,
+    bundle: PathBuf,
+    cgroup: ContainerCgroup,
+    overlay: Option<PathBuf>,
+    started: AtomicBool,
+    init: Arc<Proc>,
+    execs: Mutex<HashMap<String, Arc<Proc>>>,
+}
+
+impl Container {
+    fn status(&self) -> &'static str {
+        if self.init.exited().is_some() {
+            "stopped"
+        } else if self.cgroup.is_frozen() {
+            "paused"
+        } else if self.started.load(Ordering::SeqCst) {
+            "running"
+        } else {
+            "created"
+        }
+    }
+
+    fn process(&self, exec_id: &str) -> Result<Arc<Proc>, AgentError> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        lock(&self.execs)
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("container {} has no exec {exec_id:?}", self.id)))
+    }
+
+    fn require_running(&self, what: &str) -> Result<(), AgentError> {
+        match self.status() {
+            "running" => Ok(()),
+            s => Err(AgentError::FailedPrecondition(format!("cannot {what}: container {} is {s}", self.id))),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct Agent {
+    cfg: Config,
+    reaper: Arc<Reaper>,
+    pub stdio: Arc<StdioRegistry>,
+    oom: Arc<OomWatcher>,
+    pub events: broadcast::Sender<Event>,
+    /// `None` while a container is being created or removed: the id is taken.
+    containers: Mutex<HashMap<String, Option<Arc<Container>>>>,
+    shares: Mutex<HashSet<String>>,
+    pub init_started_ns: AtomicU64,
+    pub ready_ns: AtomicU64,
+    /// Notified by DestroySandbox once every container is gone.
+    pub shutdown: Notify,
+}
+
+/// Frees a reserved container id unless the creation it guards succeeded.
+struct Reservation<'a> {
+    agent: &'a Agent,
+    id: String,
+    done: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            lock(&self.agent.containers).remove(&self.id);
+        }
+    }
+}
+
+impl Agent {
+    pub fn new(cfg: Config, reaper: Arc<Reaper>, oom: Arc<OomWatcher>) -> Result<Self, AgentError> {
+        for sub in ["bundles", "containers", "console", "overlays", "execs"] {
+            let d = cfg.state_dir.join(sub);
+            std::fs::create_dir_all(&d).map_err(AgentError::io(format!("mkdir {}", d.display())))?;
+        }
+        let (events, _) = broadcast::channel(1024);
+        Ok(Self {
+            cfg,
+            reaper,
+            stdio: Arc::default(),
+            oom,
+            events,
+            containers: Mutex::default(),
+            shares: Mutex::default(),
+            init_started_ns: AtomicU64::new(0),
+            ready_ns: AtomicU64::new(0),
+            shutdown: Notify::new(),
+        })
+    }
+
+    fn lc_root(&self) -> PathBuf {
+        self.cfg.state_dir.join("containers")
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>, AgentError> {
+        validate::name("container id", id)?;
+        match lock(&self.containers).get(id) {
+            Some(Some(c)) => Ok(c.clone()),
+            Some(None) => {
+                Err(AgentError::FailedPrecondition(format!("container {id} is being created or removed")))
+            }
+            None => Err(AgentError::NotFound(format!("no container {id}"))),
+        }
+    }
+
+    // ---- sandbox ----------------------------------------------------------------------------
+
+    pub fn create_sandbox(&self, req: husk_proto::CreateSandboxRequest) -> Result<(), AgentError> {
+        if !req.hostname.is_empty() {
+            check_hostname(&req.hostname)?;
+        }
+        for s in &req.shares {
+            validate::name("share tag", &s.tag)?;
+        }
+        if self.cfg.guest {
+            if !req.hostname.is_empty() {
+                nix::unistd::sethostname(&req.hostname).map_err(AgentError::errno("sethostname"))?;
+            }
+            if req.unix_time_ns != 0 {
+                init::set_clock(req.unix_time_ns)?;
+            }
+        }
+        for s in &req.shares {
+            let target = self.cfg.shares_dir.join(&s.tag);
+            if lock(&self.shares).contains(&s.tag) {
+                continue;
+            }
+            if self.cfg.guest {
+                init::mount_share(&s.tag, &target, s.read_only)?;
+            } else if !target.is_dir() {
+                return Err(AgentError::NotFound(format!(
+                    "share {:?} is not a directory under {}",
+                    s.tag,
+                    self.cfg.shares_dir.display()
+                )));
+            }
+            lock(&self.shares).insert(s.tag.clone());
+        }
+        Ok(())
+    }
+
+    pub fn set_time(&self, unix_ns: i64) -> Result<(), AgentError> {
+        if !self.cfg.guest {
+            return Err(AgentError::FailedPrecondition("host mode does not set the host's clock".into()));
+        }
+        init::set_clock(unix_ns)
+    }
+
+    /// Removes every container; the caller then stops serving and powers off (or exits).
+    pub async fn destroy_sandbox(&self) -> Result<(), AgentError> {
+        let ids: Vec<String> = lock(&self.containers).keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.remove_container(&id, true).await {
+                tracing::warn!("destroy: removing {id}: {e}");
+            }
+        }
+        self.shutdown.notify_one();
+        Ok(())
+    }
+
+    pub fn guest_details(&self) -> husk_proto::GuestDetailsResponse {
+        let uname = nix::sys::utsname::uname().ok();
+        husk_proto::GuestDetailsResponse {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            kernel_release: uname.map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),
+            cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+            memory_bytes: procfs::mem_total_bytes().unwrap_or(0),
+            init_started_ns: self.init_started_ns.load(Ordering::Relaxed),
+            agent_ready_ns: self.ready_ns.load(Ordering::Relaxed),
+            agent_rss_bytes: procfs::self_rss_bytes().unwrap_or(0),
+        }
+    }
+
+    // ---- containers -------------------------------------------------------------------------
+
+    fn reserve(&self, id: &str) -> Result<Reservation<'_>, AgentError> {
+        validate::name("container id", id)?;
+        let mut containers = lock(&self.containers);
+        if containers.contains_key(id) {
+            return Err(AgentError::AlreadyExists(format!("container {id} already exists")));
+        }
+        containers.insert(id.to_string(), None);
+        Ok(Reservation { agent: self, id: id.to_string(), done: false })
+    }
+
+    fn resolve_rootfs(&self, r: &husk_proto::Rootfs) -> Result<PathBuf, AgentError> {
+        validate::name("share tag", &r.share_tag)?;
+        validate::relative_path("rootfs path", &r.path)?;
+        if !lock(&self.shares).contains(&r.share_tag) {
+            return Err(AgentError::NotFound(format!(
+                "share {:?} is not mounted (CreateSandbox first)",
+                r.share_tag
+            )));
+        }
+        rootfs::resolve(&self.cfg.shares_dir.join(&r.share_tag), &r.path)
+    }
+
+    fn share_roots(&self) -> Vec<PathBuf> {
+        lock(&self.shares).iter().filter_map(|t| self.cfg.shares_dir.join(t).canonicalize().ok()).collect()
+    }
+
+    pub async fn create_container(&self, req: husk_proto::CreateContainerRequest) -> Result<u32, AgentError> {
+        let mut reservation = self.reserve(&req.container_id)?;
+        let id = req.container_id.clone();
+        let rootfs_req =
+            req.rootfs.ok_or_else(|| AgentError::InvalidArgument("rootfs is required".into()))?;
+        let stdio = req.stdio.unwrap_or_default();
+        let lower = self.resolve_rootfs(&rootfs_req)?;
+        let mut spec = spec::prepare(&req.oci_spec_json, &id, &lower, stdio.terminal, &self.share_roots())?;
+
+        // A writable rootfs over a read-only share gets a tmpfs-backed overlay.
+        let wants_writable = !spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
+        let overlay_dir = self.cfg.state_dir.join("overlays").join(&id);
+        let overlay = if wants_writable && rootfs::is_read_only(&lower) {
+            let merged = rootfs::mount_overlay(&lower, &overlay_dir)?;
+            if let Some(root) = spec.root().clone().as_mut() {
+                root.set_path(merged);
+                spec.set_root(Some(root.clone()));
+            }
+            Some(overlay_dir.clone())
+        } else {
+            None
+        };
+        let bundle = self.cfg.state_dir.join("bundles").join(&id);
+        let result = self.create_in_bundle(&id, &bundle, &spec, &stdio).await;
+        let (init, cgroup) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&bundle);
+                if overlay.is_some() {
+                    rootfs::remove_overlay(&overlay_dir);
+                }
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.oom.watch(&id, cgroup.memory_events()) {
+            tracing::warn!("container {id}: no OOM events: {e}");
+        }
+        let pid = init.pid;
+        self.spawn_exit_event(&id, "", &init);
+        let container = Arc::new(Container {
+            id: id.clone(),
+            bundle,
+            cgroup,
+            overlay,
+            started: AtomicBool::new(false),
+            init,
+            execs: Mutex::default(),
+        });
+        lock(&self.containers).insert(id, Some(container));
+        reservation.done = true;
+        Ok(pid as u32)
+    }
+
+    async fn create_in_bundle(
+        &self,
+        id: &str,
+        bundle: &Path,
+        spec: &oci_spec::runtime::Spec,
+        stdio: &Stdio,
+    ) -> Result<(Arc<Proc>, ContainerCgroup), AgentError> {
+        std::fs::create_dir_all(bundle).map_err(AgentError::io("creating the bundle"))?;
+        let json =
+            serde_json::to_vec(spec).map_err(|e| AgentError::Internal(format!("encoding spec: {e}")))?;
+        std::fs::write(bundle.join("config.json"), json).map_err(AgentError::io("writing config.json"))?;
+        let console = self.cfg.state_dir.join("console").join(format!("{id}.sock"));
+        let op = Op::Create {
+            root: self.lc_root(),
+            id: id.to_string(),
+            bundle: bundle.to_path_buf(),
+            console_socket: stdio.terminal.then(|| console.clone()),
+            no_pivot: self.cfg.no_pivot,
+        };
+        let proc = self.run_process(op, stdio, &console).await?;
+        let cgroup = ContainerCgroup::new(id)?;
+        Ok((proc, cgroup))
+    }
+
+    /// Runs a create or exec helper with the request's stdio, and sets up the pty relay.
+    async fn run_process(&self, op: Op, stdio: &Stdio, console: &Path) -> Result<Arc<Proc>, AgentError> {
+        let streams = StdioFds::claim(&self.stdio, stdio)?;
+        let console_rx = if stdio.terminal {
+            let sock = tty::ConsoleSocket::bind(console)?;
+            Some(tokio::task::spawn_blocking(move || sock.receive(CONSOLE_WAIT)))
+        } else {
+            None
+        };
+        let helper_stdio = streams.helper_stdio()?;
+        let pid = oci::run(&self.reaper, op, helper_stdio).await;
+        let _ = std::fs::remove_file(console);
+        let pid = match pid {
+            Ok(Some(pid)) => pid,
+            Ok(None) => return Err(AgentError::Internal("container helper reported no pid".into())),
+            Err(e) => {
+                if let Some(rx) = console_rx {
+                    rx.abort();
+                }
+                return Err(e);
+            }
+        };
+        let exit = self.reaper.watch(pid);
+        let tty = match console_rx {
+            Some(rx) => {
+                let master =
+                    rx.await.map_err(|e| AgentError::Internal(format!("console receiver: {e}")))??;
+                if stdio.rows > 0 && stdio.cols > 0 {
+                    tty::resize(&master, stdio.rows, stdio.cols)?;
+                }
+                let relay = master.try_clone().map_err(AgentError::io("dup pty master"))?;
+                tty::spawn_relay(relay, streams.stdin_for_relay()?, streams.stdout)?;
+                Some(master)
+            }
+            None => None,
+        };
+        let stdin = if tty.is_none() { streams.stdin } else { None };
+        Ok(Arc::new(Proc { pid, exit, tty, stdin: Mutex::new(stdin) }))
+    }
+
+    fn spawn_exit_event(&self, container_id: &str, exec_id: &str, p: &Arc<Proc>) {
+        let (events, rx, pid) = (self.events.clone(), p.exit.clone(), p.pid);
+        let (container_id, exec_id) = (container_id.to_string(), exec_id.to_string());
+        tokio::spawn(async move {
+            if let Some(status) = reaper::wait(rx).await {
+                let exit = ExitEvent { container_id, exec_id, pid: pid as u32, status: Some(status.into()) };
+                let _ = events.send(Event { kind: Some(event::Kind::Exit(exit)) });
+            }
+        });
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<(), AgentError> {
+        let c = self.container(id)?;
+        if c.status() != "created" {
+            return Err(AgentError::FailedPrecondition(format!(
+                "cannot start container {id}: it is {}",
+                c.status()
+            )));
+        }
+        let null = StdioFds::null_triple()?;
+        oci::run(&self.reaper, Op::Start { root: self.lc_root(), id: id.to_string() }, null).await?;
+        c.started.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub async fn remove_container(&self, id: &str, force: bool) -> Result<(), AgentError> {
+        let c = self.container(id)?;
+        let running = c.init.exited().is_none() && c.started.load(Ordering::SeqCst);
+        if running && !force {
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {id} is running; stop it first or force"
+            )));
+        }
+        // Take the id out of service while tearing down.
+        lock(&self.containers).insert(id.to_string(), None);
+        if c.init.exited().is_none() {
+            let _ = c.cgroup.freeze(false);
+            c.cgroup.signal_all(nix::sys::signal::Signal::SIGKILL)?;
+            if tokio::time::timeout(KILL_WAIT, reaper::wait(c.init.exit.clone())).await.is_err() {
+                lock(&self.containers).insert(id.to_string(), Some(c.clone()));
+                return Err(AgentError::Internal(format!(
+                    "container {id} did not die within {KILL_WAIT:?} of SIGKILL"
+                )));
+            }
+        }
+        self.oom.unwatch(id);
+        let null = StdioFds::null_triple()?;
+        if let Err(e) =
+            oci::run(&self.reaper, Op::Delete { root: self.lc_root(), id: id.to_string(), force: true }, null)
+                .await
+        {
+            tracing::warn!("container {id}: libcontainer delete: {e}");
+        }
+        c.cgroup.remove();
+        let _ = std::fs::remove_dir_all(&c.bundle);
+        let _ = std::fs::remove_dir_all(self.cfg.state_dir.join("execs").join(id));
+        if let Some(dir) = &c.overlay {
+            rootfs::remove_overlay(dir);
+        }
+        lock(&self.containers).remove(id);
+        Ok(())
+    }
+
+    pub fn pause(&self, id: &str, paused: bool) -> Result<(), AgentError> {
+        let c = self.container(id)?;
+        match (paused, c.status()) {
+            (true, "running") | (false, "paused") => c.cgroup.freeze(paused),
+            (_, s) => Err(AgentError::FailedPrecondition(format!(
+                "cannot {} container {id}: it is {s}",
+                if paused { "pause" } else { "resume" }
+            ))),
+        }
+    }
+
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), AgentError> {
+        let c = self.container(id)?;
+        let resources = spec::resources(resources_json)?;
+        if c.init.exited().is_some() {
+            return Err(AgentError::FailedPrecondition(format!("container {id} is stopped")));
+        }
+        c.cgroup.update(&resources)
+    }
+
+    pub fn stats(&self, id: &str) -> Result<husk_proto::ContainerStatsResponse, AgentError> {
+        Ok(self.container(id)?.cgroup.stats())
+    }
+
+    pub fn processes(&self, id: &str) -> Result<Vec<husk_proto::ProcessInfo>, AgentError> {
+        let c = self.container(id)?;
+        Ok(c.cgroup.pids().into_iter().filter_map(procfs::process_info).collect())
+    }
+
+    pub fn list(&self) -> Vec<husk_proto::ContainerInfo> {
+        lock(&self.containers)
+            .values()
+            .flatten()
+            .map(|c| husk_proto::ContainerInfo {
+                container_id: c.id.clone(),
+                status: c.status().into(),
+                pid: c.init.pid as u32,
+            })
+            .collect()
+    }
+
+    // ---- processes --------------------------------------------------------------------------
+
+    pub async fn exec(&self, req: husk_proto::ExecProcessRequest) -> Result<u32, AgentError> {
+        let c = self.container(&req.container_id)?;
+        validate::name("exec id", &req.exec_id)?;
+        c.require_running("exec")?;
+        if lock(&c.execs).contains_key(&req.exec_id) {
+            return Err(AgentError::AlreadyExists(format!(
+                "exec {} already exists in {}",
+                req.exec_id, c.id
+            )));
+        }
+        let stdio = req.stdio.unwrap_or_default();
+        let process = spec::exec_process(&req.oci_process_json, stdio.terminal)?;
+        let dir = self.cfg.state_dir.join("execs").join(&c.id);
+        std::fs::create_dir_all(&dir).map_err(AgentError::io("creating the exec dir"))?;
+        let process_json = dir.join(format!("{}.json", req.exec_id));
+        let json = serde_json::to_vec(&process)
+            .map_err(|e| AgentError::Internal(format!("encoding process: {e}")))?;
+        std::fs::write(&process_json, json).map_err(AgentError::io("writing the process json"))?;
+        let console = self.cfg.state_dir.join("console").join(format!("{}-{}.sock", c.id, req.exec_id));
+        let op = Op::Exec {
+            root: self.lc_root(),
+            id: c.id.clone(),
+            process_json: process_json.clone(),
+            console_socket: stdio.terminal.then(|| console.clone()),
+        };
+        let result = self.run_process(op, &stdio, &console).await;
+        let _ = std::fs::remove_file(&process_json);
+        let p = result?;
+        self.spawn_exit_event(&c.id, &req.exec_id, &p);
+        let pid = p.pid;
+        lock(&c.execs).insert(req.exec_id, p);
+        Ok(pid as u32)
+    }
+
+    fn process(&self, container_id: &str, exec_id: &str) -> Result<(Arc<Container>, Arc<Proc>), AgentError> {
+        validate::exec_id(exec_id)?;
+        let c = self.container(container_id)?;
+        let p = c.process(exec_id)?;
+        Ok((c, p))
+    }
+
+    pub fn signal(&self, req: &husk_proto::SignalProcessRequest) -> Result<(), AgentError> {
+        if !(1..=64).contains(&req.signal) {
+            return Err(AgentError::InvalidArgument(format!("signal {} is not 1-64", req.signal)));
+        }
+        let (c, p) = self.process(&req.container_id, &req.exec_id)?;
+        if req.all {
+            for pid in c.cgroup.pids() {
+                // SAFETY: kill(2) with a validated signal number.
+                unsafe { libc::kill(pid, req.signal) };
+            }
+            return Ok(());
+        }
+        if p.exited().is_some() {
+            return Err(AgentError::FailedPrecondition(format!("process {} has exited", p.pid)));
+        }
+        // SAFETY: kill(2) with a validated signal number; the PID is ours and not yet reaped.
+        if unsafe { libc::kill(p.pid, req.signal) } < 0 {
+            return Err(AgentError::io("kill")(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    pub async fn wait(&self, container_id: &str, exec_id: &str) -> Result<ExitStatus, AgentError> {
+        let (_, p) = self.process(container_id, exec_id)?;
+        reaper::wait(p.exit.clone()).await.ok_or_else(|| AgentError::Internal("exit status lost".into()))
+    }
+
+    pub fn resize(&self, req: &husk_proto::ResizeTtyRequest) -> Result<(), AgentError> {
+        let (_, p) = self.process(&req.container_id, &req.exec_id)?;
+        let tty = p
+            .tty
+            .as_ref()
+            .ok_or_else(|| AgentError::FailedPrecondition("the process has no terminal".into()))?;
+        tty::resize(tty, req.rows, req.cols)
+    }
+
+    pub fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
+        let (_, p) = self.process(container_id, exec_id)?;
+        if let Some(fd) = lock(&p.stdin).take() {
+            use std::os::fd::AsRawFd;
+            // The process holds its own dup; shutting the socket down makes its reads see EOF.
+            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+        }
+        Ok(())
+    }
+}
+
+/// The fds a process gets: claimed streams, or /dev/null for names left empty.
+struct StdioFds {
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    terminal: bool,
+}
+
+impl StdioFds {
+    fn claim(registry: &StdioRegistry, s: &Stdio) -> Result<Self, AgentError> {
+        if s.terminal && !s.stderr.is_empty() {
+            return Err(AgentError::InvalidArgument(
+                "with a terminal, stderr goes to stdout; leave stderr empty".into(),
+            ));
+        }
+        for name in [&s.stdin, &s.stdout, &s.stderr] {
+            if !name.is_empty() {
+                validate::name("stdio stream name", name)?;
+            }
+        }
+        let take = |n: &str| if n.is_empty() { Ok(None) } else { registry.take(n).map(Some) };
+        Ok(Self {
+            stdin: take(&s.stdin)?,
+            stdout: take(&s.stdout)?,
+            stderr: take(&s.stderr)?,
+            terminal: s.terminal,
+        })
+    }
+
+    fn null() -> Result<OwnedFd, AgentError> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map(OwnedFd::from)
+            .map_err(AgentError::io("/dev/null"))
+    }
+
+    fn null_triple() -> Result<[OwnedFd; 3], AgentError> {
+        Ok([Self::null()?, Self::null()?, Self::null()?])
+    }
+
+    /// fds 0–2 for the helper (and so the process). With a terminal the pty replaces them.
+    fn helper_stdio(&self) -> Result<[OwnedFd; 3], AgentError> {
+        if self.terminal {
+            return Self::null_triple();
+        }
+        let dup = |fd: &Option<OwnedFd>| match fd {
+            Some(fd) => fd.try_clone().map_err(AgentError::io("dup stdio")),
+            None => Self::null(),
+        };
+        Ok([dup(&self.stdin)?, dup(&self.stdout)?, dup(&self.stderr)?])
+    }
+
+    fn stdin_for_relay(&self) -> Result<Option<OwnedFd>, AgentError> {
+        self.stdin.as_ref().map(|fd| fd.try_clone().map_err(AgentError::io("dup stdin"))).transpose()
+    }
+}
+
+fn check_hostname(h: &str) -> Result<(), AgentError> {
+    let ok = h.len() <= 64 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::InvalidArgument(format!("hostname {h:?} is not up to 64 of [A-Za-z0-9.-]")))
+    }
+}
