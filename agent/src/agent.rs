@@ -559,6 +559,11 @@ impl Agent {
 
     pub fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
         let (_, p) = self.process(container_id, exec_id)?;
+        if let Some(master) = &p.tty {
+            // ^D: the line discipline turns it into EOF for a reader in canonical mode.
+            nix::unistd::write(master, b"\x04").map_err(AgentError::errno("writing EOF to the tty"))?;
+            return Ok(());
+        }
         if let Some(fd) = lock(&p.stdin).take() {
             use std::os::fd::AsRawFd;
             // The process holds its own dup; shutting the socket down makes its reads see EOF.

@@ -26,8 +26,6 @@ fn mount_fs(
 fn leave_initramfs() -> Result<(), AgentError> {
     let new_root = "/newroot";
     mount_fs("root", new_root, "tmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
-    // The initramfs copy of the agent is dead weight in RAM from here on.
-    let _ = std::fs::remove_file("/init");
     nix::unistd::chdir(new_root).map_err(AgentError::errno("chdir /newroot"))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(AgentError::errno("moving the new root"))?;

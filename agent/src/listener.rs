@@ -5,7 +5,7 @@
 //! answered `OK <port>\n`), so a host client dials both the same way.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -42,8 +42,9 @@ impl Conn {
     pub fn into_blocking_fd(self) -> io::Result<OwnedFd> {
         let fd = match self {
             Conn::Unix(s) => OwnedFd::from(s.into_std()?),
-            // SAFETY: into_raw_fd hands over sole ownership of an open fd.
-            Conn::Vsock(s) => unsafe { OwnedFd::from_raw_fd(s.into_raw_fd()) },
+            // Not into_raw_fd(): that leaves the fd registered with the reactor, and registering
+            // it again for a pty relay then fails with EEXIST.
+            Conn::Vsock(s) => OwnedFd::from(s),
         };
         let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;

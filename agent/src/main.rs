@@ -117,7 +117,7 @@ fn host_main(unix: PathBuf, shares: PathBuf, state: PathBuf) -> anyhow::Result<(
 /// True when `/` is the kernel's initial rootfs (pivot_root(2) refuses to move it).
 fn root_is_initramfs() -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let root_fs = info.lines().filter(|l| l.split(' ').nth(4) == Some("/")).last().and_then(|l| {
+    let root_fs = info.lines().rfind(|l| l.split(' ').nth(4) == Some("/")).and_then(|l| {
         let (_, after) = l.split_once(" - ")?;
         after.split(' ').next().map(str::to_string)
     });

@@ -64,7 +64,9 @@ struct Report {
 pub async fn run(reaper: &Arc<Reaper>, op: Op, stdio: [OwnedFd; 3]) -> Result<Option<i32>, AgentError> {
     let op_json =
         serde_json::to_string(&op).map_err(|e| AgentError::Internal(format!("encoding op: {e}")))?;
-    let exe = std::env::current_exe().map_err(AgentError::io("locating the agent binary"))?;
+    // Not current_exe(): after init leaves the initramfs, the binary's path is unreachable, but
+    // the magic link still execs the same file.
+    let exe = "/proc/self/exe";
     let (report_r, report_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(AgentError::errno("pipe"))?;
     let [stdin, stdout, stderr] = stdio;

@@ -133,6 +133,8 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn exit_before_watch_is_kept() {
         let r = Reaper::default();
+        // Reaped by the Reaper under test, not by Child::wait.
+        #[allow(clippy::zombie_processes)]
         let child = std::process::Command::new("/bin/sh").args(["-c", "exit 7"]).spawn().expect("spawn sh");
         let pid = child.id() as i32;
         // Reap until the child shows up, then watch it late.

@@ -72,7 +72,7 @@ mod tests {
         let _ = std::os::unix::fs::symlink("/etc", share.join("escape"));
         assert!(resolve(&share, "rootfs").is_ok());
         assert!(resolve(&share, "").is_ok());
-        let e = resolve(&share, "escape").err().expect("escape refused").to_string();
+        let e = resolve(&share, "escape").expect_err("escape refused").to_string();
         assert!(e.contains("outside"), "{e}");
         assert!(resolve(&share, "file").is_err());
         assert!(resolve(&share, "missing").is_err());

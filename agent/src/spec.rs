@@ -186,7 +186,7 @@ mod tests {
         assert!(prep(&v).is_err());
         let mut v = base();
         v["mounts"] = serde_json::json!([{"destination": "/x", "type": "bind", "source": "/etc", "options": ["rbind"]}]);
-        let e = prep(&v).err().expect("outside shares").to_string();
+        let e = prep(&v).expect_err("outside shares").to_string();
         assert!(e.contains("outside"), "{e}");
         let mut v = base();
         v["mounts"] = serde_json::json!([{"destination": "/../x", "type": "tmpfs", "source": "tmpfs"}]);

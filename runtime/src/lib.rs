@@ -1,1 +1,3 @@
-//! Host side of husk: sandbox manager, OCI CLI, shim v2 and CRI arrive with later issues.
+//! husk host runtime. For now: the client that talks to husk-agent in a sandbox VM.
+
+pub mod agent_client;

@@ -46,6 +46,16 @@ pub fn guest_artifact(name: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// A static guest binary (built for x86_64-unknown-linux-gnu with crt-static).
+pub fn guest_bin(name: &str) -> Result<PathBuf, String> {
+    let p = target_dir().join("x86_64-unknown-linux-gnu/release").join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!("{} is not built (run tests/build-artifacts.sh)", p.display()))
+    }
+}
+
 /// Resolves prerequisites or returns from the test: skipping with the reason, or panicking
 /// with it in strict mode.
 #[macro_export]
@@ -89,5 +99,40 @@ impl DeviceTestKit {
 
     pub fn files(&self) -> [&Path; 4] {
         [&self.vmm, &self.probe, &self.kernel, &self.initrd]
+    }
+}
+
+/// What the agent end-to-end test runs: the VMM, the static agent (host mode) and its initramfs
+/// (VM mode), the probe that drives it, the guest kernel, and busybox for the container rootfs.
+pub struct AgentTestKit {
+    pub vmm: PathBuf,
+    pub agent: PathBuf,
+    pub probe: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub busybox: PathBuf,
+}
+
+impl AgentTestKit {
+    pub fn find() -> Result<Self, String> {
+        if let Some(reason) = crate::unavailable_reason() {
+            return Err(reason);
+        }
+        let busybox = PathBuf::from("/bin/busybox");
+        if !busybox.is_file() {
+            return Err("/bin/busybox is missing (apt-get install busybox-static)".into());
+        }
+        Ok(Self {
+            vmm: bin("husk-vmm")?,
+            agent: guest_bin("husk-agent")?,
+            probe: bin("husk-agent-probe")?,
+            kernel: guest_artifact("vmlinux")?,
+            initrd: guest_artifact("agent.cpio")?,
+            busybox,
+        })
+    }
+
+    pub fn files(&self) -> [&Path; 6] {
+        [&self.vmm, &self.agent, &self.probe, &self.kernel, &self.initrd, &self.busybox]
     }
 }
