@@ -3,6 +3,9 @@
 //!
 //! husk-agent-probe checks UDS SHARE ROOTFS [--read-only-share] [--destroy]
 //! husk-agent-probe bench UDS SHARE ROOTFS N
+//! husk-agent-probe time LABEL N CMD...      (median wall time of a host command, for baselines)
+//! husk-agent-probe pipe-baseline            (host pipe throughput of the bench's stdout workload)
+//! husk-agent-probe spec CMD...              (print the config.json the probe uses)
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -625,28 +628,30 @@ where
 
 async fn bench(p: Probe, n: usize) -> Result<()> {
     let d = p.client.sandbox.clone().guest_details(pb::Empty {}).await?.into_inner();
+    // One value a line: callers prefix each line with where it was measured.
     println!(
-        "BENCH agent-ready-after-init-ms {:.2} init-started-ms {:.1} agent-rss-kib {}",
-        d.agent_ready_ns.saturating_sub(d.init_started_ns) as f64 / 1e6,
-        d.init_started_ns as f64 / 1e6,
-        d.agent_rss_bytes / 1024
+        "BENCH agent-ready-after-init-ms {:.2}",
+        d.agent_ready_ns.saturating_sub(d.init_started_ns) as f64 / 1e6
     );
+    println!("BENCH init-started-ms {:.1}", d.init_started_ns as f64 / 1e6);
+    println!("BENCH agent-rss-kib {}", d.agent_rss_bytes / 1024);
     let t = median(n, |i| {
         let p = &p;
         async move {
             let id = format!("true{i}");
+            let t = Instant::now();
             let o = p.run(&id, &["true"], &Opts::default()).await?;
+            eprintln!("  {id}: {:?}", t.elapsed());
             expect_exit(&o, 0, 0)
         }
     })
     .await?;
     println!("BENCH create-start-wait-true-ms {:.1}", t.as_secs_f64() * 1e3);
-    const MIB: usize = 256;
+    const MIB: usize = DD_MIB;
     let mut best = 0f64;
     for i in 0..3 {
         let id = format!("dd{i}");
-        let cmd = format!("dd if=/dev/zero bs=1M count={MIB} 2>/dev/null");
-        let r = p.start(&id, &spec(&["sh", "-c", &cmd], &Opts::default())).await?;
+        let r = p.start(&id, &spec(&["sh", "-c", &dd_command()], &Opts::default())).await?;
         let t = Instant::now();
         let o = p.finish(&id, "", r).await?;
         let secs = t.elapsed().as_secs_f64();
@@ -659,12 +664,74 @@ async fn bench(p: Probe, n: usize) -> Result<()> {
     println!("BENCH stdout-stream-mib-s {best:.1}");
     let d = p.client.sandbox.clone().guest_details(pb::Empty {}).await?.into_inner();
     println!("BENCH agent-rss-after-kib {}", d.agent_rss_bytes / 1024);
+    let _ = p.client.sandbox.clone().destroy_sandbox(pb::Empty {}).await;
+    Ok(())
+}
+
+/// The stdout workload of the bench: 256 MiB from dd.
+const DD_MIB: usize = 256;
+
+fn dd_command() -> String {
+    format!("dd if=/dev/zero bs=1M count={DD_MIB} 2>/dev/null")
+}
+
+async fn host_baselines(args: &[String]) -> Result<()> {
+    match args[1].as_str() {
+        "time" => {
+            let (label, n) = (args.get(2).context("label")?, args.get(3).context("N")?.parse::<usize>()?);
+            let cmd = args.get(4..).filter(|c| !c.is_empty()).context("command")?;
+            let t = median(n, |_| async {
+                let st = tokio::process::Command::new(&cmd[0]).args(&cmd[1..]).status().await?;
+                if !st.success() {
+                    bail!("{cmd:?}: {st}");
+                }
+                Ok(())
+            })
+            .await?;
+            println!("BENCH {label} {:.1}", t.as_secs_f64() * 1e3);
+        }
+        _ => {
+            let mut best = 0f64;
+            for _ in 0..3 {
+                let mut child = tokio::process::Command::new("sh")
+                    .args(["-c", &dd_command()])
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()?;
+                let mut out = child.stdout.take().context("stdout")?;
+                let t = Instant::now();
+                let mut buf = vec![0u8; 1 << 16];
+                let mut total = 0usize;
+                loop {
+                    let n = out.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    total += n;
+                }
+                child.wait().await?;
+                if total != DD_MIB << 20 {
+                    bail!("pipe carried {total} bytes");
+                }
+                best = best.max(DD_MIB as f64 / t.elapsed().as_secs_f64());
+            }
+            println!("BENCH host-pipe-mib-s {best:.1}");
+        }
+    }
     Ok(())
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("spec") {
+        // The same config.json the probe sends, for running the workload under runc or crun.
+        let argv: Vec<&str> = args[2..].iter().map(String::as_str).collect();
+        println!("{}", spec(&argv, &Opts::default()));
+        return Ok(());
+    }
+    if matches!(args.get(1).map(String::as_str), Some("time" | "pipe-baseline")) {
+        return host_baselines(&args).await;
+    }
     let usage = "usage: husk-agent-probe checks|bench UDS SHARE ROOTFS [--read-only-share] [--destroy] [N]";
     if args.len() < 5 {
         bail!(usage);
