@@ -126,12 +126,13 @@ impl Drop for Reservation<'_> {
 }
 
 impl Agent {
-    pub fn new(cfg: Config, reaper: Arc<Reaper>, oom: Arc<OomWatcher>) -> Result<Self, AgentError> {
+    pub fn new(cfg: Config, reaper: Arc<Reaper>) -> Result<Self, AgentError> {
         for sub in ["bundles", "containers", "console", "overlays", "execs"] {
             let d = cfg.state_dir.join(sub);
             std::fs::create_dir_all(&d).map_err(AgentError::io(format!("mkdir {}", d.display())))?;
         }
         let (events, _) = broadcast::channel(1024);
+        let oom = Arc::new(OomWatcher::new(events.clone())?);
         Ok(Self {
             cfg,
             reaper,
@@ -144,6 +145,10 @@ impl Agent {
             ready_ns: AtomicU64::new(0),
             shutdown: Notify::new(),
         })
+    }
+
+    pub fn oom(&self) -> Arc<OomWatcher> {
+        self.oom.clone()
     }
 
     fn lc_root(&self) -> PathBuf {

@@ -203,7 +203,15 @@ async fn handle_stdio(mut conn: Conn, stdio: Arc<StdioRegistry>) {
         Err(e) => format!("ERR {e}\n"),
     };
     if let Ok(reply) = reply {
-        let _ = nix::unistd::write(&reply, answer.as_bytes());
+        // The fd is blocking now; MSG_DONTWAIT keeps a peer without receive credit from
+        // stalling the agent's only runtime thread.
+        if let Err(e) = nix::sys::socket::send(
+            reply.as_raw_fd(),
+            answer.as_bytes(),
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            tracing::warn!("stdio stream {name}: answering: {e}");
+        }
     }
 }
 

@@ -137,13 +137,10 @@ fn serve(endpoint: Endpoint, cfg: Config, started_ns: u64) -> anyhow::Result<()>
                 }
             });
         }
-        let oom = Arc::new(oom::OomWatcher::new()?);
-        let agent = Arc::new(Agent::new(cfg, reaper, oom.clone())?);
+        let agent = Arc::new(Agent::new(cfg, reaper)?);
         agent.init_started_ns.store(started_ns, Ordering::Relaxed);
-        {
-            let (oom, events) = (oom.clone(), agent.events.clone());
-            tokio::spawn(async move { oom.run(events).await });
-        }
+        let oom = agent.oom();
+        tokio::spawn(async move { oom.run().await });
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let listener = tokio::spawn(listener::serve(endpoint, tx, agent.stdio.clone()));
         let svc = service::Service(agent.clone());

@@ -7,7 +7,6 @@
 //! the youki CLI is, and keeps libcontainer's own waitpid calls away from the agent's reaper.
 //! The helper's fds 0–2 become the container process's stdio; it reports on fd 3.
 
-use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -18,12 +17,15 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt;
 
 use crate::error::AgentError;
 use crate::reaper::{self, Reaper};
 
 /// The fd the helper writes its one-line JSON report to.
 const REPORT_FD: i32 = 3;
+/// How long a report may lag behind the helper's exit.
+const REPORT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -73,7 +75,7 @@ pub async fn run(reaper: &Arc<Reaper>, op: Op, stdio: [OwnedFd; 3]) -> Result<Op
     let report_w_fd = report_w.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.arg("__oci")
-        .arg(op_json)
+        .arg(&op_json)
         .stdin(Stdio::from(stdin))
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::from(stderr));
@@ -87,17 +89,28 @@ pub async fn run(reaper: &Arc<Reaper>, op: Op, stdio: [OwnedFd; 3]) -> Result<Op
         });
     }
     let child = cmd.spawn().map_err(AgentError::io("starting the container helper"))?;
+    tracing::debug!("helper {} runs {op_json}", child.id());
     let exit = reaper.watch(child.id() as i32);
     drop(report_w);
-    // The report line comes before the helper exits; the container may hold the pipe longer.
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(std::fs::File::from(report_r)).read_line(&mut line).map(|_| line)
-    })
-    .await
-    .map_err(|e| AgentError::Internal(format!("helper reader: {e}")))?
-    .map_err(AgentError::io("reading the helper report"))?;
-    let status = reaper::wait(exit).await;
+    // The report line comes before the helper exits, but the container (which inherits the pipe
+    // until it execs) may hold the write end much longer: never wait for EOF. A helper that dies
+    // without reporting (killed, or aborted on a panic) is caught by its exit.
+    let pipe =
+        tokio::net::unix::pipe::Receiver::from_owned_fd(report_r).map_err(AgentError::io("report pipe"))?;
+    let mut reader = tokio::io::BufReader::new(pipe);
+    let mut line = String::new();
+    let status = tokio::select! {
+        r = reader.read_line(&mut line) => {
+            r.map_err(AgentError::io("reading the helper report"))?;
+            reaper::wait(exit).await
+        }
+        status = reaper::wait(exit.clone()) => {
+            // Whatever it reported is in the pipe already.
+            let _ = tokio::time::timeout(REPORT_GRACE, reader.read_line(&mut line)).await;
+            status
+        }
+    };
+    tracing::debug!("helper report {:?}, exit {status:?}", line.trim_end());
     let report: Report = serde_json::from_str(&line)
         .map_err(|_| AgentError::Internal(format!("container helper ended ({status:?}) without a report")))?;
     match report.error {

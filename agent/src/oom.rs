@@ -21,14 +21,15 @@ struct Watched {
 pub struct OomWatcher {
     inotify: AsyncFd<RawFdOwner<Inotify>>,
     watched: Mutex<HashMap<WatchDescriptor, Watched>>,
+    events: broadcast::Sender<husk_proto::Event>,
 }
 
 impl OomWatcher {
-    pub fn new() -> Result<Self, AgentError> {
+    pub fn new(events: broadcast::Sender<husk_proto::Event>) -> Result<Self, AgentError> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .map_err(AgentError::errno("inotify_init"))?;
         let inotify = crate::fdio::register(RawFdOwner(inotify)).map_err(AgentError::io("inotify fd"))?;
-        Ok(Self { inotify, watched: Mutex::default() })
+        Ok(Self { inotify, watched: Mutex::default(), events })
     }
 
     pub fn watch(&self, container_id: &str, events_file: PathBuf) -> Result<(), AgentError> {
@@ -55,8 +56,18 @@ impl OomWatcher {
         }
     }
 
+    fn check(&self, w: &mut Watched) {
+        let now = oom_kill_count(&w.events_file);
+        if now > w.last {
+            tracing::info!("container {}: OOM kill (count {now})", w.container_id);
+            let oom = husk_proto::OomEvent { container_id: w.container_id.clone(), oom_kills: now };
+            let _ = self.events.send(husk_proto::Event { kind: Some(husk_proto::event::Kind::Oom(oom)) });
+        }
+        w.last = now;
+    }
+
     /// Reports OOM kills for ever.
-    pub async fn run(&self, events: broadcast::Sender<husk_proto::Event>) {
+    pub async fn run(&self) {
         loop {
             let mut guard = match self.inotify.readable().await {
                 Ok(g) => g,
@@ -75,14 +86,9 @@ impl OomWatcher {
             };
             let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
             for ev in batch {
-                let Some(w) = watched.get_mut(&ev.wd) else { continue };
-                let now = oom_kill_count(&w.events_file);
-                if now > w.last {
-                    tracing::info!("container {}: OOM kill (count {now})", w.container_id);
-                    let oom = husk_proto::OomEvent { container_id: w.container_id.clone(), oom_kills: now };
-                    let _ = events.send(husk_proto::Event { kind: Some(husk_proto::event::Kind::Oom(oom)) });
+                if let Some(w) = watched.get_mut(&ev.wd) {
+                    self.check(w);
                 }
-                w.last = now;
             }
         }
     }

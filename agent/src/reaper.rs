@@ -90,6 +90,7 @@ impl Reaper {
                 Ok(s) => s,
             };
             let Some((pid, exit)) = ExitStatus::from_wait(status) else { continue };
+            tracing::debug!("reaped {pid}: {exit:?}");
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(tx) = inner.watched.remove(&pid) {
                 let _ = tx.send(Some(exit));

@@ -32,7 +32,7 @@ unshare -m --propagation private sh -c '
     wait
 '
 S=/var/vm/share; mk_rootfs $S/rootfs
-@VMM@ --kernel @KERNEL@ --initramfs @INITRD@ --memory 512 --vcpus 2 --vsock /var/vm/vsock.sock \
+@VMM@ --kernel @KERNEL@ --initramfs @INITRD@ --memory 512 --vcpus 1 --vsock /var/vm/vsock.sock \
     --fs tag=bb,path=$S,ro --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet @GUEST_LOG@" </dev/null >/var/vm/vm.out 2>&1 &
 timeout 900 @PROBE@ bench /var/vm/vsock.sock bb rootfs @N@ | sed "s/^BENCH /BENCH vm-/"
 timeout 60 sh -c 'while pidof husk-vmm >/dev/null; do sleep 0.2; done' || { echo "FAIL vm still running"; pkill -9 husk-vmm; }
@@ -73,6 +73,8 @@ fn main() -> anyhow::Result<()> {
     let mut job = Job::new(script).timeout(Duration::from_secs(2400));
     job.files.extend(kit.files().map(Path::to_path_buf));
     job.files.extend(runtimes.iter().cloned());
+    // As in the agent test (tests/agent.rs): a 1-vCPU guest, two L1 CPUs.
+    job.cpus = 2;
     let out = run_job(&job)?;
     let v = values(&out.output);
     let get = |k: &str| v.get(k).copied().ok_or_else(|| anyhow::anyhow!("no {k} in output:\n{}", out.output));

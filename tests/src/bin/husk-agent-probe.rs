@@ -109,14 +109,14 @@ impl Probe {
     /// Opens the streams a process needs; returns the Stdio message and the host ends.
     async fn streams(&self, terminal: bool, rows: u32, cols: u32) -> Result<(pb::Stdio, Running)> {
         let (i, o) = (stream_name("in"), stream_name("out"));
-        let stdin = self.client.open_stdio(&i).await?;
-        let stdout = self.client.open_stdio(&o).await?;
+        let stdin = step("open stdin stream", self.client.open_stdio(&i)).await??;
+        let stdout = step("open stdout stream", self.client.open_stdio(&o)).await??;
         let mut stdio = pb::Stdio { stdin: i, stdout: o, stderr: String::new(), terminal, rows, cols };
         let stderr = if terminal {
             None
         } else {
             let e = stream_name("err");
-            let s = self.client.open_stdio(&e).await?;
+            let s = step("open stderr stream", self.client.open_stdio(&e)).await??;
             stdio.stderr = e;
             Some(s)
         };
@@ -126,28 +126,22 @@ impl Probe {
     async fn create(&self, id: &str, spec: &Value, rows: u32, cols: u32) -> Result<Running> {
         let terminal = spec["process"]["terminal"].as_bool().unwrap_or(false);
         let (stdio, running) = self.streams(terminal, rows, cols).await?;
-        self.client
-            .containers
-            .clone()
-            .create_container(pb::CreateContainerRequest {
-                container_id: id.into(),
-                oci_spec_json: spec.to_string().into_bytes(),
-                rootfs: Some(self.rootfs()),
-                stdio: Some(stdio),
-            })
-            .await
-            .with_context(|| format!("create {id}"))?;
+        let mut c = self.client.containers.clone();
+        let create = c.create_container(pb::CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec_json: spec.to_string().into_bytes(),
+            rootfs: Some(self.rootfs()),
+            stdio: Some(stdio),
+        });
+        step(&format!("create {id}"), create).await?.with_context(|| format!("create {id}"))?;
         Ok(running)
     }
 
     async fn start(&self, id: &str, spec: &Value) -> Result<Running> {
         let r = self.create(id, spec, 0, 0).await?;
-        self.client
-            .containers
-            .clone()
-            .start_container(cref(id))
-            .await
-            .with_context(|| format!("start {id}"))?;
+        let mut c = self.client.containers.clone();
+        let start = c.start_container(cref(id));
+        step(&format!("start {id}"), start).await?.with_context(|| format!("start {id}"))?;
         Ok(r)
     }
 
@@ -166,25 +160,20 @@ impl Probe {
                 None => Vec::new(),
             }
         });
-        let status = self
-            .client
-            .processes
-            .clone()
-            .wait_process(pb::ProcessRef { container_id: id.into(), exec_id: exec_id.into() })
-            .await?
-            .into_inner();
-        let stdout = String::from_utf8_lossy(&stdout.await?).into_owned();
-        let stderr = String::from_utf8_lossy(&stderr.await?).into_owned();
+        let mut pc = self.client.processes.clone();
+        let wait = pc.wait_process(pb::ProcessRef { container_id: id.into(), exec_id: exec_id.into() });
+        let status = step(&format!("wait {id}/{exec_id}"), wait).await??.into_inner();
+        let stdout = String::from_utf8_lossy(&step(&format!("stdout EOF {id}/{exec_id}"), stdout).await??)
+            .into_owned();
+        let stderr = String::from_utf8_lossy(&step(&format!("stderr EOF {id}/{exec_id}"), stderr).await??)
+            .into_owned();
         Ok(Outcome { status, stdout, stderr })
     }
 
     async fn remove(&self, id: &str) -> Result<()> {
-        self.client
-            .containers
-            .clone()
-            .remove_container(pb::RemoveContainerRequest { container_id: id.into(), force: true })
-            .await
-            .with_context(|| format!("remove {id}"))?;
+        let mut c = self.client.containers.clone();
+        let remove = c.remove_container(pb::RemoveContainerRequest { container_id: id.into(), force: true });
+        step(&format!("remove {id}"), remove).await?.with_context(|| format!("remove {id}"))?;
         Ok(())
     }
 
@@ -205,6 +194,14 @@ impl Probe {
             }
         }
     }
+}
+
+/// How long one step of a check may take before the probe reports it as hung.
+const STEP_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Awaits `f`, failing with the step's name if it hangs.
+async fn step<T>(what: &str, f: impl std::future::Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(STEP_TIMEOUT, f).await.map_err(|_| anyhow!("{what}: no answer in {STEP_TIMEOUT:?}"))
 }
 
 fn cref(id: &str) -> pb::ContainerRef {
@@ -364,21 +361,30 @@ async fn checks(mut p: Probe, read_only_share: bool, destroy: bool) -> Result<us
 
     // OOM: a 16 MiB limit and a 64 MiB buffer.
     let opts = Opts { memory_limit: Some(16 << 20), ..Opts::default() };
-    let r = p.run("oom", &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"], &opts).await;
+    // The container stays until the event has come, so its stats can explain a missing one.
     let r = async {
-        let o = r?;
+        let dd = ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"];
+        let running = p.start("oom", &spec(&dd, &opts)).await?;
+        let o = p.finish("oom", "", running).await?;
         expect_exit(&o, 0, 9)?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        let seen = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let ev =
-                tokio::time::timeout(left, events.message()).await.map_err(|_| anyhow!("no OOM event"))??;
-            if let Some(pb::event::Kind::Oom(oom)) = ev.and_then(|e| e.kind) {
-                if oom.container_id == "oom" {
-                    println!("  oom event: {oom:?}");
-                    return anyhow::Ok(());
-                }
+            let Ok(ev) = tokio::time::timeout(left, events.message()).await else { break None };
+            match ev?.and_then(|e| e.kind) {
+                Some(pb::event::Kind::Oom(oom)) if oom.container_id == "oom" => break Some(oom),
+                Some(_) => continue,
+                None => bail!("the event stream ended"),
             }
+        };
+        let stats = p.client.containers.clone().container_stats(cref("oom")).await?.into_inner();
+        p.remove("oom").await?;
+        match seen {
+            Some(oom) => {
+                println!("  oom event: {oom:?}");
+                anyhow::Ok(())
+            }
+            None => bail!("no OOM event in 30 s; the cgroup counts {} OOM kills", stats.oom_kills),
         }
     }
     .await;
