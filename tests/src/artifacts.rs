@@ -136,3 +136,64 @@ impl AgentTestKit {
         [&self.vmm, &self.agent, &self.probe, &self.kernel, &self.initrd, &self.busybox]
     }
 }
+
+/// What the runtime end-to-end test runs: the `husk` CLI with the VMM, kernel and agent
+/// initramfs it finds next to itself, busybox for rootfs, and the real clients that drive it
+/// (containerd + ctr + its runc shim, podman + conmon, umoci for an image layout, `script`
+/// for a pty).
+pub struct RuntimeTestKit {
+    pub husk: PathBuf,
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub busybox: PathBuf,
+    /// Peer programs, absolute.
+    pub peers: Vec<PathBuf>,
+}
+
+/// The clients and tools the runtime test drives, with the Debian package of each.
+pub const RUNTIME_PEERS: [(&str, &str); 7] = [
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("containerd-shim-runc-v2", "containerd"),
+    ("podman", "podman"),
+    ("conmon", "conmon"),
+    ("umoci", "umoci"),
+    ("script", "util-linux"),
+];
+
+impl RuntimeTestKit {
+    pub fn find() -> Result<Self, String> {
+        if let Some(reason) = crate::unavailable_reason() {
+            return Err(reason);
+        }
+        let busybox = PathBuf::from("/bin/busybox");
+        if !busybox.is_file() {
+            return Err("/bin/busybox is missing (apt-get install busybox-static)".into());
+        }
+        let mut peers = Vec::new();
+        for (name, pkg) in RUNTIME_PEERS {
+            let p = ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+                .iter()
+                .map(|d| Path::new(d).join(name))
+                .find(|p| p.is_file())
+                .ok_or_else(|| format!("{name} is not installed (apt-get install {pkg})"))?;
+            peers.push(p);
+        }
+        Ok(Self {
+            husk: bin("husk")?,
+            vmm: bin("husk-vmm")?,
+            kernel: guest_artifact("vmlinux")?,
+            initrd: guest_artifact("agent.cpio")?,
+            busybox,
+            peers,
+        })
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        [&self.husk, &self.vmm, &self.kernel, &self.initrd, &self.busybox]
+            .into_iter()
+            .map(PathBuf::as_path)
+            .chain(self.peers.iter().map(PathBuf::as_path))
+    }
+}

@@ -1,0 +1,244 @@
+//! The command line: runc 1.1's global flags and commands, plus `husk run --rootfs|--image`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::runlog::LogFormat;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "husk",
+    version = concat!(env!("CARGO_PKG_VERSION"), "\nspec: 1.0.2-dev"),
+    about = "husk: a runc-compatible OCI runtime that runs every sandbox in its own KVM microVM"
+)]
+pub struct Cli {
+    /// Root directory for container state.
+    #[arg(long, global = true, default_value = crate::state::DEFAULT_ROOT)]
+    pub root: PathBuf,
+    /// Log file (default: stderr).
+    #[arg(long, global = true)]
+    pub log: Option<PathBuf>,
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Accepted for compatibility; cgroups live inside the guest.
+    #[arg(long, global = true)]
+    pub systemd_cgroup: bool,
+    /// Accepted for compatibility (checkpointing is not supported).
+    #[arg(long, global = true, hide = true)]
+    pub criu: Option<String>,
+    #[arg(long, global = true, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub rootless: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a container (its process waits for `start`).
+    Create(Create),
+    /// Start a created container's process.
+    Start { id: String },
+    /// Create and start a container; or, with --rootfs/--image, run a command in a new sandbox.
+    Run(Run),
+    /// Print a container's state as JSON.
+    State { id: String },
+    /// Send a signal to a container's init process (or, with --all, every process).
+    Kill {
+        #[arg(short, long)]
+        all: bool,
+        id: String,
+        #[arg(default_value = "SIGTERM")]
+        signal: String,
+    },
+    /// Delete a container and whatever it holds.
+    Delete {
+        #[arg(short, long)]
+        force: bool,
+        id: String,
+    },
+    /// Run another process in a running container.
+    Exec(Exec),
+    /// List the processes running in a container (inside its VM).
+    Ps {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        id: String,
+        /// ps options (ignored: the list comes from the guest).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        ps_args: Vec<String>,
+    },
+    /// Freeze every process of a container.
+    Pause { id: String },
+    /// Thaw a paused container.
+    Resume { id: String },
+    /// Change a running container's resource limits.
+    Update(Update),
+    /// Stream a container's stats and OOM events as JSON lines.
+    Events {
+        /// Interval between stats (Go duration: 5s, 500ms, 1m).
+        #[arg(long, default_value = "5s")]
+        interval: String,
+        /// Print stats once and exit.
+        #[arg(long)]
+        stats: bool,
+        id: String,
+    },
+    /// Print what this runtime supports (JSON).
+    Features,
+    /// List containers.
+    List {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Write a default config.json into the bundle directory.
+    Spec {
+        #[arg(short, long, default_value = ".")]
+        bundle: PathBuf,
+        #[arg(long)]
+        rootless: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct Create {
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Accepted for compatibility (the guest decides how to enter the rootfs).
+    #[arg(long)]
+    pub no_pivot: bool,
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct Run {
+    #[arg(short, long)]
+    pub bundle: Option<PathBuf>,
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    #[arg(short, long)]
+    pub detach: bool,
+    #[arg(long)]
+    pub no_pivot: bool,
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    #[arg(long)]
+    pub keep: bool,
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    /// Sandbox mode: run a command in this root file system (no bundle needed).
+    #[arg(long, conflicts_with_all = ["image", "bundle"])]
+    pub rootfs: Option<PathBuf>,
+    /// Sandbox mode: run a command in an image from an OCI layout, `DIR[:TAG]`.
+    #[arg(long, conflicts_with = "bundle")]
+    pub image: Option<String>,
+    /// Keep stdin open (sandbox mode).
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Allocate a terminal (sandbox mode).
+    #[arg(short, long)]
+    pub tty: bool,
+    /// VM memory in MiB (sandbox mode).
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// VM vCPUs (sandbox mode).
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// KEY=VALUE environment (sandbox mode; repeatable).
+    #[arg(short, long)]
+    pub env: Vec<String>,
+    /// HOST:GUEST[:ro] bind mount (sandbox mode; repeatable).
+    #[arg(short, long)]
+    pub volume: Vec<String>,
+    /// Working directory (sandbox mode).
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+    /// Hostname (sandbox mode).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Keep the sandbox's rootfs changes? No: sandbox runs are always removed (`--rm`).
+    #[arg(long, hide = true, default_value_t = true)]
+    pub rm: bool,
+    /// The container id (OCI mode), or the command (sandbox mode, after `--`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct Exec {
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    #[arg(long)]
+    pub cwd: Option<String>,
+    #[arg(short, long)]
+    pub env: Vec<String>,
+    #[arg(short, long)]
+    pub tty: bool,
+    /// UID[:GID]
+    #[arg(short, long)]
+    pub user: Option<String>,
+    #[arg(short = 'g', long)]
+    pub additional_gids: Vec<u32>,
+    /// A process.json (the OCI process object).
+    #[arg(short, long)]
+    pub process: Option<PathBuf>,
+    #[arg(short, long)]
+    pub detach: bool,
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    #[arg(long)]
+    pub process_label: Option<String>,
+    #[arg(long)]
+    pub apparmor: Option<String>,
+    #[arg(long)]
+    pub no_new_privs: bool,
+    #[arg(short, long)]
+    pub cap: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    #[arg(long)]
+    pub ignore_paused: bool,
+    pub id: String,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct Update {
+    /// linux.resources JSON from a file, or `-` for stdin.
+    #[arg(short, long)]
+    pub resources: Option<PathBuf>,
+    #[arg(long)]
+    pub memory: Option<String>,
+    #[arg(long)]
+    pub memory_swap: Option<String>,
+    #[arg(long)]
+    pub memory_reservation: Option<String>,
+    #[arg(long)]
+    pub cpu_period: Option<u64>,
+    #[arg(long)]
+    pub cpu_quota: Option<i64>,
+    #[arg(long)]
+    pub cpu_share: Option<u64>,
+    #[arg(long)]
+    pub cpuset_cpus: Option<String>,
+    #[arg(long)]
+    pub cpuset_mems: Option<String>,
+    #[arg(long)]
+    pub pids_limit: Option<i64>,
+    pub id: String,
+}

@@ -1,0 +1,82 @@
+//! Which VM a container belongs in, from the annotations CRI implementations put on it.
+
+use std::collections::HashMap;
+
+use crate::error::RuntimeError;
+
+/// (container-type key, sandbox-id key) for containerd's CRI plugin and for CRI-O.
+const CRI_KEYS: [(&str, &str); 2] = [
+    ("io.kubernetes.cri.container-type", "io.kubernetes.cri.sandbox-id"),
+    ("io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"),
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Its own VM, named after the container.
+    Standalone,
+    /// The pod's sandbox (pause) container: starts the pod's VM.
+    PodSandbox(String),
+    /// A container of the pod whose VM already runs.
+    PodMember(String),
+}
+
+impl Role {
+    pub fn sandbox_id<'a>(&'a self, container_id: &'a str) -> &'a str {
+        match self {
+            Role::Standalone => container_id,
+            Role::PodSandbox(s) | Role::PodMember(s) => s,
+        }
+    }
+
+    pub fn starts_vm(&self) -> bool {
+        !matches!(self, Role::PodMember(_))
+    }
+}
+
+pub fn role(annotations: &HashMap<String, String>, container_id: &str) -> Result<Role, RuntimeError> {
+    for (type_key, sandbox_key) in CRI_KEYS {
+        let Some(kind) = annotations.get(type_key) else { continue };
+        let sandbox = annotations.get(sandbox_key).map(String::as_str);
+        return match (kind.as_str(), sandbox) {
+            ("sandbox", s) => Ok(Role::PodSandbox(s.unwrap_or(container_id).to_string())),
+            ("container", Some(s)) if s == container_id => Ok(Role::PodSandbox(s.to_string())),
+            ("container", Some(s)) => Ok(Role::PodMember(s.to_string())),
+            ("container", None) => Err(RuntimeError::InvalidArgument(format!(
+                "annotation {type_key}=container without {sandbox_key}"
+            ))),
+            (k, _) => Err(RuntimeError::InvalidArgument(format!(
+                "annotation {type_key}={k:?} is not sandbox or container"
+            ))),
+        };
+    }
+    Ok(Role::Standalone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn roles() {
+        assert_eq!(role(&ann(&[]), "c").ok(), Some(Role::Standalone));
+        let sb =
+            ann(&[("io.kubernetes.cri.container-type", "sandbox"), ("io.kubernetes.cri.sandbox-id", "p")]);
+        assert_eq!(role(&sb, "p").ok(), Some(Role::PodSandbox("p".into())));
+        let m =
+            ann(&[("io.kubernetes.cri.container-type", "container"), ("io.kubernetes.cri.sandbox-id", "p")]);
+        assert_eq!(role(&m, "c").ok(), Some(Role::PodMember("p".into())));
+        let crio = ann(&[
+            ("io.kubernetes.cri-o.ContainerType", "container"),
+            ("io.kubernetes.cri-o.SandboxID", "q"),
+        ]);
+        assert_eq!(role(&crio, "c").ok(), Some(Role::PodMember("q".into())));
+        assert!(role(&ann(&[("io.kubernetes.cri.container-type", "container")]), "c").is_err());
+        assert!(role(&ann(&[("io.kubernetes.cri.container-type", "weird")]), "c").is_err());
+        assert_eq!(Role::PodMember("p".into()).sandbox_id("c"), "p");
+        assert_eq!(Role::Standalone.sandbox_id("c"), "c");
+    }
+}

@@ -1,0 +1,68 @@
+//! Host processes husk left behind (VMMs, relays), recognised by PID plus start time so that a
+//! reused PID is never taken for them.
+
+use std::path::Path;
+
+/// The start time (clock ticks since boot) of `pid`, unless it is gone or a zombie.
+pub fn start_time(pid: i32) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
+    parse_stat(&stat)
+}
+
+/// Fields after the command name (which may hold spaces and parentheses): state is the first,
+/// starttime the 20th.
+fn parse_stat(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(fields.first(), Some(&"Z") | Some(&"X") | None) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Whether the process recorded as (`pid`, `start`) is still running.
+pub fn alive(pid: i32, start: u64) -> bool {
+    start_time(pid) == Some(start)
+}
+
+/// Sends `signal` to the recorded process if it is still the one recorded.
+pub fn signal(pid: i32, start: u64, signal: nix::sys::signal::Signal) -> bool {
+    alive(pid, start) && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).is_ok()
+}
+
+/// Marks every inherited descriptor from 3 up close-on-exec, so long-lived children (VMM,
+/// relays) never hold a caller's pipe open: a client waiting for EOF on one would hang.
+/// Async-signal-safe: meant for `pre_exec`.
+pub fn cloexec_from_3() {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range(2) only changes descriptor flags of this (forked) process.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC)
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_odd_names() {
+        let s = "123 (a) b (c)) S 1 123 123 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 4567 1000 10";
+        assert_eq!(parse_stat(s), Some(4567));
+        let z = "123 (x) Z 1 123 123 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 4567 1000 10";
+        assert_eq!(parse_stat(z), None);
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_is_alive() {
+        let me = std::process::id() as i32;
+        let start = start_time(me).expect("own start time");
+        assert!(alive(me, start));
+        assert!(!alive(me, start + 1));
+        assert!(!alive(-1, 0));
+    }
+}

@@ -1,0 +1,330 @@
+//! The `husk` runtime end to end, in one test-host boot: `husk run` (rootfs, OCI image layout,
+//! a pty), the runc-compatible CLI driven directly (lifecycle, bad input, a VMM killed under a
+//! running container), then real clients: containerd 1.6 with `ctr --runc-binary husk`, and
+//! podman 4.3 + conmon with `--runtime husk`. After each part nothing may be left: no husk-vmm,
+//! no mount under the state directories, no state.
+
+use std::path::Path;
+use std::time::Duration;
+
+use husk_tests::artifacts::RuntimeTestKit;
+use husk_tests::{require, run_job, Job};
+
+const SCRIPT: &str = r##"
+H=@HUSK@
+R=/run/husk-oci
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "@@NO-CGROUP2"
+mk_rootfs() {
+    mkdir -p $1/bin $1/proc $1/sys $1/dev $1/tmp $1/etc $1/run
+    cp @BUSYBOX@ $1/bin/busybox
+    # Relative links: the rootfs is seen from inside the container.
+    for a in $($1/bin/busybox --list); do [ $a = busybox ] || ln -sf busybox $1/bin/$a; done
+    echo "root:x:0:0:root:/root:/bin/sh" > $1/etc/passwd
+    echo "root:x:0:" > $1/etc/group
+}
+# bundle DIR ARGS-JSON [TERMINAL]: a runc-spec-like config.json over /var/bb.
+bundle() {
+    mkdir -p $1
+    cat > $1/config.json <<EOC
+{"ociVersion":"1.0.2",
+ "process":{"terminal":${3:-false},"user":{"uid":0,"gid":0},"args":$2,"env":["PATH=/bin"],"cwd":"/",
+   "capabilities":{"bounding":["CAP_KILL","CAP_CHOWN"],"effective":["CAP_KILL","CAP_CHOWN"],"permitted":["CAP_KILL","CAP_CHOWN"]},
+   "noNewPrivileges":true},
+ "root":{"path":"/var/bb","readonly":false},
+ "hostname":"oci",
+ "mounts":[{"destination":"/proc","type":"proc","source":"proc"},
+           {"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","mode=755"]},
+           {"destination":"/tmp","type":"tmpfs","source":"tmpfs","options":["nosuid","nodev"]},
+           {"destination":"/mnt","type":"bind","source":"/var/vol","options":["rbind","ro"]}],
+ "linux":{"namespaces":[{"type":"pid"},{"type":"ipc"},{"type":"uts"},{"type":"mount"}],
+   "resources":{"memory":{"limit":67108864},"pids":{"limit":100}}}}
+EOC
+}
+# until SECONDS CMD...: retries CMD every 0.2 s.
+until_ok() { t=$1; shift; i=0; while ! "$@" >/dev/null 2>&1; do i=$((i+1)); [ $i -ge $((t*5)) ] && return 1; sleep 0.2; done; }
+leftovers() {
+    ps -o pid,args | grep -v grep | grep -q 'husk-vmm' && { echo "@@LEFT-VMM $1"; ps -o pid,args | grep husk-vmm; }
+    grep -E ' /run/(husk|husk-oci|containerd/runc)' /proc/mounts && echo "@@LEFT-MOUNT $1"
+    for d in /run/husk /run/husk-oci /run/containerd/runc/default; do
+        [ -d $d ] && [ -n "$(ls $d/containers $d/sandboxes 2>/dev/null | grep -v : | grep .)" ] && { echo "@@LEFT-STATE $1 $d"; ls -R $d | head; }
+    done
+    echo "@@CLEAN-CHECKED $1"
+}
+mk_rootfs /var/bb
+mkdir -p /var/vol && echo vol-data > /var/vol/f
+
+echo "=== husk run"
+$H run --rootfs /var/bb -- sh -c 'echo hello-from-vm; hostname; exit 7'; echo "@@RUN-RC $?"
+echo piped-in | $H run -i --rootfs /var/bb -- sh -c 'read x; echo got:$x'; echo "@@RUN-I-RC $?"
+$H run --rootfs /var/bb -- sh -c 'echo scratch > /written && cat /written'
+[ -e /var/bb/written ] && echo "@@ROOTFS-CHANGED"
+$H run --rootfs /var/bb -v /var/vol:/data:ro -e GREETING=hi -- sh -c 'echo $GREETING; cat /data/f; touch /data/g 2>/dev/null || echo ro-refused'
+$H run --rootfs /var/bb -- sh -c 'kill -9 $$'; echo "@@RUN-KILLED-RC $?"
+# A signal to husk run reaches the process (sh as PID 1 traps it and exits 42).
+$H run --rootfs /var/bb -- sh -c 'trap "exit 42" TERM; echo trap-ready; while :; do sleep 1; done' > /var/trap.out &
+p=$!
+until_ok 120 grep -q trap-ready /var/trap.out; kill -TERM $p; wait $p; echo "@@RUN-TERM-RC $?"
+echo "--- image"
+umoci init --layout /var/img && umoci new --image /var/img:bb && umoci unpack --image /var/img:bb /var/ib \
+  && cp -a /var/bb/. /var/ib/rootfs/ && umoci repack --image /var/img:bb /var/ib \
+  && umoci config --image /var/img:bb --config.env IMGVAR=from-image --config.cmd sh --config.cmd -c \
+       --config.cmd 'echo $IMGVAR; exit 9' || echo "@@UMOCI-FAILED"
+$H run --image /var/img:bb; echo "@@IMAGE-RC $?"
+$H run --image /var/img:nope -- true 2>&1; echo "@@IMAGE-BADTAG-RC $?"
+echo "--- tty"
+script -qec "stty rows 33 cols 111; $H run -it --rootfs /var/bb -- sh -c 'tty; stty size; exit 5'" /dev/null; echo "@@TTY-RC $?"
+echo "--- missing pieces"
+HUSK_KERNEL=/nonexistent $H run --rootfs /var/bb -- true; echo "@@NOKERNEL-RC $?"
+$H run --rootfs /nonexistent -- true; echo "@@NOROOTFS-RC $?"
+leftovers run
+
+echo "=== oci"
+bundle /var/b1 '["sh","-c","echo c1-out; echo c1-err >&2; exec sleep 300"]'
+$H --root $R create --bundle /var/b1 --pid-file /var/c1.pid c1 >/var/c1.out 2>/var/c1.err; echo "@@CREATE-RC $?"
+$H --root $R state c1 | grep -q '"status": "created"' && echo "@@STATE-CREATED"
+[ "$(cat /var/c1.pid)" = "$($H --root $R state c1 | sed -n 's/.*"pid": \([0-9]*\).*/\1/p')" ] && echo "@@PIDFILE-MATCHES"
+$H --root $R create --bundle /var/b1 c1; echo "@@DUP-RC $?"
+$H --root $R start c1; echo "@@START-RC $?"
+$H --root $R start c1; echo "@@START2-RC $?"
+until_ok 60 grep -q c1-out /var/c1.out && echo "@@STDOUT-RELAYED"
+until_ok 10 grep -q c1-err /var/c1.err && echo "@@STDERR-RELAYED"
+$H --root $R state c1 | grep -q '"status": "running"' && echo "@@STATE-RUNNING"
+$H --root $R list | grep -q '^c1 .*running' && echo "@@LIST-RUNNING"
+$H --root $R ps --format json c1 | grep -q '^\[[0-9]' && echo "@@PS-JSON"
+$H --root $R ps c1 | grep -q 'sleep' && echo "@@PS-TABLE"
+$H --root $R exec c1 sh -c 'echo in-exec; cat /mnt/f; exit 6'; echo "@@EXEC-RC $?"
+$H --root $R exec c1 sh -c 'touch /mnt/x' 2>/dev/null; echo "@@EXEC-RO-RC $?"
+$H --root $R pause c1 && $H --root $R state c1 | grep -q '"status": "paused"' && echo "@@PAUSED"
+$H --root $R exec c1 true; echo "@@EXEC-PAUSED-RC $?"
+$H --root $R resume c1 && $H --root $R state c1 | grep -q '"status": "running"' && echo "@@RESUMED"
+$H --root $R update --memory 96m --pids-limit 50 c1; echo "@@UPDATE-RC $?"
+$H --root $R events --stats c1 | grep -q '"type":"stats"' && echo "@@EVENTS-STATS"
+$H --root $R kill c1 SIGFOO; echo "@@BADSIG-RC $?"
+$H --root $R delete c1; echo "@@DELETE-RUNNING-RC $?"
+$H --root $R kill c1 KILL; echo "@@KILL-RC $?"
+until_ok 30 sh -c "$H --root $R state c1 | grep -q '\"status\": \"stopped\"'" && echo "@@STATE-STOPPED"
+until_ok 10 sh -c "! kill -0 $(cat /var/c1.pid)" && echo "@@RELAY-EXITED"
+$H --root $R exec c1 true; echo "@@EXEC-STOPPED-RC $?"
+$H --root $R delete c1; echo "@@DELETE-RC $?"
+$H --root $R state c1; echo "@@STATE-GONE-RC $?"
+echo "--- foreground run"
+bundle /var/b2 '["sh","-c","echo fg-out; exit 3"]'
+$H --root $R run --bundle /var/b2 c2; echo "@@OCI-RUN-RC $?"
+echo "--- bad input"
+$H --root $R --log /var/err.json --log-format json state nope; echo "@@UNKNOWN-RC $?"
+grep -q '"level":"error".*container does not exist' /var/err.json && echo "@@JSON-LOG"
+$H --root $R create --bundle /nonexistent x1 2>&1; echo "@@NOBUNDLE-RC $?"
+mkdir -p /var/b3 && echo '{"ociVersion": 5' > /var/b3/config.json
+$H --root $R create --bundle /var/b3 x2 2>&1; echo "@@BADCONFIG-RC $?"
+bundle /var/b4 '["true"]' && sed -i 's#"path":"/var/bb"#"path":"/var/missing-rootfs"#' /var/b4/config.json
+$H --root $R create --bundle /var/b4 x3 2>&1; echo "@@BADROOTFS-RC $?"
+$H --root $R create --bundle /var/b2 'bad/id' 2>&1; echo "@@BADID-RC $?"
+bundle /var/b5 '["true"]' && sed -i 's#"source":"/var/vol"#"source":"/var/no-such-dir"#' /var/b5/config.json
+$H --root $R create --bundle /var/b5 x4 2>&1; echo "@@BADMOUNT-RC $?"
+$H --root $R list -q | grep -q x && echo "@@PARTIAL-STATE"
+$H features | grep -q '"ociVersionMax"' && echo "@@FEATURES"
+mkdir -p /var/sp && (cd /var/sp && $H spec && grep -q '"ociVersion"' config.json && echo "@@SPEC"; $H spec 2>/dev/null || echo "@@SPEC-EXISTS")
+echo "--- concurrent"
+bundle /var/b6 '["sh","-c","echo par; exit 0"]'
+$H --root $R run --bundle /var/b6 p1 > /var/p1.out & a=$!
+$H --root $R run --bundle /var/b6 p2 > /var/p2.out & b=$!
+wait $a; ra=$?; wait $b; rb=$?; echo "@@PAR-RC $ra $rb"
+echo "--- vmm killed"
+bundle /var/b7 '["sleep","300"]'
+$H --root $R run -d --bundle /var/b7 c3 >/dev/null 2>&1; echo "@@C3-RC $?"
+vmm=$(sed -n 's/.*"vmm_pid": \([0-9]*\).*/\1/p' $R/sandboxes/c3/sandbox.json)
+kill -9 $vmm; echo "@@VMM-KILLED $vmm"
+until_ok 20 sh -c "$H --root $R state c3 | grep -q '\"status\": \"stopped\"'" && echo "@@CRASH-STOPPED"
+$H --root $R delete --force c3; echo "@@CRASH-DELETE-RC $?"
+leftovers oci
+
+echo "=== containerd"
+mkdir -p /var/ctrd
+cat > /var/ctrd/config.toml <<EOC
+version = 2
+root = "/var/ctrd/root"
+state = "/run/ctrd"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "/run/ctrd.sock"
+EOC
+containerd --config /var/ctrd/config.toml >/var/ctrd/log 2>&1 &
+ctrd=$!
+C="ctr --address /run/ctrd.sock"
+until_ok 30 $C version && echo "@@CONTAINERD-UP"
+$C run --rm --runc-binary $H --env PATH=/bin --rootfs /var/bb t1 sh -c 'echo hi-from-ctr; exit 3'; echo "@@CTR-RC $?"
+$C run -d --runc-binary $H --env PATH=/bin --rootfs /var/bb t2 sleep 300; echo "@@CTR-D-RC $?"
+$C task exec --exec-id e1 t2 sh -c 'echo in-ctr-exec; exit 4'; echo "@@CTR-EXEC-RC $?"
+$C task ps t2 | grep -Eq '^[0-9]+' && echo "@@CTR-PS"
+$C task pause t2 && $C task ls | grep -q 't2.*PAUSED' && echo "@@CTR-PAUSED"
+$C task resume t2 && $C task ls | grep -q 't2.*RUNNING' && echo "@@CTR-RESUMED"
+$C task kill -s SIGKILL t2; echo "@@CTR-KILL-RC $?"
+until_ok 30 sh -c "$C task ls | grep -q 't2.*STOPPED'" && echo "@@CTR-STOPPED"
+$C task delete t2; echo "@@CTR-TASK-DELETE-RC $?"
+$C container delete t2; echo "@@CTR-CONTAINER-DELETE-RC $?"
+script -qec "$C run -t --rm --runc-binary $H --env PATH=/bin --rootfs /var/bb t3 sh -c 'tty; exit 0'" /dev/null; echo "@@CTR-TTY-RC $?"
+kill $ctrd; wait $ctrd
+leftovers containerd
+
+echo "=== podman"
+P="podman --root /var/pm/root --runroot /run/pm --runtime $H --cgroup-manager cgroupfs --events-backend file --storage-driver vfs"
+$P run --rm --network none --rootfs /var/bb sh -c 'echo hi; exit 4'; echo "@@PODMAN-RC $?"
+$P run -d --network none --name pc1 --rootfs /var/bb sleep 300 >/dev/null; echo "@@PODMAN-D-RC $?"
+$P exec pc1 sh -c 'echo in-podman-exec; exit 2'; echo "@@PODMAN-EXEC-RC $?"
+$P rm -f pc1 >/dev/null; echo "@@PODMAN-RM-RC $?"
+leftovers podman
+tail -n 5 /var/ctrd/log
+"##;
+
+fn section<'a>(o: &'a str, start: &str, end: Option<&str>) -> &'a str {
+    let from = o.find(start).unwrap_or(o.len());
+    let to = end.and_then(|e| o[from..].find(e).map(|i| from + i)).unwrap_or(o.len());
+    &o[from..to]
+}
+
+fn expect(text: &str, needles: &[&str], part: &str) {
+    for n in needles {
+        assert!(text.contains(n), "{part}: expected {n:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
+    let kit = require!(RuntimeTestKit::find());
+    let d = |p: &Path| p.display().to_string();
+    let script = SCRIPT.replace("@HUSK@", &d(&kit.husk)).replace("@BUSYBOX@", &d(&kit.busybox));
+    let mut job = Job::new(script).timeout(Duration::from_secs(3000));
+    job.files.extend(kit.files().map(Path::to_path_buf));
+    job.cpus = 2;
+    job.mem_mib = 3072;
+    let out = run_job(&job).unwrap_or_else(|e| panic!("test host failed: {e}"));
+    let o = &out.output;
+    eprintln!("test host: {:?}\n{o}", out.elapsed);
+    assert!(!o.contains("@@NO-CGROUP2"), "{o}");
+    assert!(!o.contains("@@LEFT-"), "something was left behind:\n{o}");
+
+    let run = section(o, "=== husk run", Some("=== oci"));
+    expect(
+        run,
+        &[
+            "hello-from-vm\nhusk\n@@RUN-RC 7",
+            "got:piped-in\n@@RUN-I-RC 0",
+            "scratch",
+            "hi\nvol-data\nro-refused",
+            "@@RUN-KILLED-RC 137",
+            "@@RUN-TERM-RC 42",
+            "from-image\n@@IMAGE-RC 9",
+            "/dev/pts/",
+            "33 111",
+            "@@TTY-RC 5",
+            "hint:",
+            "@@CLEAN-CHECKED run",
+        ],
+        "husk run",
+    );
+    assert!(!run.contains("@@ROOTFS-CHANGED"), "husk run wrote into its rootfs:\n{run}");
+    assert!(!run.contains("@@UMOCI-FAILED"), "{run}");
+    for rc in ["@@IMAGE-BADTAG-RC 0", "@@NOKERNEL-RC 0", "@@NOROOTFS-RC 0"] {
+        assert!(!run.contains(rc), "{rc} must fail:\n{run}");
+    }
+
+    let oci = section(o, "=== oci", Some("=== containerd"));
+    expect(
+        oci,
+        &[
+            "@@CREATE-RC 0",
+            "@@STATE-CREATED",
+            "@@PIDFILE-MATCHES",
+            "container with id exists: c1",
+            "@@START-RC 0",
+            "@@STDOUT-RELAYED",
+            "@@STDERR-RELAYED",
+            "@@STATE-RUNNING",
+            "@@LIST-RUNNING",
+            "@@PS-JSON",
+            "@@PS-TABLE",
+            "in-exec\nvol-data\n@@EXEC-RC 6",
+            "@@PAUSED",
+            "@@RESUMED",
+            "@@UPDATE-RC 0",
+            "@@EVENTS-STATS",
+            "unknown signal",
+            "cannot delete container c1 that is not stopped: running",
+            "@@KILL-RC 0",
+            "@@STATE-STOPPED",
+            "@@RELAY-EXITED",
+            "@@DELETE-RC 0",
+            "container does not exist: c1",
+            "fg-out\n@@OCI-RUN-RC 3",
+            "@@JSON-LOG",
+            "invalid OCI spec",
+            "missing-rootfs",
+            "invalid container id",
+            "no-such-dir",
+            "@@FEATURES",
+            "@@SPEC",
+            "@@SPEC-EXISTS",
+            "@@PAR-RC 0 0",
+            "@@C3-RC 0",
+            "@@CRASH-STOPPED",
+            "@@CRASH-DELETE-RC 0",
+            "@@CLEAN-CHECKED oci",
+        ],
+        "oci",
+    );
+    for rc in [
+        "@@DUP-RC 0",
+        "@@START2-RC 0",
+        "@@EXEC-RO-RC 0",
+        "@@EXEC-PAUSED-RC 0",
+        "@@BADSIG-RC 0",
+        "@@DELETE-RUNNING-RC 0",
+        "@@EXEC-STOPPED-RC 0",
+        "@@STATE-GONE-RC 0",
+        "@@UNKNOWN-RC 0",
+        "@@NOBUNDLE-RC 0",
+        "@@BADCONFIG-RC 0",
+        "@@BADROOTFS-RC 0",
+        "@@BADID-RC 0",
+        "@@BADMOUNT-RC 0",
+    ] {
+        assert!(!oci.contains(rc), "{rc} must fail:\n{oci}");
+    }
+    assert!(!oci.contains("@@PARTIAL-STATE"), "a failed create left state:\n{oci}");
+
+    let ctrd = section(o, "=== containerd", Some("=== podman"));
+    expect(
+        ctrd,
+        &[
+            "@@CONTAINERD-UP",
+            "hi-from-ctr\n@@CTR-RC 3",
+            "@@CTR-D-RC 0",
+            "in-ctr-exec\n@@CTR-EXEC-RC 4",
+            "@@CTR-PS",
+            "@@CTR-PAUSED",
+            "@@CTR-RESUMED",
+            "@@CTR-KILL-RC 0",
+            "@@CTR-STOPPED",
+            "@@CTR-TASK-DELETE-RC 0",
+            "@@CTR-CONTAINER-DELETE-RC 0",
+            "/dev/pts/",
+            "@@CTR-TTY-RC 0",
+            "@@CLEAN-CHECKED containerd",
+        ],
+        "containerd",
+    );
+
+    let podman = section(o, "=== podman", None);
+    expect(
+        podman,
+        &[
+            "hi\n@@PODMAN-RC 4",
+            "@@PODMAN-D-RC 0",
+            "in-podman-exec\n@@PODMAN-EXEC-RC 2",
+            "@@PODMAN-RM-RC 0",
+            "@@CLEAN-CHECKED podman",
+        ],
+        "podman",
+    );
+}
