@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
-# The main job: boot husk's guest kernel in a husk-vmm microVM and run a workload in it (for
-# now the static test init, which reports what the guest sees and powers off). On a host with
-# hardware KVM it runs directly; here it runs inside the nested test host.
+# The main job: `husk run` a busybox root file system in a fresh KVM microVM (husk-vmm, husk's
+# guest kernel, husk-agent as the guest's PID 1, the rootfs over virtio-fs), run a workload in
+# it, and come back with its exit code. On a host with hardware KVM it runs directly; here it
+# runs inside the nested test host.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 ./tests/build-artifacts.sh
-t=target/husk
-exec cargo run --release -q -p husk-tests --example testhost-run -- --timeout 600 \
-    "time $PWD/target/release/husk-vmm --kernel $PWD/$t/vmlinux --initramfs $PWD/$t/test-init.cpio --vcpus 2 \
-     --cmdline 'console=ttyS0 reboot=k panic=-1 pci=off quiet husk.test=poweroff'; echo husk-vmm exit status \$?" \
-    "$PWD/target/release/husk-vmm" "$PWD/$t/vmlinux" "$PWD/$t/test-init.cpio"
+t=$PWD/target
+script='
+r=/var/demo-rootfs
+mkdir -p $r/bin $r/proc $r/sys $r/dev $r/tmp $r/etc
+cp /bin/busybox $r/bin/busybox
+for a in $($r/bin/busybox --list); do [ $a = busybox ] || ln -sf busybox $r/bin/$a; done
+echo "root:x:0:0:root:/root:/bin/sh" > $r/etc/passwd
+echo "$ husk run --rootfs $r -- sh -c ..."
+time '"$t"'/release/husk run --rootfs $r --memory 256 -e WHO=husk -- sh -c "
+    echo hello from a \$WHO sandbox: kernel \$(uname -r), \$(nproc) vCPU, hostname \$(hostname)
+    echo processes in the container: && ps -o pid,args
+    echo 6*7 = \$((6*7)); exit 42"
+echo "husk run exit status $? (the workload exits 42)"
+'
+exec cargo run --release -q -p husk-tests --example testhost-run -- --cpus 2 --mem 2048 --timeout 600 "$script" \
+    "$t/release/husk" "$t/release/husk-vmm" "$t/husk/vmlinux" "$t/husk/agent.cpio" /bin/busybox

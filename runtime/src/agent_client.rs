@@ -90,9 +90,20 @@ impl AgentClient {
     /// Connects, retrying until the agent answers a health check or `timeout` passes (the
     /// guest may still be booting: the VMM resets connections to ports nobody listens on).
     pub async fn connect(uds: &Path, timeout: Duration) -> Result<Self, ClientError> {
+        Self::connect_with(uds, timeout, None).await
+    }
+
+    /// As [`connect`](Self::connect), with every call on the client failing after `rpc_timeout`
+    /// instead of waiting for ever on a stalled guest. Not for calls that last as long as a
+    /// process (WaitProcess, event streams).
+    pub async fn connect_with(
+        uds: &Path,
+        timeout: Duration,
+        rpc_timeout: Option<Duration>,
+    ) -> Result<Self, ClientError> {
         let start = Instant::now();
         loop {
-            let last = match Self::try_connect(uds).await {
+            let last = match Self::try_connect(uds, rpc_timeout).await {
                 Ok(mut c) => match c.health.check(husk_proto::Empty {}).await {
                     Ok(_) => return Ok(c),
                     Err(e) => e.to_string(),
@@ -106,10 +117,14 @@ impl AgentClient {
         }
     }
 
-    async fn try_connect(uds: &Path) -> Result<Self, ClientError> {
+    async fn try_connect(uds: &Path, rpc_timeout: Option<Duration>) -> Result<Self, ClientError> {
         let path = uds.to_path_buf();
         // The URI is a placeholder: every connection goes through the connector.
-        let channel = Endpoint::from_static("http://husk-agent")
+        let mut endpoint = Endpoint::from_static("http://husk-agent");
+        if let Some(t) = rpc_timeout {
+            endpoint = endpoint.timeout(t);
+        }
+        let channel = endpoint
             .connect_with_connector(tower::service_fn(move |_| {
                 let path = path.clone();
                 async move { dial(&path, AGENT_PORT).await.map(TokioIo::new) }

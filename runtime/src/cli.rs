@@ -29,8 +29,6 @@ pub struct Cli {
     /// Accepted for compatibility (checkpointing is not supported).
     #[arg(long, global = true, hide = true)]
     pub criu: Option<String>,
-    #[arg(long, global = true, hide = true, num_args = 0..=1, default_missing_value = "true")]
-    pub rootless: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }

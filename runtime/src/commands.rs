@@ -19,6 +19,14 @@ pub type ExitCode = i32;
 
 const OCI_VERSION: &str = "1.0.2-dev";
 
+/// Prints a line to stdout; a reader that went away (`husk state x | grep -q`) is not an error.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
 fn refuse_preserve_fds(n: u32) -> Result<(), RuntimeError> {
     if n > 0 {
         return Err(RuntimeError::InvalidArgument(format!(
@@ -104,7 +112,7 @@ pub async fn finish_foreground(
 pub async fn state(rt: &Runtime, id: &str) -> Result<ExitCode, RuntimeError> {
     let rec = rt.state.read_container(id)?;
     let (status, _) = rt.status(&rec).await;
-    println!("{}", pretty(&state_json(&rec, status)));
+    out!("{}", pretty(&state_json(&rec, status)));
     Ok(0)
 }
 
@@ -206,11 +214,11 @@ pub async fn ps(rt: &Runtime, id: &str, format: &str) -> Result<ExitCode, Runtim
     let procs = rt.processes(id).await?;
     if format == "json" {
         let pids: Vec<u32> = procs.iter().map(|p| p.pid).collect();
-        println!("{}", json!(pids));
+        out!("{}", json!(pids));
     } else {
-        println!("{:<8} {:>7} {:>7} {:<5} CMD", "UID", "PID", "PPID", "STAT");
+        out!("{:<8} {:>7} {:>7} {:<5} CMD", "UID", "PID", "PPID", "STAT");
         for p in procs {
-            println!("{:<8} {:>7} {:>7} {:<5} {}", p.uid, p.pid, p.ppid, p.state, p.command);
+            out!("{:<8} {:>7} {:>7} {:<5} {}", p.uid, p.pid, p.ppid, p.state, p.command);
         }
     }
     Ok(0)
@@ -333,11 +341,14 @@ pub async fn events(rt: &Runtime, id: &str, interval: &str, once: bool) -> Resul
     if interval.is_zero() {
         return Err(RuntimeError::InvalidArgument("duration interval must be greater than 0".into()));
     }
-    let (s, client) = rt.stats(id).await?;
-    println!("{}", stats_event(id, &s));
+    let s = rt.stats(id).await?;
+    out!("{}", stats_event(id, &s));
     if once {
         return Ok(0);
     }
+    let rec = rt.state.read_container(id)?;
+    let srec = rt.state.read_sandbox(&rec.sandbox_id)?.ok_or_else(|| RuntimeError::NotFound(id.into()))?;
+    let client = crate::sandbox::connect_long(&srec.vsock).await?;
     let mut stream = client.events.clone().subscribe(pb::Empty {}).await?.into_inner();
     let mut tick = tokio::time::interval(interval);
     tick.tick().await;
@@ -345,7 +356,7 @@ pub async fn events(rt: &Runtime, id: &str, interval: &str, once: bool) -> Resul
         tokio::select! {
             ev = stream.message() => match ev {
                 Ok(Some(pb::Event { kind: Some(pb::event::Kind::Oom(o)) })) if o.container_id == id => {
-                    println!("{}", json!({"type": "oom", "id": id}));
+                    out!("{}", json!({"type": "oom", "id": id}));
                 }
                 Ok(Some(pb::Event { kind: Some(pb::event::Kind::Exit(e)) })) if e.container_id == id && e.exec_id.is_empty() => {
                     return Ok(0);
@@ -355,7 +366,7 @@ pub async fn events(rt: &Runtime, id: &str, interval: &str, once: bool) -> Resul
             },
             _ = tick.tick() => {
                 match rt.stats(id).await {
-                    Ok((s, _)) => println!("{}", stats_event(id, &s)),
+                    Ok(s) => out!("{}", stats_event(id, &s)),
                     Err(_) => return Ok(0),
                 }
             }
@@ -375,11 +386,11 @@ pub async fn list(rt: &Runtime, format: &str, quiet: bool) -> Result<ExitCode, R
     }
     if quiet {
         for (rec, _) in &rows {
-            println!("{}", rec.id);
+            out!("{}", rec.id);
         }
     } else if format == "json" {
         let v: Vec<Value> = rows.iter().map(|(r, s)| state_json(r, *s)).collect();
-        println!("{}", json!(v));
+        out!("{}", json!(v));
     } else {
         let table: Vec<[String; 6]> =
             std::iter::once(["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"].map(String::from))
@@ -399,7 +410,7 @@ pub async fn list(rt: &Runtime, format: &str, quiet: bool) -> Result<ExitCode, R
             (0..6).map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0).max(9) + 3).collect();
         for row in table {
             let line: String = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-            println!("{}", line.trim_end());
+            out!("{}", line.trim_end());
         }
     }
     Ok(0)

@@ -1,5 +1,7 @@
 //! `husk`: the OCI runtime CLI (runc's commands and flags) and `husk run` sandboxes.
 
+use std::io::Write as _;
+
 use clap::Parser;
 use husk_runtime::cli::{Cli, Command};
 use husk_runtime::commands;
@@ -15,14 +17,26 @@ fn main() {
     }
     let cli = Cli::parse();
     runlog::init(cli.log.as_deref(), cli.log_format, cli.debug);
+    // `husk run --rootfs|--image` is for people: plain errors, not runc's log lines.
+    let human = cli.log.is_none()
+        && matches!(&cli.command, Command::Run(r) if r.rootfs.is_some() || r.image.is_some());
     let code = match run(cli) {
         Ok(code) => code,
         Err((e, to_stderr)) => {
-            tracing::error!("{e}");
-            if to_stderr {
+            if human {
                 eprintln!("husk: {e}");
+            } else {
+                tracing::error!("{e}");
+                if to_stderr {
+                    eprintln!("husk: {e}");
+                }
             }
-            1
+            // runc's convention for "the runtime failed" vs. the process's own codes.
+            if human {
+                125
+            } else {
+                1
+            }
         }
     };
     std::process::exit(code);
@@ -41,7 +55,8 @@ async fn dispatch(cli: Cli) -> Result<i32, RuntimeError> {
     // Commands that need no state directory.
     match &cli.command {
         Command::Features => {
-            println!("{}", serde_json::to_string_pretty(&commands::features()).unwrap_or_default());
+            let json = serde_json::to_string_pretty(&commands::features()).unwrap_or_default();
+            let _ = writeln!(std::io::stdout().lock(), "{json}");
             return Ok(0);
         }
         Command::Spec { bundle, rootless } => return commands::spec(bundle, *rootless),

@@ -412,16 +412,11 @@ impl Runtime {
             .processes)
     }
 
-    pub async fn stats(&self, id: &str) -> Result<(pb::ContainerStatsResponse, AgentClient), RuntimeError> {
+    pub async fn stats(&self, id: &str) -> Result<pb::ContainerStatsResponse, RuntimeError> {
         let live = [Status::Created, Status::Running, Status::Paused];
         let (_lock, _rec, c, _) = self.locked_live(id, "get stats of", &live).await?;
-        let s = c
-            .containers
-            .clone()
-            .container_stats(pb::ContainerRef { container_id: id.into() })
-            .await?
-            .into_inner();
-        Ok((s, c))
+        let r = pb::ContainerRef { container_id: id.into() };
+        Ok(c.containers.clone().container_stats(r).await?.into_inner())
     }
 
     /// `exec`: another process in a running container.

@@ -20,6 +20,10 @@ pub const SHARE_TAG: &str = "husk";
 /// How long a powered-off VMM gets to exit before it is killed.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
 
+/// Longest a single CLI request to the agent may take: a stalled guest gives an error, never
+/// a hung command (or a lock held for ever).
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// An extra virtio-fs share, fixed when the VM boots.
 #[derive(Debug, Clone)]
 pub struct ExtraShare {
@@ -137,7 +141,7 @@ async fn boot(
     log: &Path,
 ) -> Result<AgentClient, RuntimeError> {
     let started = Instant::now();
-    let connect = AgentClient::connect(&record.vsock, cfg.boot_timeout);
+    let connect = AgentClient::connect_with(&record.vsock, cfg.boot_timeout, Some(RPC_TIMEOUT));
     tokio::pin!(connect);
     let client = loop {
         tokio::select! {
@@ -181,7 +185,12 @@ pub async fn connect(rec: &SandboxRecord) -> Result<AgentClient, RuntimeError> {
     if !alive(rec) {
         return Err(RuntimeError::Vm(format!("the VM of sandbox {} is not running", rec.id)));
     }
-    Ok(AgentClient::connect(&rec.vsock, Duration::from_secs(10)).await?)
+    Ok(AgentClient::connect_with(&rec.vsock, Duration::from_secs(10), Some(RPC_TIMEOUT)).await?)
+}
+
+/// Connects for calls that last as long as a process: no per-call timeout.
+pub async fn connect_long(vsock: &Path) -> Result<AgentClient, RuntimeError> {
+    Ok(AgentClient::connect(vsock, Duration::from_secs(30)).await?)
 }
 
 /// Powers the VM off (or kills it), waits for the VMM to go, and removes the sandbox's files.
@@ -192,7 +201,7 @@ pub async fn destroy(
     mut child: Option<Child>,
 ) -> Result<(), RuntimeError> {
     if alive(rec) {
-        match AgentClient::connect(&rec.vsock, Duration::from_secs(5)).await {
+        match AgentClient::connect_with(&rec.vsock, Duration::from_secs(5), Some(RPC_TIMEOUT)).await {
             Ok(c) => {
                 if let Err(e) = c.sandbox.clone().destroy_sandbox(pb::Empty {}).await {
                     tracing::warn!("sandbox {}: DestroySandbox: {}", rec.id, e.message());

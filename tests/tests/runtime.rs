@@ -47,12 +47,14 @@ leftovers() {
     ps -o pid,args | grep -v grep | grep -q 'husk-vmm' && { echo "@@LEFT-VMM $1"; ps -o pid,args | grep husk-vmm; }
     grep -E ' /run/(husk|husk-oci|containerd/runc)' /proc/mounts && echo "@@LEFT-MOUNT $1"
     for d in /run/husk /run/husk-oci /run/containerd/runc/default; do
-        [ -d $d ] && [ -n "$(ls $d/containers $d/sandboxes 2>/dev/null | grep -v : | grep .)" ] && { echo "@@LEFT-STATE $1 $d"; ls -R $d | head; }
+        find $d/containers $d/sandboxes $d/runs -mindepth 1 2>/dev/null | grep -q . && { echo "@@LEFT-STATE $1 $d"; find $d | head; }
     done
     echo "@@CLEAN-CHECKED $1"
 }
 mk_rootfs /var/bb
 mkdir -p /var/vol && echo vol-data > /var/vol/f
+# If a step stalls, the process list says where.
+( while sleep 120; do echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; done ) & watch=$!
 
 echo "=== husk run"
 $H run --rootfs /var/bb -- sh -c 'echo hello-from-vm; hostname; exit 7'; echo "@@RUN-RC $?"
@@ -60,7 +62,10 @@ echo piped-in | $H run -i --rootfs /var/bb -- sh -c 'read x; echo got:$x'; echo 
 $H run --rootfs /var/bb -- sh -c 'echo scratch > /written && cat /written'
 [ -e /var/bb/written ] && echo "@@ROOTFS-CHANGED"
 $H run --rootfs /var/bb -v /var/vol:/data:ro -e GREETING=hi -- sh -c 'echo $GREETING; cat /data/f; touch /data/g 2>/dev/null || echo ro-refused'
-$H run --rootfs /var/bb -- sh -c 'kill -9 $$'; echo "@@RUN-KILLED-RC $?"
+# Killed by a signal from outside (PID 1 of a PID namespace ignores its own SIGKILL).
+$H run --rootfs /var/bb -- sleep 300 & p=$!
+until_ok 120 sh -c "$H list | grep -q 'run-.*running'"
+$H kill "$($H list -q | grep run-)" KILL; wait $p; echo "@@RUN-KILLED-RC $?"
 # A signal to husk run reaches the process (sh as PID 1 traps it and exits 42).
 $H run --rootfs /var/bb -- sh -c 'trap "exit 42" TERM; echo trap-ready; while :; do sleep 1; done' > /var/trap.out &
 p=$!
@@ -73,7 +78,7 @@ umoci init --layout /var/img && umoci new --image /var/img:bb && umoci unpack --
 $H run --image /var/img:bb; echo "@@IMAGE-RC $?"
 $H run --image /var/img:nope -- true 2>&1; echo "@@IMAGE-BADTAG-RC $?"
 echo "--- tty"
-script -qec "stty rows 33 cols 111; $H run -it --rootfs /var/bb -- sh -c 'tty; stty size; exit 5'" /dev/null; echo "@@TTY-RC $?"
+timeout 300 script -qec "stty rows 33 cols 111; $H run -it --rootfs /var/bb -- sh -c 'tty; stty size; exit 5'" /dev/null; echo "@@TTY-RC $?"
 echo "--- missing pieces"
 HUSK_KERNEL=/nonexistent $H run --rootfs /var/bb -- true; echo "@@NOKERNEL-RC $?"
 $H run --rootfs /nonexistent -- true; echo "@@NOROOTFS-RC $?"
@@ -172,9 +177,9 @@ P="podman --root /var/pm/root --runroot /run/pm --runtime $H --cgroup-manager cg
 $P run --rm --network none --rootfs /var/bb sh -c 'echo hi; exit 4'; echo "@@PODMAN-RC $?"
 $P run -d --network none --name pc1 --rootfs /var/bb sleep 300 >/dev/null; echo "@@PODMAN-D-RC $?"
 $P exec pc1 sh -c 'echo in-podman-exec; exit 2'; echo "@@PODMAN-EXEC-RC $?"
-$P rm -f pc1 >/dev/null; echo "@@PODMAN-RM-RC $?"
+$P rm -f -t 0 pc1 >/dev/null; echo "@@PODMAN-RM-RC $?"
 leftovers podman
-tail -n 5 /var/ctrd/log
+kill $watch
 "##;
 
 fn section<'a>(o: &'a str, start: &str, end: Option<&str>) -> &'a str {

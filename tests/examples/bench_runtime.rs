@@ -1,0 +1,104 @@
+//! Runtime benchmarks in one test-host run (bench/runtime.sh): end-to-end `husk run` of `true`
+//! (a new VM each time) vs `runc run` and `crun run` of the same bundle, and the host RSS of a
+//! running sandbox (husk-vmm, of which guest RAM it touched, and the relay process).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use husk_tests::artifacts::{bin, RuntimeTestKit};
+use husk_tests::{run_job, Job};
+
+const SCRIPT: &str = r##"
+mk_rootfs() {
+    mkdir -p $1/bin $1/proc $1/sys $1/dev $1/tmp $1/etc
+    cp @BUSYBOX@ $1/bin/busybox
+    for a in $($1/bin/busybox --list); do [ $a = busybox ] || ln -sf busybox $1/bin/$a; done
+}
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mk_rootfs /var/bb
+mkdir -p /var/oci /var/oci-sleep
+@PROBE@ spec true | sed 's#"path":"rootfs"#"path":"/var/bb"#' > /var/oci/config.json
+@PROBE@ spec sleep 300 | sed 's#"path":"rootfs"#"path":"/var/bb"#' > /var/oci-sleep/config.json
+for r in @RUNTIMES@; do
+    n=$(basename $r)
+    @PROBE@ time $n-run-true-ms @N@ $r --root /run/$n run --bundle /var/oci bench || echo "FAIL $n"
+done
+@PROBE@ time husk-run-bundle-true-ms @N@ @HUSK@ --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle"
+@PROBE@ time husk-run-rootfs-true-ms @N@ @HUSK@ run --rootfs /var/bb -- true || echo "FAIL husk run rootfs"
+@HUSK@ --root /run/hs run -d --bundle /var/oci-sleep s1 >/dev/null 2>&1 || echo "FAIL husk run -d"
+sleep 2
+vmm=$(sed -n 's/.*"vmm_pid": \([0-9]*\).*/\1/p' /run/hs/sandboxes/s1/sandbox.json)
+relay=$(sed -n 's/.*"relay_pid": \([0-9]*\).*/\1/p' /run/hs/containers/s1/state.json)
+rss() { sed -n 's/^VmRSS: *\([0-9]*\) kB/\1/p' /proc/$1/status; }
+echo "BENCH vmm-rss-kib $(rss $vmm)"
+echo "BENCH relay-rss-kib $(rss $relay)"
+# Guest RAM the VMM touched: the RSS of its largest anonymous mapping (the guest memory).
+awk '/^[0-9a-f]+-[0-9a-f]+ /{big=0} /^Size:/{size=$2} /^Rss:/{ if (size >= 131072 && $2 > g) g=$2 } END {print "BENCH vmm-guest-ram-rss-kib " g+0}' /proc/$vmm/smaps
+@HUSK@ --root /run/hs delete --force s1 || echo "FAIL delete"
+"##;
+
+const N: usize = 10;
+
+fn values(output: &str) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    for l in output.lines().filter_map(|l| l.strip_prefix("BENCH ")) {
+        let mut f = l.split_whitespace();
+        if let (Some(k), Some(Ok(v))) = (f.next(), f.next().map(str::parse)) {
+            m.insert(k.to_string(), v);
+        }
+    }
+    m
+}
+
+fn main() -> anyhow::Result<()> {
+    let kit = RuntimeTestKit::find().map_err(anyhow::Error::msg)?;
+    let probe = bin("husk-agent-probe").map_err(anyhow::Error::msg)?;
+    let runtimes: Vec<PathBuf> =
+        ["/usr/sbin/runc", "/usr/bin/crun"].iter().map(PathBuf::from).filter(|p| p.is_file()).collect();
+    let d = |p: &Path| p.display().to_string();
+    let script = SCRIPT
+        .replace("@BUSYBOX@", &d(&kit.busybox))
+        .replace("@HUSK@", &d(&kit.husk))
+        .replace("@PROBE@", &d(&probe))
+        .replace("@RUNTIMES@", &runtimes.iter().map(|p| d(p)).collect::<Vec<_>>().join(" "))
+        .replace("@N@", &N.to_string());
+    let mut job = Job::new(script).timeout(Duration::from_secs(2400));
+    job.files.extend(kit.files().map(Path::to_path_buf));
+    job.files.push(probe);
+    job.files.extend(runtimes.iter().cloned());
+    job.cpus = 2;
+    job.mem_mib = 3072;
+    let out = run_job(&job)?;
+    if out.output.contains("FAIL") {
+        anyhow::bail!("benchmark failed:\n{}", out.output);
+    }
+    let v = values(&out.output);
+    let get = |k: &str| v.get(k).copied().ok_or_else(|| anyhow::anyhow!("no {k} in output:\n{}", out.output));
+    let place = if out.l1.is_some() {
+        "husk VMs = L2 under KVM inside the nested test host (QEMU TCG, ~10x slower than native); runc/crun in L1"
+    } else {
+        "husk VMs under this host's KVM; runc/crun on this host"
+    };
+    println!("Runtime benchmarks ({place}); medians of {N} runs");
+    let rootfs = get("husk-run-rootfs-true-ms")?;
+    let bundle = get("husk-run-bundle-true-ms")?;
+    println!(
+        "`husk run --rootfs DIR -- true` {rootfs:.1} ms; `husk run --bundle B` {bundle:.1} ms (new VM each)"
+    );
+    for r in &runtimes {
+        let n = r.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let t = get(&format!("{n}-run-true-ms"))?;
+        println!(
+            "  `{n} run` of the same bundle: {t:.1} ms (husk bundle/{n} {:.2}x, husk rootfs/{n} {:.2}x)",
+            bundle / t,
+            rootfs / t
+        );
+    }
+    let (vmm, guest, relay) = (get("vmm-rss-kib")?, get("vmm-guest-ram-rss-kib")?, get("relay-rss-kib")?);
+    println!(
+        "per running sandbox: husk-vmm RSS {vmm:.0} KiB (guest RAM touched {guest:.0} KiB, VMM overhead {:.0} KiB), relay RSS {relay:.0} KiB",
+        vmm - guest
+    );
+    Ok(())
+}
