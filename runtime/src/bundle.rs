@@ -61,6 +61,14 @@ impl Bundle {
         }
         std::fs::read_dir(&rootfs)
             .map_err(|e| RuntimeError::Bundle(format!("rootfs {}: {e}", rootfs.display())))?;
+        // Checked before any VM boots for it.
+        for m in spec.mounts().iter().flatten().filter(|m| is_bind(m)) {
+            if let Some(src) = m.source() {
+                let src = if src.is_absolute() { src.clone() } else { dir.join(src) };
+                std::fs::metadata(&src)
+                    .map_err(|e| RuntimeError::Bundle(format!("bind mount source {}: {e}", src.display())))?;
+            }
+        }
         Ok(Self { dir, spec, rootfs })
     }
 

@@ -213,8 +213,15 @@ impl Runtime {
                     mounts::unmount_under(&shared)?;
                     let _ = std::fs::remove_dir_all(&shared);
                 }
-                let started =
-                    sandbox::start(&self.cfg, &self.state, &sid, &vm_shape(&self.cfg, bundle, &opts)).await?;
+                let shape = vm_shape(&self.cfg, bundle, &opts);
+                let started = match sandbox::start(&self.cfg, &self.state, &sid, &shape).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // The VM never came up: its directory goes too.
+                        let _ = sandbox::remove_files(&self.state, &sid);
+                        return Err(e);
+                    }
+                };
                 self.state.write_sandbox(&started.record)?;
                 partial.vm = Some((started.record.clone(), started.child));
                 (started.record, started.client)
@@ -223,7 +230,11 @@ impl Runtime {
                 let client = sandbox::connect(&rec).await?;
                 (rec, client)
             }
-            (false, None) => return Err(RuntimeError::NotFound(format!("sandbox {sid}"))),
+            (false, None) => {
+                // lock_sandbox made the directory; a sandbox that never was leaves nothing.
+                let _ = std::fs::remove_dir_all(self.state.sandbox_dir(&sid));
+                return Err(RuntimeError::WrongState(format!("sandbox {sid} does not exist")));
+            }
         };
 
         // Pod peers' host PIDs (what clients name in namespace paths) → guest PIDs.
