@@ -67,7 +67,8 @@ fn main() -> anyhow::Result<()> {
     job.files.extend(kit.files().map(Path::to_path_buf));
     job.files.push(probe);
     job.files.extend(runtimes.iter().cloned());
-    job.cpus = 2;
+    // One L1 CPU, as in the runtime test (tests/runtime.rs): two stalled the nested test host.
+    job.cpus = 1;
     job.mem_mib = 3072;
     let out = run_job(&job)?;
     if out.output.contains("FAIL") {
