@@ -22,7 +22,7 @@ mkdir -p /var/oci /var/oci-sleep
 @PROBE@ spec sleep 300 | sed 's#"path":"rootfs"#"path":"/var/bb"#' > /var/oci-sleep/config.json
 for r in @RUNTIMES@; do
     n=$(basename $r)
-    @PROBE@ time $n-run-true-ms @N@ $r --root /run/$n run --bundle /var/oci bench || echo "FAIL $n"
+    @PROBE@ time $n-run-true-ms @N@ $r --root /run/$n run --no-pivot --bundle /var/oci bench || echo "FAIL $n"
 done
 @PROBE@ time husk-run-bundle-true-ms @N@ @HUSK@ --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle"
 @PROBE@ time husk-run-rootfs-true-ms @N@ @HUSK@ run --rootfs /var/bb -- true || echo "FAIL husk run rootfs"
@@ -30,7 +30,7 @@ done
 sleep 2
 vmm=$(sed -n 's/.*"vmm_pid": \([0-9]*\).*/\1/p' /run/hs/sandboxes/s1/sandbox.json)
 relay=$(sed -n 's/.*"relay_pid": \([0-9]*\).*/\1/p' /run/hs/containers/s1/state.json)
-rss() { sed -n 's/^VmRSS: *\([0-9]*\) kB/\1/p' /proc/$1/status; }
+rss() { sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' /proc/$1/status; }
 echo "BENCH vmm-rss-kib $(rss $vmm)"
 echo "BENCH relay-rss-kib $(rss $relay)"
 # Guest RAM the VMM touched: the RSS of its largest anonymous mapping (the guest memory).
@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
     job.files.extend(kit.files().map(Path::to_path_buf));
     job.files.push(probe);
     job.files.extend(runtimes.iter().cloned());
+    // `--no-pivot` for runc/crun: L1's root is the initramfs, which pivot_root refuses.
     // One L1 CPU, as in the runtime test (tests/runtime.rs): two stalled the nested test host.
     job.cpus = 1;
     job.mem_mib = 3072;
