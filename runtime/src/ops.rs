@@ -253,21 +253,9 @@ impl Runtime {
             None => pb::Rootfs { share_tag: sandbox::SHARE_TAG.into(), path: guest.rootfs_rel.clone() },
         };
 
-        let terminal = bundle.terminal();
-        let size = match &opts.stdio {
-            StdioMode::Foreground { size } => *size,
-            StdioMode::Detached { .. } => None,
-        };
-        let (stdio, streams) = launch::open_streams(&client, terminal, size).await?;
         let target = Target { vsock: srec.vsock.clone(), container_id: id.into(), exec_id: String::new() };
-        let (relay, guest_streams): (Option<RelayChild>, Option<GuestStreams>) = match &opts.stdio {
-            StdioMode::Detached { console_socket } => {
-                let pty =
-                    console_socket.as_deref().filter(|_| terminal).map(launch::console_pty).transpose()?;
-                (Some(launch::spawn_relay(target.clone(), streams, pty)?), None)
-            }
-            StdioMode::Foreground { .. } => (None, Some(streams)),
-        };
+        let (stdio, relay, guest_streams) =
+            wire_stdio(&client, &target, bundle.terminal(), &opts.stdio).await?;
 
         let req = pb::CreateContainerRequest {
             container_id: id.into(),
@@ -458,20 +446,8 @@ impl Runtime {
         let srec =
             self.state.read_sandbox(&rec.sandbox_id)?.ok_or_else(|| RuntimeError::NotFound(id.into()))?;
         let exec_id = new_exec_id();
-        let size = match &stdio {
-            StdioMode::Foreground { size } => *size,
-            StdioMode::Detached { .. } => None,
-        };
-        let (pstdio, streams) = launch::open_streams(&client, terminal, size).await?;
         let target = Target { vsock: srec.vsock.clone(), container_id: id.into(), exec_id: exec_id.clone() };
-        let (relay, fg) = match &stdio {
-            StdioMode::Detached { console_socket } => {
-                let pty =
-                    console_socket.as_deref().filter(|_| terminal).map(launch::console_pty).transpose()?;
-                (Some(launch::spawn_relay(target.clone(), streams, pty)?), None)
-            }
-            StdioMode::Foreground { .. } => (None, Some(streams)),
-        };
+        let (pstdio, relay, fg) = wire_stdio(&client, &target, terminal, &stdio).await?;
         let req = pb::ExecProcessRequest {
             container_id: id.into(),
             exec_id,
@@ -549,6 +525,28 @@ impl Runtime {
         } else {
             self.state.write_sandbox(&srec)
         }
+    }
+}
+
+/// Opens a new process's guest streams and connects them: to a detached relay (with a pty sent
+/// over the console socket for a terminal), or back to the caller for a foreground relay.
+async fn wire_stdio(
+    client: &AgentClient,
+    target: &Target,
+    terminal: bool,
+    mode: &StdioMode,
+) -> Result<(pb::Stdio, Option<RelayChild>, Option<GuestStreams>), RuntimeError> {
+    let size = match mode {
+        StdioMode::Foreground { size } => *size,
+        StdioMode::Detached { .. } => None,
+    };
+    let (stdio, streams) = launch::open_streams(client, terminal, size).await?;
+    match mode {
+        StdioMode::Detached { console_socket } => {
+            let pty = console_socket.as_deref().filter(|_| terminal).map(launch::console_pty).transpose()?;
+            Ok((stdio, Some(launch::spawn_relay(target.clone(), streams, pty)?), None))
+        }
+        StdioMode::Foreground { .. } => Ok((stdio, None, Some(streams))),
     }
 }
 

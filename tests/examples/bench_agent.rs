@@ -3,12 +3,11 @@
 //! `runc run` (and `crun run`) of the same config on the host, stdout stream throughput vs a host
 //! pipe, and the agent's RSS.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use husk_tests::artifacts::AgentTestKit;
-use husk_tests::{run_job, Job};
+use husk_tests::{bench_values, run_job, Job};
 
 const SCRIPT: &str = r##"
 mk_rootfs() {
@@ -41,17 +40,6 @@ tail -n 40 /var/vm/vm.out
 
 const N: usize = 10;
 
-fn values(output: &str) -> BTreeMap<String, f64> {
-    let mut m = BTreeMap::new();
-    for l in output.lines().filter_map(|l| l.strip_prefix("BENCH ")) {
-        let mut f = l.split_whitespace();
-        if let (Some(k), Some(Ok(v))) = (f.next(), f.next().map(str::parse)) {
-            m.insert(k.to_string(), v);
-        }
-    }
-    m
-}
-
 fn main() -> anyhow::Result<()> {
     let kit = AgentTestKit::find().map_err(anyhow::Error::msg)?;
     let runtimes: Vec<PathBuf> =
@@ -76,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     // As in the agent test (tests/agent.rs): a 1-vCPU guest, two L1 CPUs.
     job.cpus = 2;
     let out = run_job(&job)?;
-    let v = values(&out.output);
+    let v = bench_values(&out.output);
     let get = |k: &str| v.get(k).copied().ok_or_else(|| anyhow::anyhow!("no {k} in output:\n{}", out.output));
     if out.output.contains("FAIL") {
         anyhow::bail!("benchmark failed:\n{}", out.output);

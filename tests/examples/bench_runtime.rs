@@ -2,12 +2,11 @@
 //! (a new VM each time) vs `runc run` and `crun run` of the same bundle, and the host RSS of a
 //! running sandbox (husk-vmm, of which guest RAM it touched, and the relay process).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use husk_tests::artifacts::{bin, RuntimeTestKit};
-use husk_tests::{run_job, Job};
+use husk_tests::{bench_values, run_job, Job};
 
 const SCRIPT: &str = r##"
 mk_rootfs() {
@@ -40,17 +39,6 @@ awk '/^[0-9a-f]+-[0-9a-f]+ /{big=0} /^Size:/{size=$2} /^Rss:/{ if (size >= 13107
 
 const N: usize = 10;
 
-fn values(output: &str) -> BTreeMap<String, f64> {
-    let mut m = BTreeMap::new();
-    for l in output.lines().filter_map(|l| l.strip_prefix("BENCH ")) {
-        let mut f = l.split_whitespace();
-        if let (Some(k), Some(Ok(v))) = (f.next(), f.next().map(str::parse)) {
-            m.insert(k.to_string(), v);
-        }
-    }
-    m
-}
-
 fn main() -> anyhow::Result<()> {
     let kit = RuntimeTestKit::find().map_err(anyhow::Error::msg)?;
     let probe = bin("husk-agent-probe").map_err(anyhow::Error::msg)?;
@@ -75,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     if out.output.contains("FAIL") {
         anyhow::bail!("benchmark failed:\n{}", out.output);
     }
-    let v = values(&out.output);
+    let v = bench_values(&out.output);
     let get = |k: &str| v.get(k).copied().ok_or_else(|| anyhow::anyhow!("no {k} in output:\n{}", out.output));
     let place = if out.l1.is_some() {
         "husk VMs = L2 under KVM inside the nested test host (QEMU TCG, ~10x slower than native); runc/crun in L1"

@@ -102,6 +102,18 @@ impl DeviceTestKit {
     }
 }
 
+/// A usable KVM (directly or nested) and a static busybox for container root file systems.
+fn kvm_and_busybox() -> Result<PathBuf, String> {
+    if let Some(reason) = crate::unavailable_reason() {
+        return Err(reason);
+    }
+    let busybox = PathBuf::from("/bin/busybox");
+    if !busybox.is_file() {
+        return Err("/bin/busybox is missing (apt-get install busybox-static)".into());
+    }
+    Ok(busybox)
+}
+
 /// What the agent end-to-end test runs: the VMM, the static agent (host mode) and its initramfs
 /// (VM mode), the probe that drives it, the guest kernel, and busybox for the container rootfs.
 pub struct AgentTestKit {
@@ -115,13 +127,7 @@ pub struct AgentTestKit {
 
 impl AgentTestKit {
     pub fn find() -> Result<Self, String> {
-        if let Some(reason) = crate::unavailable_reason() {
-            return Err(reason);
-        }
-        let busybox = PathBuf::from("/bin/busybox");
-        if !busybox.is_file() {
-            return Err("/bin/busybox is missing (apt-get install busybox-static)".into());
-        }
+        let busybox = kvm_and_busybox()?;
         Ok(Self {
             vmm: bin("husk-vmm")?,
             agent: guest_bin("husk-agent")?,
@@ -164,13 +170,7 @@ pub const RUNTIME_PEERS: [(&str, &str); 7] = [
 
 impl RuntimeTestKit {
     pub fn find() -> Result<Self, String> {
-        if let Some(reason) = crate::unavailable_reason() {
-            return Err(reason);
-        }
-        let busybox = PathBuf::from("/bin/busybox");
-        if !busybox.is_file() {
-            return Err("/bin/busybox is missing (apt-get install busybox-static)".into());
-        }
+        let busybox = kvm_and_busybox()?;
         let mut peers = Vec::new();
         for (name, pkg) in RUNTIME_PEERS {
             let p = ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]

@@ -25,3 +25,15 @@ pub use error::TestHostError;
 pub use initramfs::{which, Initramfs};
 pub use l1_assets::{l1_assets, L1Assets};
 pub use testhost::{kvm_mode, run_job, unavailable_reason, Job, JobOutput, KvmMode, L1Timings};
+
+/// `BENCH <key> <number>` lines from a benchmark job's output.
+pub fn bench_values(output: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut m = std::collections::BTreeMap::new();
+    for l in output.lines().filter_map(|l| l.strip_prefix("BENCH ")) {
+        let mut f = l.split_whitespace();
+        if let (Some(k), Some(Ok(v))) = (f.next(), f.next().map(str::parse)) {
+            m.insert(k.to_string(), v);
+        }
+    }
+    m
+}
