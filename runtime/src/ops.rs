@@ -142,7 +142,10 @@ fn vm_shape(cfg: &Config, b: &Bundle, opts: &CreateOpts) -> VmShape {
     let mem_limit = res.as_ref().and_then(|r| r.memory().as_ref()).and_then(|m| m.limit()).filter(|l| *l > 0);
     let mut memory_mib = opts.memory_mib.unwrap_or(cfg.memory_mib);
     if let Some(l) = mem_limit {
-        memory_mib = memory_mib.max(((l as u64 >> 20) + 128).min(u32::MAX as u64) as u32);
+        // A limit beyond the host's RAM (a spec's "unlimited" in bytes, say) must not make a VM
+        // larger than the host.
+        let want = (l as u64 >> 20) + 128;
+        memory_mib = memory_mib.max(want.min(host_memory_mib()).min(u32::MAX as u64) as u32);
     }
     let cpu = res.as_ref().and_then(|r| r.cpu().clone());
     let quota_cpus = cpu.and_then(|c| match (c.quota(), c.period()) {
@@ -153,6 +156,16 @@ fn vm_shape(cfg: &Config, b: &Bundle, opts: &CreateOpts) -> VmShape {
     let vcpus = opts.vcpus.or(quota_cpus).unwrap_or(cfg.vcpus).clamp(1, host_cpus.max(1));
     let hostname = b.spec.hostname().clone().unwrap_or_else(|| "husk".into());
     VmShape { memory_mib, vcpus, hostname, extra_shares: opts.extra_shares.clone() }
+}
+
+/// The host's RAM in MiB (falls back to "no cap" if sysinfo fails).
+fn host_memory_mib() -> u64 {
+    // SAFETY: sysinfo fills the struct it is given.
+    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sysinfo(&mut si) } != 0 {
+        return u64::MAX;
+    }
+    (si.totalram as u64).saturating_mul(si.mem_unit as u64) >> 20
 }
 
 impl Runtime {
@@ -569,6 +582,35 @@ mod tests {
         let t = now_rfc3339();
         assert_eq!(t.len(), "2026-12-01T07:58:30.123456789Z".len(), "{t}");
         assert!(t.starts_with("20") && t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
+    }
+
+    #[test]
+    fn vm_memory_follows_the_limit_but_not_past_the_host() {
+        let cfg = Config::load().expect("config");
+        let d = std::env::temp_dir().join(format!("husk-ops-shape-{}", std::process::id()));
+        std::fs::create_dir_all(d.join("rootfs")).expect("mkdir");
+        let shape = |limit: i64| {
+            let spec = serde_json::json!({
+                "ociVersion": "1.0.2",
+                "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+                "root": {"path": "rootfs"},
+                "linux": {"resources": {"memory": {"limit": limit}}}
+            });
+            let b =
+                Bundle::from_spec(d.clone(), serde_json::from_value(spec).expect("spec")).expect("bundle");
+            let opts = CreateOpts {
+                pid_file: None,
+                stdio: StdioMode::Foreground { size: None },
+                extra_shares: vec![],
+                rootfs_share: None,
+                memory_mib: None,
+                vcpus: None,
+            };
+            vm_shape(&cfg, &b, &opts).memory_mib
+        };
+        assert_eq!(shape(1 << 30), (1024 + 128).max(cfg.memory_mib));
+        assert!(u64::from(shape(i64::MAX)) <= host_memory_mib().max(cfg.memory_mib.into()));
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
