@@ -168,7 +168,7 @@ pub struct Run {
     /// Hostname (sandbox mode).
     #[arg(long)]
     pub hostname: Option<String>,
-    /// Keep the sandbox's rootfs changes? No: sandbox runs are always removed (`--rm`).
+    /// Accepted for Docker habits: sandbox runs are always removed.
     #[arg(long, hide = true, default_value_t = true)]
     pub rm: bool,
     /// The container id (OCI mode), or the command (sandbox mode, after `--`).

@@ -16,8 +16,8 @@ pub fn own_terminal_size() -> Option<(u16, u16)> {
 /// Relays `fg` through this process's stdio; with `terminal`, stdin must be a terminal.
 /// Hands back the VMM child (if this process started it) for the caller to reap.
 pub async fn relay(fg: Foreground, terminal: bool) -> Result<(Outcome, Option<Child>), RuntimeError> {
-    let Foreground { client: _, target, guest, vmm } = fg;
-    // Its own connection: the creating one gives up on calls after a timeout.
+    let Foreground { target, guest, vmm } = fg;
+    // A connection of its own: the CLI's gives up on calls after a timeout, a wait must not.
     let client = crate::sandbox::connect_long(&target.vsock).await?;
     if terminal {
         let fd = nix::unistd::dup(0).map_err(RuntimeError::errno("dup stdin"))?;

@@ -73,7 +73,6 @@ pub struct CreateOpts {
 
 /// A created container whose stdio the caller relays itself.
 pub struct Foreground {
-    pub client: AgentClient,
     pub target: Target,
     pub guest: GuestStreams,
     /// The VMM when this process started it, so the caller reaps it.
@@ -310,7 +309,7 @@ impl Runtime {
         drop(slock);
         let vmm = partial.vm.take().and_then(|(_, child)| child);
         *partial = Partial::default();
-        Ok(guest_streams.map(|guest| Foreground { client, target, guest, vmm }))
+        Ok(guest_streams.map(|guest| Foreground { target, guest, vmm }))
     }
 
     /// The container's status as its VM sees it; stopped when the VM is gone.
@@ -476,7 +475,7 @@ impl Runtime {
             r.go()?;
         }
         drop(lock);
-        Ok(fg.map(|guest| Foreground { client, target, guest, vmm: None }))
+        Ok(fg.map(|guest| Foreground { target, guest, vmm: None }))
     }
 
     /// `delete`: removes the container from its VM and the host; the VM goes with its last

@@ -155,7 +155,8 @@ fn start_pumps(
     Ok((rx, outputs))
 }
 
-fn winsize(fd: RawFd) -> Option<(u16, u16)> {
+/// Size of the terminal `fd`, if it is one with a size.
+pub fn terminal_size(fd: RawFd) -> Option<(u16, u16)> {
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
     // SAFETY: TIOCGWINSZ fills a winsize; fd is a descriptor we own.
     if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 && ws.ws_col > 0 {
@@ -163,11 +164,6 @@ fn winsize(fd: RawFd) -> Option<(u16, u16)> {
     } else {
         None
     }
-}
-
-/// Size of the terminal `fd`, if it is one with a size.
-pub fn terminal_size(fd: RawFd) -> Option<(u16, u16)> {
-    winsize(fd)
 }
 
 /// Relays until the process ends; returns how it ended.
@@ -208,7 +204,7 @@ pub async fn relay(client: AgentClient, target: &Target, host: HostSide, guest: 
                 // Once at the start: the caller may have sized the terminal before we listened.
                 let mut last = None;
                 loop {
-                    let size = winsize(raw);
+                    let size = terminal_size(raw);
                     if size.is_some() && size != last {
                         last = size;
                         if let Some((rows, cols)) = size {
