@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use husk_proto::{event, Event, ExitEvent, Stdio};
+use oci_spec::runtime::{LinuxSeccomp, Process};
 use tokio::sync::{broadcast, Notify};
+use tokio::task::AbortHandle;
 
 use crate::cgroup::ContainerCgroup;
 use crate::error::AgentError;
@@ -16,7 +18,7 @@ use crate::oci::{self, Op};
 use crate::oom::OomWatcher;
 use crate::reaper::{self, ExitStatus, ExitWatch, Reaper};
 use crate::stdio::StdioRegistry;
-use crate::{init, procfs, rootfs, spec, tty, validate};
+use crate::{init, lifeline, pipes, procfs, rootfs, spec, tty, validate};
 
 /// How long a forced removal waits for the container's init to die after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -40,8 +42,8 @@ struct Proc {
     exit: ExitWatch,
     /// The pty master, kept for resizes.
     tty: Option<OwnedFd>,
-    /// A handle on the stdin stream, so CloseStdin can shut it down under the process.
-    stdin: Mutex<Option<OwnedFd>>,
+    /// The copy into the process's stdin pipe; aborting it closes the pipe (CloseStdin).
+    stdin: Mutex<Option<AbortHandle>>,
 }
 
 impl Proc {
@@ -56,6 +58,10 @@ struct Container {
     cgroup: ContainerCgroup,
     overlay: Option<PathBuf>,
     started: AtomicBool,
+    /// The container's own process, whose confinement every exec inherits where the exec's
+    /// process leaves it unset, and its seccomp profile, which every exec gets.
+    process: Process,
+    seccomp: Option<LinuxSeccomp>,
     init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
 }
@@ -106,6 +112,8 @@ pub struct Agent {
     shares: Mutex<HashSet<String>>,
     pub init_started_ns: AtomicU64,
     pub ready_ns: AtomicU64,
+    /// Names console sockets: short whatever the ids, so they always fit a `sun_path`.
+    console_seq: AtomicU64,
     /// Notified by DestroySandbox once every container is gone.
     pub shutdown: Notify,
 }
@@ -143,6 +151,7 @@ impl Agent {
             shares: Mutex::default(),
             init_started_ns: AtomicU64::new(0),
             ready_ns: AtomicU64::new(0),
+            console_seq: AtomicU64::new(0),
             shutdown: Notify::new(),
         })
     }
@@ -271,10 +280,9 @@ impl Agent {
         let lower = self.resolve_rootfs(&rootfs_req)?;
         let mut spec = spec::prepare(&req.oci_spec_json, &id, &lower, stdio.terminal, &self.share_roots())?;
 
-        // A writable rootfs over a read-only share gets a tmpfs-backed overlay.
-        let wants_writable = !spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
+        let read_only_root = spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
         let overlay_dir = self.cfg.state_dir.join("overlays").join(&id);
-        let overlay = if wants_writable && rootfs::is_read_only(&lower) {
+        let overlay = if rootfs::needs_overlay(read_only_root, rootfs::is_read_only(&lower)) {
             let merged = rootfs::mount_overlay(&lower, &overlay_dir)?;
             if let Some(root) = spec.root().clone().as_mut() {
                 root.set_path(merged);
@@ -286,7 +294,7 @@ impl Agent {
         };
         let bundle = self.cfg.state_dir.join("bundles").join(&id);
         let result = self.create_in_bundle(&id, &bundle, &spec, &stdio).await;
-        let (init, cgroup) = match result {
+        let (init, cgroup, lifeline) = match result {
             Ok(v) => v,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&bundle);
@@ -307,9 +315,21 @@ impl Agent {
             cgroup,
             overlay,
             started: AtomicBool::new(false),
+            process: spec.process().clone().unwrap_or_default(),
+            seccomp: spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
             init,
             execs: Mutex::default(),
         });
+        if let Some(fd) = lifeline {
+            // The init's holder gone: the whole container goes, as if its init had died.
+            let c = container.clone();
+            lifeline::watch(fd, container.init.exit.clone(), move || {
+                let _ = c.cgroup.freeze(false);
+                if let Err(e) = c.cgroup.signal_all(nix::sys::signal::Signal::SIGKILL) {
+                    tracing::warn!("container {}: {e}", c.id);
+                }
+            })?;
+        }
         lock(&self.containers).insert(id, Some(container));
         reservation.done = true;
         Ok(pid as u32)
@@ -321,12 +341,12 @@ impl Agent {
         bundle: &Path,
         spec: &oci_spec::runtime::Spec,
         stdio: &Stdio,
-    ) -> Result<(Arc<Proc>, ContainerCgroup), AgentError> {
+    ) -> Result<(Arc<Proc>, ContainerCgroup, Option<OwnedFd>), AgentError> {
         std::fs::create_dir_all(bundle).map_err(AgentError::io("creating the bundle"))?;
         let json =
             serde_json::to_vec(spec).map_err(|e| AgentError::Internal(format!("encoding spec: {e}")))?;
         std::fs::write(bundle.join("config.json"), json).map_err(AgentError::io("writing config.json"))?;
-        let console = self.cfg.state_dir.join("console").join(format!("{id}.sock"));
+        let console = self.console_path();
         let op = Op::Create {
             root: self.lc_root(),
             id: id.to_string(),
@@ -334,21 +354,33 @@ impl Agent {
             console_socket: stdio.terminal.then(|| console.clone()),
             no_pivot: self.cfg.no_pivot,
         };
-        let proc = self.run_process(op, stdio, &console).await?;
+        let (proc, lifeline) = self.run_process(op, stdio, &console).await?;
         let cgroup = ContainerCgroup::new(id)?;
-        Ok((proc, cgroup))
+        Ok((proc, cgroup, lifeline))
+    }
+
+    /// A fresh console socket path: the agent's own short name, never one built from ids.
+    fn console_path(&self) -> PathBuf {
+        let n = self.console_seq.fetch_add(1, Ordering::Relaxed);
+        self.cfg.state_dir.join("console").join(format!("{n}.sock"))
     }
 
     /// Runs a create or exec helper with the request's stdio, and sets up the pty relay.
-    async fn run_process(&self, op: Op, stdio: &Stdio, console: &Path) -> Result<Arc<Proc>, AgentError> {
-        let streams = StdioFds::claim(&self.stdio, stdio)?;
+    /// Returns the process and its lifeline stream, for the caller to watch.
+    async fn run_process(
+        &self,
+        op: Op,
+        stdio: &Stdio,
+        console: &Path,
+    ) -> Result<(Arc<Proc>, Option<OwnedFd>), AgentError> {
+        let mut streams = StdioFds::claim(&self.stdio, stdio)?;
         let console_rx = if stdio.terminal {
             let sock = tty::ConsoleSocket::bind(console)?;
             Some(tokio::task::spawn_blocking(move || sock.receive(CONSOLE_WAIT)))
         } else {
             None
         };
-        let helper_stdio = streams.helper_stdio()?;
+        let (helper_stdio, stdin_copy) = streams.process_stdio()?;
         let pid = oci::run(&self.reaper, op, helper_stdio).await;
         let _ = std::fs::remove_file(console);
         let pid = match pid {
@@ -370,13 +402,12 @@ impl Agent {
                     tty::resize(&master, stdio.rows, stdio.cols)?;
                 }
                 let relay = master.try_clone().map_err(AgentError::io("dup pty master"))?;
-                tty::spawn_relay(relay, streams.stdin_for_relay()?, streams.stdout)?;
+                tty::spawn_relay(relay, streams.stdin.take(), streams.stdout.take())?;
                 Some(master)
             }
             None => None,
         };
-        let stdin = if tty.is_none() { streams.stdin } else { None };
-        Ok(Arc::new(Proc { pid, exit, tty, stdin: Mutex::new(stdin) }))
+        Ok((Arc::new(Proc { pid, exit, tty, stdin: Mutex::new(stdin_copy) }), streams.lifeline))
     }
 
     fn spawn_exit_event(&self, container_id: &str, exec_id: &str, p: &Arc<Proc>) {
@@ -496,23 +527,33 @@ impl Agent {
             )));
         }
         let stdio = req.stdio.unwrap_or_default();
-        let process = spec::exec_process(&req.oci_process_json, stdio.terminal)?;
+        let mut process = spec::exec_process(&req.oci_process_json, stdio.terminal, &c.process)?;
+        let drop_to = c.seccomp.as_ref().and_then(|_| crate::confine::lift_for_seccomp(&mut process));
         let dir = self.cfg.state_dir.join("execs").join(&c.id);
         std::fs::create_dir_all(&dir).map_err(AgentError::io("creating the exec dir"))?;
         let process_json = dir.join(format!("{}.json", req.exec_id));
         let json = serde_json::to_vec(&process)
             .map_err(|e| AgentError::Internal(format!("encoding process: {e}")))?;
         std::fs::write(&process_json, json).map_err(AgentError::io("writing the process json"))?;
-        let console = self.cfg.state_dir.join("console").join(format!("{}-{}.sock", c.id, req.exec_id));
+        let console = self.console_path();
         let op = Op::Exec {
             root: self.lc_root(),
             id: c.id.clone(),
             process_json: process_json.clone(),
             console_socket: stdio.terminal.then(|| console.clone()),
+            seccomp: c.seccomp.clone().map(Box::new),
+            drop_to: drop_to.map(Box::new),
         };
         let result = self.run_process(op, &stdio, &console).await;
         let _ = std::fs::remove_file(&process_json);
-        let p = result?;
+        let (p, lifeline) = result?;
+        if let Some(fd) = lifeline {
+            let pid = p.pid;
+            lifeline::watch(fd, p.exit.clone(), move || {
+                // SAFETY: kill(2); the watch saw the PID unreaped just before.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            })?;
+        }
         self.spawn_exit_event(&c.id, &req.exec_id, &p);
         let pid = p.pid;
         lock(&c.execs).insert(req.exec_id, p);
@@ -569,20 +610,20 @@ impl Agent {
             nix::unistd::write(master, b"\x04").map_err(AgentError::errno("writing EOF to the tty"))?;
             return Ok(());
         }
-        if let Some(fd) = lock(&p.stdin).take() {
-            use std::os::fd::AsRawFd;
-            // The process holds its own dup; shutting the socket down makes its reads see EOF.
-            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+        if let Some(copy) = lock(&p.stdin).take() {
+            // Ends the copy, which closes the pipe's write end: the process reads EOF.
+            copy.abort();
         }
         Ok(())
     }
 }
 
-/// The fds a process gets: claimed streams, or /dev/null for names left empty.
+/// The streams a request names (none: /dev/null), claimed from the registry.
 struct StdioFds {
     stdin: Option<OwnedFd>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    lifeline: Option<OwnedFd>,
     terminal: bool,
 }
 
@@ -593,7 +634,7 @@ impl StdioFds {
                 "with a terminal, stderr goes to stdout; leave stderr empty".into(),
             ));
         }
-        for name in [&s.stdin, &s.stdout, &s.stderr] {
+        for name in [&s.stdin, &s.stdout, &s.stderr, &s.lifeline] {
             if !name.is_empty() {
                 validate::name("stdio stream name", name)?;
             }
@@ -603,6 +644,7 @@ impl StdioFds {
             stdin: take(&s.stdin)?,
             stdout: take(&s.stdout)?,
             stderr: take(&s.stderr)?,
+            lifeline: take(&s.lifeline)?,
             terminal: s.terminal,
         })
     }
@@ -620,20 +662,22 @@ impl StdioFds {
         Ok([Self::null()?, Self::null()?, Self::null()?])
     }
 
-    /// fds 0–2 for the helper (and so the process). With a terminal the pty replaces them.
-    fn helper_stdio(&self) -> Result<[OwnedFd; 3], AgentError> {
+    /// fds 0–2 for the helper (and so the process): pipes bridged to the streams, or
+    /// /dev/null; with a terminal the pty replaces them and the streams stay for its relay.
+    /// Also returns the stdin copy, for CloseStdin.
+    fn process_stdio(&mut self) -> Result<([OwnedFd; 3], Option<AbortHandle>), AgentError> {
         if self.terminal {
-            return Self::null_triple();
+            return Ok((Self::null_triple()?, None));
         }
-        let dup = |fd: &Option<OwnedFd>| match fd {
-            Some(fd) => fd.try_clone().map_err(AgentError::io("dup stdio")),
-            None => Self::null(),
+        let (stdin, copy) = match self.stdin.take() {
+            Some(s) => {
+                let (r, h) = pipes::input(s)?;
+                (r, Some(h))
+            }
+            None => (Self::null()?, None),
         };
-        Ok([dup(&self.stdin)?, dup(&self.stdout)?, dup(&self.stderr)?])
-    }
-
-    fn stdin_for_relay(&self) -> Result<Option<OwnedFd>, AgentError> {
-        self.stdin.as_ref().map(|fd| fd.try_clone().map_err(AgentError::io("dup stdin"))).transpose()
+        let out = |s: Option<OwnedFd>| s.map(pipes::output).unwrap_or_else(Self::null);
+        Ok(([stdin, out(self.stdout.take())?, out(self.stderr.take())?], copy))
     }
 }
 

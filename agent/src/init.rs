@@ -68,15 +68,21 @@ pub fn setup_guest() -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Mounts virtio-fs share `tag` at `target`.
+/// Mounts virtio-fs share `tag` at `target`. `nodev`: device nodes come from the spec only.
+/// Not `nosuid`: a setuid binary in an image must elevate where the spec allows privilege gain,
+/// as under runc; `noNewPrivileges` (and mounts the spec marks `nosuid`) stop it where not.
 pub fn mount_share(tag: &str, target: &Path, read_only: bool) -> Result<(), AgentError> {
     std::fs::create_dir_all(target).map_err(AgentError::io(format!("mkdir {}", target.display())))?;
-    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let mut flags = share_flags();
     if read_only {
         flags |= MsFlags::MS_RDONLY;
     }
     mount(Some(tag), target, Some("virtiofs"), flags, None::<&str>)
         .map_err(AgentError::errno(format!("mounting virtio-fs share {tag:?}")))
+}
+
+fn share_flags() -> MsFlags {
+    MsFlags::MS_NODEV
 }
 
 pub fn set_clock(unix_ns: i64) -> Result<(), AgentError> {
@@ -103,4 +109,15 @@ pub fn boottime_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_keep_setuid_but_not_devices() {
+        assert!(share_flags().contains(MsFlags::MS_NODEV));
+        assert!(!share_flags().contains(MsFlags::MS_NOSUID));
+    }
 }

@@ -8,12 +8,15 @@
 
 mod agent;
 mod cgroup;
+mod confine;
 mod error;
 mod fdio;
 mod init;
+mod lifeline;
 mod listener;
 mod oci;
 mod oom;
+mod pipes;
 mod procfs;
 mod reaper;
 mod rootfs;

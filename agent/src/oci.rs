@@ -5,7 +5,9 @@
 //! child; doing that from the agent's multithreaded async runtime could deadlock the child on a
 //! lock another thread held at fork time. A fresh single-threaded process per operation is what
 //! the youki CLI is, and keeps libcontainer's own waitpid calls away from the agent's reaper.
-//! The helper's fds 0–2 become the container process's stdio; it reports on fd 3.
+//! The helper's fds 0–2 become the container process's stdio; it reports on fd 3, and the
+//! container library's own error logs (from the helper and the processes it forks, which name
+//! the mount, path, syscall and errno that failed) go to fd 4, so a failure keeps its cause.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -16,14 +18,20 @@ use std::sync::Arc;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
+use oci_spec::runtime::{LinuxCapabilities, LinuxSeccomp};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 
+use crate::confine::ConfinedExec;
 use crate::error::AgentError;
 use crate::reaper::{self, Reaper};
 
 /// The fd the helper writes its one-line JSON report to.
 const REPORT_FD: i32 = 3;
+/// The fd the helper's error logs go to.
+const LOG_FD: i32 = 4;
+/// Most log text kept for an error message.
+const MAX_LOG: usize = 4096;
 /// How long a report may lag behind the helper's exit.
 const REPORT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -48,6 +56,10 @@ pub enum Op {
         id: String,
         process_json: PathBuf,
         console_socket: Option<PathBuf>,
+        /// The container's profile, which libcontainer would not give the exec.
+        seccomp: Option<Box<LinuxSeccomp>>,
+        /// The process's own capability sets, when they were lifted to load the profile.
+        drop_to: Option<Box<LinuxCapabilities>>,
     },
     Delete {
         root: PathBuf,
@@ -71,8 +83,11 @@ pub async fn run(reaper: &Arc<Reaper>, op: Op, stdio: [OwnedFd; 3]) -> Result<Op
     let exe = "/proc/self/exe";
     let (report_r, report_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(AgentError::errno("pipe"))?;
+    let (log_r, log_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+        .map_err(AgentError::errno("pipe"))?;
     let [stdin, stdout, stderr] = stdio;
     let report_w_fd = report_w.as_raw_fd();
+    let log_w_fd = log_w.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.arg("__oci")
         .arg(&op_json)
@@ -82,7 +97,7 @@ pub async fn run(reaper: &Arc<Reaper>, op: Op, stdio: [OwnedFd; 3]) -> Result<Op
     // SAFETY: dup2 is async-signal-safe; it runs between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(report_w_fd, REPORT_FD) < 0 {
+            if libc::dup2(report_w_fd, REPORT_FD) < 0 || libc::dup2(log_w_fd, LOG_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -92,6 +107,7 @@ pub async fn run(reaper: &Arc<Reaper>, op: Op, stdio: [OwnedFd; 3]) -> Result<Op
     tracing::debug!("helper {} runs {op_json}", child.id());
     let exit = reaper.watch(child.id() as i32);
     drop(report_w);
+    drop(log_w);
     // The report line comes before the helper exits, but the container (which inherits the pipe
     // until it execs) may hold the write end much longer: never wait for EOF. A helper that dies
     // without reporting (killed, or aborted on a panic) is caught by its exit.
@@ -114,13 +130,75 @@ pub async fn run(reaper: &Arc<Reaper>, op: Op, stdio: [OwnedFd; 3]) -> Result<Op
     let report: Report = serde_json::from_str(&line)
         .map_err(|_| AgentError::Internal(format!("container helper ended ({status:?}) without a report")))?;
     match report.error {
-        Some(e) => Err(AgentError::FailedPrecondition(e)),
+        // Logged before the failure was reported, so in the pipe already; never wait for EOF
+        // (a created container holds the pipe until it execs).
+        Some(e) => Err(AgentError::FailedPrecondition(with_cause(e, &drain(&log_r)))),
         None => Ok(report.pid),
     }
 }
 
+/// Whatever the log pipe holds now, up to [`MAX_LOG`] bytes.
+fn drain(fd: &OwnedFd) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    while out.len() < MAX_LOG {
+        match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+            Ok(n @ 1..) => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    out.truncate(MAX_LOG);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The helper's error plus the library's own error lines (innermost first, as logged), each
+/// once: "creating container x: failed to prepare rootfs: <mount>: <errno> | ...".
+fn with_cause(error: String, log: &str) -> String {
+    let mut causes: Vec<&str> = Vec::new();
+    for line in log.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !causes.contains(&line) && !error.contains(line) {
+            causes.push(line);
+        }
+    }
+    if causes.is_empty() {
+        error
+    } else {
+        format!("{error}: {}", causes.join(" | "))
+    }
+}
+
+/// Sends the container library's error events to [`LOG_FD`], one line each, never blocking
+/// (a full pipe drops lines). Inherited by the processes libcontainer forks; closed at their
+/// exec, so a container never sees it.
+fn init_error_log() {
+    // SAFETY: fcntl on the fd the agent set up for this helper.
+    if unsafe { libc::fcntl(LOG_FD, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return;
+    }
+    struct LogPipe;
+    impl std::io::Write for LogPipe {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            // SAFETY: LOG_FD is open for this process's lifetime; a failed write is dropped.
+            let _ = unsafe { libc::write(LOG_FD, buf.as_ptr().cast(), buf.len()) };
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::ERROR)
+        .with_writer(|| LogPipe)
+        .with_ansi(false)
+        .without_time()
+        .with_level(false)
+        .with_target(false)
+        .try_init();
+}
+
 /// The helper process: performs the op and reports. Never returns.
 pub fn helper_main(op_json: &str) -> ! {
+    init_error_log();
     let result = serde_json::from_str::<Op>(op_json).map_err(|e| format!("bad op: {e}")).and_then(perform);
     let report = match result {
         Ok(pid) => Report { pid, error: None },
@@ -144,6 +222,7 @@ fn perform(op: Op) -> Result<Option<i32>, String> {
                 .with_root_path(root)
                 .map_err(|e| e.to_string())?
                 .with_console_socket(console_socket)
+                .with_executor(ConfinedExec::default())
                 .as_init(bundle)
                 .with_systemd(false)
                 .with_detach(true)
@@ -156,11 +235,13 @@ fn perform(op: Op) -> Result<Option<i32>, String> {
             load(&root, &id)?.start().map_err(|e| format!("starting container {id}: {e}"))?;
             Ok(None)
         }
-        Op::Exec { root, id, process_json, console_socket } => {
+        Op::Exec { root, id, process_json, console_socket, seccomp, drop_to } => {
+            let executor = ConfinedExec { seccomp: seccomp.map(|s| *s), drop_to: drop_to.map(|d| *d) };
             let pid = ContainerBuilder::new(id.clone(), SyscallType::Linux)
                 .with_root_path(root)
                 .map_err(|e| e.to_string())?
                 .with_console_socket(console_socket)
+                .with_executor(executor)
                 .as_tenant()
                 .with_process(Some(process_json))
                 .with_detach(true)
@@ -172,5 +253,22 @@ fn perform(op: Op) -> Result<Option<i32>, String> {
             load(&root, &id)?.delete(force).map_err(|e| format!("deleting container {id}: {e}"))?;
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_keep_the_librarys_cause_once() {
+        let log = "failed to create dir err=Nix(ENOTDIR) path=\"/r/etc/passwd/x\"\n\
+                   failed to prepare rootfs err=Mount(...)\n\
+                   failed to create dir err=Nix(ENOTDIR) path=\"/r/etc/passwd/x\"\n";
+        let e = with_cause("creating container c: failed to prepare rootfs".into(), log);
+        assert!(e.starts_with("creating container c: failed to prepare rootfs: "), "{e}");
+        assert_eq!(e.matches("ENOTDIR").count(), 1, "{e}");
+        assert!(e.contains("/r/etc/passwd/x"), "{e}");
+        assert_eq!(with_cause("plain".into(), "\n"), "plain");
     }
 }

@@ -35,6 +35,7 @@ pub fn prepare(
     check_process(process)?;
     let mut process = process.clone();
     process.set_terminal(Some(terminal));
+    normalize_no_new_privileges(&mut process);
     spec.set_process(Some(process));
 
     let mut root = spec.root().clone().unwrap_or_default();
@@ -49,15 +50,68 @@ pub fn prepare(
         check_resources(r)?;
     }
     linux.set_cgroups_path(Some(PathBuf::from(crate::cgroup::cgroups_path(container_id))));
+    if let Some(p) = linux.rootfs_propagation().clone() {
+        linux.set_rootfs_propagation(Some(rootfs_propagation(&p)?.to_string()));
+    }
     spec.set_linux(Some(linux));
     Ok(spec)
 }
 
-/// Parses an exec request's process object.
-pub fn exec_process(json: &[u8], terminal: bool) -> Result<Process, AgentError> {
+/// runc's names for the root's propagation (containerd sends `rshared` for a bidirectional
+/// volume, `rslave` for host-to-container) mapped to what the container library takes; the
+/// root mount is changed recursively either way. Propagation ends at the VM: mounts reach
+/// other containers of the pod, never the host.
+fn rootfs_propagation(p: &str) -> Result<&'static str, AgentError> {
+    Ok(match p {
+        "shared" | "rshared" => "shared",
+        "slave" | "rslave" => "slave",
+        "private" | "rprivate" => "private",
+        "unbindable" | "runbindable" => "unbindable",
+        other => {
+            return Err(AgentError::InvalidArgument(format!(
+                "linux.rootfsPropagation {other:?} cannot be honoured: not one of \
+                 [r]shared, [r]slave, [r]private, [r]unbindable"
+            )))
+        }
+    })
+}
+
+/// `noNewPrivileges: false` means the same as leaving it out; the container library only
+/// loads a seccomp profile before dropping capabilities (which an unprivileged process needs)
+/// when it is left out.
+fn normalize_no_new_privileges(p: &mut Process) {
+    if p.no_new_privileges() == Some(false) {
+        p.set_no_new_privileges(None);
+    }
+}
+
+/// Parses an exec request's process object. What it leaves unset of the container process's
+/// confinement (capabilities, no_new_privileges, rlimits, AppArmor, SELinux label, OOM score)
+/// is the container's, as runc does it: an exec never runs looser than the container.
+pub fn exec_process(json: &[u8], terminal: bool, container: &Process) -> Result<Process, AgentError> {
     let mut process: Process = parse("OCI process", json)?;
     check_process(&process)?;
     process.set_terminal(Some(terminal));
+    if process.capabilities().is_none() {
+        process.set_capabilities(container.capabilities().clone());
+    }
+    // Never looser: a container under no_new_privileges keeps it in every exec.
+    if process.no_new_privileges().is_none() || container.no_new_privileges() == Some(true) {
+        process.set_no_new_privileges(container.no_new_privileges());
+    }
+    if process.rlimits().as_ref().is_none_or(|r| r.is_empty()) {
+        process.set_rlimits(container.rlimits().clone());
+    }
+    if process.apparmor_profile().as_ref().is_none_or(|a| a.is_empty()) {
+        process.set_apparmor_profile(container.apparmor_profile().clone());
+    }
+    if process.selinux_label().as_ref().is_none_or(|a| a.is_empty()) {
+        process.set_selinux_label(container.selinux_label().clone());
+    }
+    if process.oom_score_adj().is_none() {
+        process.set_oom_score_adj(container.oom_score_adj());
+    }
+    normalize_no_new_privileges(&mut process);
     Ok(process)
 }
 
@@ -173,6 +227,54 @@ mod tests {
         assert_eq!(p.root().as_ref().map(|r| r.path().clone()), Some(PathBuf::from("/rootfs")));
         let linux = p.linux().as_ref().expect("linux");
         assert_eq!(linux.cgroups_path().as_deref(), Some(Path::new("/husk/c1")));
+    }
+
+    #[test]
+    fn rootfs_propagation_takes_runcs_names() {
+        for (given, want) in [("rshared", "shared"), ("rslave", "slave"), ("private", "private")] {
+            let mut v = base();
+            v["linux"]["rootfsPropagation"] = serde_json::json!(given);
+            let p = prep(&v).expect("valid");
+            assert_eq!(
+                p.linux().as_ref().and_then(|l| l.rootfs_propagation().clone()).as_deref(),
+                Some(want)
+            );
+        }
+        let mut v = base();
+        v["linux"]["rootfsPropagation"] = serde_json::json!("sideways");
+        let e = prep(&v).expect_err("unknown mode").to_string();
+        assert!(e.contains("sideways") && e.contains("cannot be honoured"), "{e}");
+    }
+
+    #[test]
+    fn execs_inherit_the_containers_confinement() {
+        let container: Process = serde_json::from_value(serde_json::json!({
+            "args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]},
+            "noNewPrivileges": true,
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 64, "soft": 64}],
+            "apparmorProfile": "p", "oomScoreAdj": 5
+        }))
+        .expect("process");
+        let bare = br#"{"args":["id"],"cwd":"/","user":{"uid":0,"gid":0}}"#;
+        let p = exec_process(bare, false, &container).expect("exec");
+        assert_eq!(p.capabilities(), container.capabilities());
+        assert_eq!(p.no_new_privileges(), Some(true));
+        assert_eq!(p.rlimits(), container.rlimits());
+        assert_eq!(p.apparmor_profile().as_deref(), Some("p"));
+        assert_eq!(p.oom_score_adj(), Some(5));
+        // What the exec sets itself stays.
+        let own = br#"{"args":["id"],"cwd":"/","user":{"uid":0,"gid":0},"capabilities":{"bounding":[]},"noNewPrivileges":false}"#;
+        let p = exec_process(own, true, &container).expect("exec");
+        assert_eq!(p.capabilities().as_ref().and_then(|c| c.bounding().clone()).map(|b| b.len()), Some(0));
+        assert_eq!(p.no_new_privileges(), Some(true), "an exec cannot drop no_new_privileges");
+        assert_eq!(p.terminal(), Some(true));
+        let loose: Process = serde_json::from_value(serde_json::json!({
+            "args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}
+        }))
+        .expect("process");
+        let p = exec_process(own, false, &loose).expect("exec");
+        assert_eq!(p.no_new_privileges(), None, "false is normalized to unset");
     }
 
     #[test]

@@ -41,7 +41,7 @@ const MAX_ANSWER: usize = 512;
 /// Connects to guest `port` through the hybrid vsock socket at `uds`: `CONNECT <port>\n`, then
 /// one answer line (`OK ...`).
 pub async fn dial(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
-    let mut s = UnixStream::connect(uds).await?;
+    let mut s = crate::uds::connect(uds).await?;
     s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
     let line = read_line(&mut s).await?;
     if line.starts_with("OK") {

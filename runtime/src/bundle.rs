@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespace, Mount, Spec};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, Spec};
 
 use crate::error::RuntimeError;
 use crate::mounts;
@@ -199,6 +199,16 @@ fn to_guest_inner(
         p.set_apparmor_profile(None);
         p.set_selinux_label(None);
         spec.set_process(Some(p));
+    }
+    // A hostname without a UTS namespace of its own (CRI's host-network pods) names the VM's,
+    // which the sandbox got when it booted; the container library refuses to set it again.
+    let own_uts = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|nss| nss.iter().any(|n| n.typ() == LinuxNamespaceType::Uts && n.path().is_none()));
+    if !own_uts && spec.hostname().is_some() {
+        spec.set_hostname(None);
     }
     if let Some(mut linux) = spec.linux().clone() {
         linux.set_mount_label(None);

@@ -37,6 +37,9 @@ pub async fn open_streams(
         let (n, s) = open(stream_name("err")).await?;
         (n, Some(s))
     };
+    // Held by whatever stands for the process on the host: if it dies, the agent kills the
+    // process.
+    let (life_name, lifeline) = open(stream_name("life")).await?;
     let (rows, cols) = size.unwrap_or((0, 0));
     let stdio = pb::Stdio {
         stdin: in_name,
@@ -45,8 +48,9 @@ pub async fn open_streams(
         terminal,
         rows: rows.into(),
         cols: cols.into(),
+        lifeline: life_name,
     };
-    Ok((stdio, GuestStreams { stdin: Some(stdin), stdout: Some(stdout), stderr }))
+    Ok((stdio, GuestStreams { stdin: Some(stdin), stdout: Some(stdout), stderr, lifeline: Some(lifeline) }))
 }
 
 /// Checks a `--console-socket` argument before anything is created.
@@ -66,7 +70,7 @@ pub fn check_console_socket(path: &Path) -> Result<(), RuntimeError> {
 /// returns the slave.
 pub fn console_pty(console_socket: &Path) -> Result<OwnedFd, RuntimeError> {
     let pty = nix::pty::openpty(None, None).map_err(RuntimeError::errno("openpty"))?;
-    let sock = std::os::unix::net::UnixStream::connect(console_socket)
+    let sock = crate::uds::connect_std(console_socket)
         .map_err(RuntimeError::io(format!("connecting to console socket {}", console_socket.display())))?;
     let fds = [pty.master.as_raw_fd()];
     let name = b"/dev/ptmx";
@@ -112,14 +116,21 @@ pub fn spawn_relay(
         guest_stdin: raw(&guest.stdin),
         guest_stdout: raw(&guest.stdout),
         guest_stderr: raw(&guest.stderr),
+        guest_lifeline: raw(&guest.lifeline),
         terminal_fd: terminal.as_ref().map(|t| t.as_raw_fd()),
         control_fd: ctl_read.as_raw_fd(),
     };
-    let pass: Vec<RawFd> =
-        [args.guest_stdin, args.guest_stdout, args.guest_stderr, args.terminal_fd, Some(args.control_fd)]
-            .into_iter()
-            .flatten()
-            .collect();
+    let pass: Vec<RawFd> = [
+        args.guest_stdin,
+        args.guest_stdout,
+        args.guest_stderr,
+        args.guest_lifeline,
+        args.terminal_fd,
+        Some(args.control_fd),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let json = serde_json::to_string(&args).map_err(|e| RuntimeError::Internal(e.to_string()))?;
     let exe = std::env::current_exe().map_err(RuntimeError::io("locating the husk binary"))?;
     let mut cmd = Command::new(exe);

@@ -21,3 +21,4 @@ pub mod runlog;
 pub mod sandbox;
 pub mod signals;
 pub mod state;
+pub mod uds;

@@ -378,7 +378,11 @@ impl Runtime {
 
     pub async fn kill(&self, id: &str, signal: i32, all: bool) -> Result<(), RuntimeError> {
         let alive = [Status::Created, Status::Running, Status::Paused];
-        let (_lock, _rec, c, _) = self.locked_live(id, "kill", &alive).await?;
+        // runc's words for a stopped container, which containerd's shim matches on.
+        let (_lock, _rec, c, _) = self.locked_live(id, "kill", &alive).await.map_err(|e| match e {
+            RuntimeError::WrongState(_) => RuntimeError::WrongState("container not running".into()),
+            e => e,
+        })?;
         let req = pb::SignalProcessRequest { container_id: id.into(), exec_id: String::new(), signal, all };
         c.processes.clone().signal_process(req).await.map_err(|e| {
             if e.code() == tonic::Code::FailedPrecondition {
@@ -481,7 +485,12 @@ impl Runtime {
     /// `delete`: removes the container from its VM and the host; the VM goes with its last
     /// container. A stopped container (VM gone included) needs no `force`.
     pub async fn delete(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
-        let (lock, rec) = self.state.lock_container(id)?;
+        let (lock, rec) = match self.state.lock_container(id) {
+            // As runc: forcing the delete of a container that is gone succeeds, so a caller
+            // retrying a delete (containerd does) is done.
+            Err(RuntimeError::NotFound(_)) if force => return Ok(()),
+            r => r?,
+        };
         let (status, client) = self.status(&rec).await;
         if matches!(status, Status::Running | Status::Paused) && !force {
             return Err(RuntimeError::WrongState(format!(

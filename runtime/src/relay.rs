@@ -49,6 +49,8 @@ pub struct GuestStreams {
     pub stdin: Option<UnixStream>,
     pub stdout: Option<UnixStream>,
     pub stderr: Option<UnixStream>,
+    /// Held for as long as the relay lives; its close tells the agent to kill the process.
+    pub lifeline: Option<UnixStream>,
 }
 
 /// The host ends.
@@ -66,6 +68,8 @@ pub struct ChildArgs {
     pub guest_stdin: Option<RawFd>,
     pub guest_stdout: Option<RawFd>,
     pub guest_stderr: Option<RawFd>,
+    #[serde(default)]
+    pub guest_lifeline: Option<RawFd>,
     /// A host pty slave (console-socket mode); otherwise fds 0-2 are the container's stdio.
     pub terminal_fd: Option<RawFd>,
     /// One byte here means the process exists (relay it); EOF means creation failed.
@@ -167,7 +171,9 @@ pub fn terminal_size(fd: RawFd) -> Option<(u16, u16)> {
 }
 
 /// Relays until the process ends; returns how it ended.
-pub async fn relay(client: AgentClient, target: &Target, host: HostSide, guest: GuestStreams) -> Outcome {
+pub async fn relay(client: AgentClient, target: &Target, host: HostSide, mut guest: GuestStreams) -> Outcome {
+    // Dropped only when this function returns (or the process holding it dies).
+    let _lifeline = guest.lifeline.take();
     let pref = pb::ProcessRef { container_id: target.container_id.clone(), exec_id: target.exec_id.clone() };
     let (done_rx, outputs) = match start_pumps(&host, guest) {
         Ok(v) => v,
@@ -272,6 +278,7 @@ pub fn child_main(args_json: &str) -> ! {
         stdin: take(args.guest_stdin),
         stdout: take(args.guest_stdout),
         stderr: take(args.guest_stderr),
+        lifeline: take(args.guest_lifeline),
     };
     // SAFETY: as above.
     let mut control = unsafe { File::from_raw_fd(args.control_fd) };

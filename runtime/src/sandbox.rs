@@ -1,6 +1,7 @@
 //! Sandbox VMs: one detached `husk-vmm` per sandbox, which outlives the CLI call that started
 //! it; its agent reached through the VMM's hybrid vsock socket.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +17,10 @@ use crate::state::{SandboxRecord, StateDir};
 
 /// The tag of the per-sandbox share that carries container rootfs and bind-mount sources.
 pub const SHARE_TAG: &str = "husk";
+
+/// The fd husk-vmm inherits the vsock socket's directory at, when the socket's path is too
+/// long for `sun_path`.
+const VSOCK_DIR_FD: i32 = 3;
 
 /// How long a powered-off VMM gets to exit before it is killed.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
@@ -87,6 +92,11 @@ pub async fn start(
         .map_err(RuntimeError::io(format!("creating {}", log_path.display())))?;
     let log2 = log.try_clone().map_err(RuntimeError::io("dup vmm log"))?;
 
+    // However long the state root makes the socket's path, husk-vmm binds it through its
+    // directory, inherited as this fd.
+    let (vsock_arg, vsock_dir) = crate::uds::inherited_path(&vsock, VSOCK_DIR_FD)
+        .map_err(RuntimeError::io(format!("vsock socket {}", vsock.display())))?;
+    let vsock_dir_fd = vsock_dir.as_ref().map(|d| d.as_raw_fd());
     let mut cmd = Command::new(&cfg.vmm);
     cmd.arg("--kernel")
         .arg(&cfg.kernel)
@@ -94,7 +104,7 @@ pub async fn start(
         .arg(&cfg.initramfs)
         .args(["--memory", &shape.memory_mib.to_string(), "--vcpus", &shape.vcpus.to_string()])
         .arg("--vsock")
-        .arg(&vsock)
+        .arg(&vsock_arg)
         .arg("--fs")
         .arg(format!("tag={SHARE_TAG},path={}", check_option_path(&shared)?))
         .arg("--serial")
@@ -105,16 +115,28 @@ pub async fn start(
         cmd.arg("--fs").arg(format!("tag={},path={}{ro}", s.tag, check_option_path(&s.path)?));
     }
     cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
-    // SAFETY: setsid and close_range are async-signal-safe.
+    // SAFETY: setsid, close_range, dup2 and fcntl are async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             // Its own session: a caller's Ctrl-C or hang-up must not take the sandbox down.
             libc::setsid();
             procinfo::cloexec_from_3();
+            if let Some(fd) = vsock_dir_fd {
+                let ok = if fd == VSOCK_DIR_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0) == 0
+                } else {
+                    libc::dup2(fd, VSOCK_DIR_FD) == VSOCK_DIR_FD
+                };
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(RuntimeError::io(format!("starting {}", cfg.vmm.display())))?;
+    let spawned = cmd.spawn();
+    drop(vsock_dir);
+    let mut child = spawned.map_err(RuntimeError::io(format!("starting {}", cfg.vmm.display())))?;
     let pid = child.id() as i32;
     let record = SandboxRecord {
         id: sid.to_string(),

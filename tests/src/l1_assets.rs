@@ -17,6 +17,10 @@ pub const PREPARE_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testhost/
 /// `npt=1`: nested paging makes L2 usable at all under TCG (shadow paging is far slower).
 pub const KVM_MODULES: [(&str, &str); 3] = [("irqbypass", ""), ("kvm", ""), ("kvm-amd", "npt=1")];
 
+/// Modules loaded when the kernel package has them (overlayfs, for containerd's default
+/// snapshotter); a kernel with them built in has no file.
+pub const EXTRA_MODULES: [&str; 1] = ["overlay"];
+
 #[derive(Debug, Clone)]
 pub struct L1Assets {
     pub dir: PathBuf,

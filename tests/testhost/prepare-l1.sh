@@ -6,7 +6,8 @@
 # The kernel package is downloaded and unpacked, never installed, so the host's own kernel and
 # /boot stay untouched. Idempotent: a second run only checks the cached files.
 #
-# Output: the asset directory on stdout (vmlinuz + modules/{irqbypass,kvm,kvm-amd}.ko).
+# Output: the asset directory on stdout (vmlinuz + modules/{irqbypass,kvm,kvm-amd}.ko, and
+# modules/overlay.ko where overlayfs is a module).
 # Everything else goes to stderr.
 set -eu
 
@@ -31,7 +32,7 @@ fi
 current="$base/current"
 if [ -f "$current" ] && [ ! /var/lib/apt/lists -nt "$current" ]; then
     dir="$base/$(cat "$current")"
-    if [ -f "$dir/.complete" ]; then
+    if [ -f "$dir/.complete-2" ]; then
         echo "$dir"
         exit 0
     fi
@@ -58,7 +59,7 @@ ver=$(apt-cache show "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1)
 [ -n "$ver" ] || { log "no version for $pkg"; exit 1; }
 
 dir="$base/$pkg-$ver"
-if [ -f "$dir/.complete" ]; then
+if [ -f "$dir/.complete-2" ]; then
     echo "$pkg-$ver" >"$current"
     echo "$dir"
     exit 0
@@ -97,11 +98,21 @@ for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
         exit 1
     fi
 done
+# Optional modules some jobs use (containerd's overlayfs snapshotter), when the kernel has
+# them as modules rather than built in.
+for m in fs/overlayfs/overlay; do
+    name=$(basename "$m")
+    if [ -f "$mods/$m.ko" ]; then
+        cp "$mods/$m.ko" "$work/out/modules/$name.ko"
+    elif [ -f "$mods/$m.ko.xz" ]; then
+        xz -dc "$mods/$m.ko.xz" >"$work/out/modules/$name.ko"
+    fi
+done
 echo "$pkg $ver" >"$work/out/version"
 
 rm -rf "$dir"
 mv "$work/out" "$dir"
-touch "$dir/.complete"
+touch "$dir/.complete-2"
 echo "$pkg-$ver" >"$current"
 log "ready"
 echo "$dir"

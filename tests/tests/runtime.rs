@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use husk_tests::artifacts::RuntimeTestKit;
+use husk_tests::artifacts::{guest_bin, RuntimeTestKit};
 use husk_tests::{require, run_job, Job};
 
 const SCRIPT: &str = r##"
@@ -130,6 +130,8 @@ $H --root $R create --bundle /var/b4 x3 2>&1; echo "@@BADROOTFS-RC $?"
 $H --root $R create --bundle /var/b2 'bad/id' 2>&1; echo "@@BADID-RC $?"
 bundle /var/b5 '["true"]' && sed -i 's#"source":"/var/vol"#"source":"/var/no-such-dir"#' /var/b5/config.json
 $H --root $R create --bundle /var/b5 x4 2>&1; echo "@@BADMOUNT-RC $?"
+bundle /var/b9 '["true"]' && sed -i 's#"destination":"/tmp"#"destination":"/etc/passwd/sub"#' /var/b9/config.json
+$H --root $R create --bundle /var/b9 x5 2>&1; echo "@@MOUNT-CAUSE-RC $?"
 $H --root $R list -q | grep -q x && echo "@@PARTIAL-STATE"
 $H features | grep -q '"ociVersionMax"' && echo "@@FEATURES"
 mkdir -p /var/sp && (cd /var/sp && $H spec && grep -q '"ociVersion"' config.json && echo "@@SPEC"; $H spec 2>/dev/null || echo "@@SPEC-EXISTS")
@@ -158,6 +160,45 @@ c_ipc=$($H --root $R exec podc readlink /proc/self/ns/ipc)
 $H --root $R delete --force podc; $H --root $R delete --force podsb; echo "@@POD-DELETE-RC $?"
 bundle /var/pod-o '["true"]' false "{$CRI:\"container\",\"io.kubernetes.cri.sandbox-id\":\"nosuch\"}"
 $H --root $R create --bundle /var/pod-o podo 2>&1; echo "@@POD-ORPHAN-RC $?"
+echo "--- kubernetes-shaped"
+# A state root of over 80 characters and 64-hex ids, as containerd's CRI gives them.
+LR=/run/husk-oci-long/a-state-root-of-more-than-eighty-characters/like-containerds-k8s.io
+ID1=$(printf 'a%.0s' $(seq 64)); ID2=$(printf 'b%.0s' $(seq 64))
+# FROM scratch with only /pause, read-only, mount points and file binds it lacks.
+mkdir -p /var/pause/rootfs && cp @PAUSE@ /var/pause/rootfs/pause && echo 127.0.0.1 localhost > /var/hosts
+cat > /var/pause/config.json <<EOC
+{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":["/pause"],"cwd":"/"},
+ "root":{"path":"rootfs","readonly":true},
+ "mounts":[{"destination":"/proc","type":"proc","source":"proc"},
+   {"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","mode=755"]},
+   {"destination":"/dev/shm","type":"tmpfs","source":"shm","options":["nosuid","nodev","noexec"]},
+   {"destination":"/etc/hosts","type":"bind","source":"/var/hosts","options":["rbind","ro"]}],
+ "linux":{"namespaces":[{"type":"pid"},{"type":"ipc"},{"type":"uts"},{"type":"mount"}]}}
+EOC
+$H --root $LR create --bundle /var/pause --pid-file /var/pause.pid $ID1 2>&1 && $H --root $LR start $ID1 && echo "@@PAUSE-STARTED"
+$H --root $LR state $ID1 | grep -q '"status": "running"' && echo "@@PAUSE-RUNNING"
+ls /var/pause/rootfs | tr '\n' ' ' | grep -qx 'pause ' && echo "@@PAUSE-ROOTFS-UNTOUCHED"
+# Stdio is a pipe, /dev/stdout reopens; a seccomp profile that denies chmod holds in an exec;
+# setuid elevates without no_new_privileges; rshared/rslave volumes.
+cp @PAUSE@ /var/bb/bin/suid-euid && chmod 4755 /var/bb/bin/suid-euid
+mkdir -p /var/vs /var/vl && echo shared-data > /var/vs/f && echo slave-data > /var/vl/f
+bundle /var/k1 '["sh","-c","echo via-dev-stdout > /dev/stdout; echo fd1=$(readlink /proc/self/fd/1); touch /tmp/a; chmod 600 /tmp/a || echo init-chmod-denied; cat /vs/f /vl/f; exec sleep 300"]'
+sed -i 's#"noNewPrivileges":true#"noNewPrivileges":false#; s#"linux":{#"linux":{"rootfsPropagation":"rshared","seccomp":{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["chmod","fchmod","fchmodat"],"action":"SCMP_ACT_ERRNO"}]},#' /var/k1/config.json
+sed -i 's#"options":\["rbind","ro"\]}\]#"options":["rbind","ro"]},{"destination":"/vs","type":"bind","source":"/var/vs","options":["rbind","rshared"]},{"destination":"/vl","type":"bind","source":"/var/vl","options":["rbind","rslave"]}]#' /var/k1/config.json
+$H --root $LR run -d --bundle /var/k1 --pid-file /var/k1.pid $ID2 > /var/k1.out 2>&1; echo "@@K1-RC $?"
+until_ok 60 grep -q slave-data /var/k1.out && cat /var/k1.out
+$H --root $LR exec $ID2 sh -c 'grep Seccomp: /proc/self/status; touch /tmp/b; chmod 600 /tmp/b || echo exec-chmod-denied'
+$H --root $LR exec --user 1000:1000 $ID2 /bin/suid-euid euid
+# An exec whose relay dies by SIGKILL (an ExecSync timeout) takes its process with it.
+$H --root $LR exec -d --pid-file /var/e1.pid $ID2 sleep 301; echo "@@EXEC-D-RC $?"
+kill -9 $(cat /var/e1.pid)
+count301() { $H --root $LR exec $ID2 sh -c 'n=0; for c in /proc/[0-9]*/cmdline; do tr "\0" " " < $c 2>/dev/null | grep -q "^sleep 301" && n=$((n+1)); done; echo $n'; }
+until_ok 30 sh -c "[ \"\$(count301)\" = 0 ]" && echo "@@RELAY-DEATH-KILLED"
+$H --root $LR kill $ID2 KILL; until_ok 30 sh -c "$H --root $LR state $ID2 | grep -q '\"status\": \"stopped\"'"
+$H --root $LR kill $ID2 TERM 2>&1; echo "@@KILL-EXITED-RC $?"
+$H --root $LR delete --force $ID2; $H --root $LR delete --force $ID2; echo "@@DELETE-GONE-RC $?"
+$H --root $LR delete --force $ID1; echo "@@PAUSE-DELETE-RC $?"
+[ -z "$(ls $LR/containers $LR/sandboxes 2>/dev/null)" ] && echo "@@LONG-ROOT-CLEAN"
 echo "--- vmm killed"
 bundle /var/b7 '["sleep","300"]'
 $H --root $R run -d --bundle /var/b7 c3 >/dev/null 2>&1; echo "@@C3-RC $?"
@@ -221,9 +262,14 @@ fn expect(text: &str, needles: &[&str], part: &str) {
 fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
     let kit = require!(RuntimeTestKit::find());
     let d = |p: &Path| p.display().to_string();
-    let script = SCRIPT.replace("@HUSK@", &d(&kit.husk)).replace("@BUSYBOX@", &d(&kit.busybox));
+    let pause = require!(guest_bin("husk-pause"));
+    let script = SCRIPT
+        .replace("@HUSK@", &d(&kit.husk))
+        .replace("@BUSYBOX@", &d(&kit.busybox))
+        .replace("@PAUSE@", &d(&pause));
     let mut job = Job::new(script).timeout(Duration::from_secs(1800));
     job.files.extend(kit.files().map(Path::to_path_buf));
+    job.files.push(pause);
     // One L1 CPU: with two, the nested test host (QEMU TCG emulating SVM) now and then stalled
     // completely with both CPUs spinning, or triple-faulted an L2 guest at boot, once several
     // processes and VMs were busy at the same time; with one it did neither in the runs here.
@@ -293,6 +339,8 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
             "missing-rootfs",
             "invalid container id",
             "no-such-dir",
+            // The container library's own cause: which path failed, and how.
+            "/etc/passwd/sub",
             "@@FEATURES",
             "@@SPEC",
             "@@SPEC-EXISTS",
@@ -304,6 +352,21 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
             "@@POD-SHARED-IPC",
             "@@POD-DELETE-RC 0",
             "sandbox nosuch does not exist",
+            "@@PAUSE-STARTED",
+            "@@PAUSE-RUNNING",
+            "@@PAUSE-ROOTFS-UNTOUCHED",
+            "@@K1-RC 0",
+            "via-dev-stdout\nfd1=pipe:",
+            "init-chmod-denied",
+            "shared-data\nslave-data",
+            "Seccomp:\t2\nexec-chmod-denied",
+            "euid=0",
+            "@@EXEC-D-RC 0",
+            "@@RELAY-DEATH-KILLED",
+            "container not running\n@@KILL-EXITED-RC 1",
+            "@@DELETE-GONE-RC 0",
+            "@@PAUSE-DELETE-RC 0",
+            "@@LONG-ROOT-CLEAN",
             "@@C3-RC 0",
             "@@CRASH-STOPPED",
             "@@CRASH-DELETE-RC 0",
@@ -327,6 +390,7 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
         "@@BADID-RC 0",
         "@@BADMOUNT-RC 0",
         "@@POD-ORPHAN-RC 0",
+        "@@MOUNT-CAUSE-RC 0",
     ] {
         assert!(!oci.contains(rc), "{rc} must fail:\n{oci}");
     }

@@ -111,7 +111,15 @@ impl Probe {
         let (i, o) = (stream_name("in"), stream_name("out"));
         let stdin = step("open stdin stream", self.client.open_stdio(&i)).await??;
         let stdout = step("open stdout stream", self.client.open_stdio(&o)).await??;
-        let mut stdio = pb::Stdio { stdin: i, stdout: o, stderr: String::new(), terminal, rows, cols };
+        let mut stdio = pb::Stdio {
+            stdin: i,
+            stdout: o,
+            stderr: String::new(),
+            terminal,
+            rows,
+            cols,
+            ..Default::default()
+        };
         let stderr = if terminal {
             None
         } else {

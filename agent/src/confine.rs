@@ -1,0 +1,150 @@
+//! How container processes are started; above all, an exec gets the container's seccomp
+//! profile, whatever the container library does.
+//!
+//! libcontainer 0.7 builds an exec's spec from the container's namespaces, cgroup,
+//! personality and time offsets only, so its processes would run without the profile. The
+//! helper therefore runs the exec through [`ConfinedExec`], an executor that loads the profile
+//! just before the program is executed. Without no_new_privileges, loading a filter needs
+//! CAP_SYS_ADMIN, which is gone by then; so the process is first given CAP_SYS_ADMIN and
+//! CAP_SETPCAP on top of its own sets ([`lift_for_seccomp`]), and the executor drops back to
+//! exactly its own sets after loading the filter: the order runc uses (filter, then drop).
+
+use oci_spec::runtime::{Capability, LinuxCapabilities, LinuxSeccomp, Process, Spec};
+
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+
+const LIFT: [Capability; 2] = [Capability::SysAdmin, Capability::Setpcap];
+
+/// Adds what loading a filter needs to `process`'s capability sets, if it may lack it;
+/// returns the sets to drop back to afterwards.
+pub fn lift_for_seccomp(process: &mut Process) -> Option<LinuxCapabilities> {
+    if process.no_new_privileges() == Some(true) {
+        // The filter loads unprivileged.
+        return None;
+    }
+    // No capability sets: nothing is dropped, the process keeps root's.
+    let own = process.capabilities().clone()?;
+    let mut lifted = own.clone();
+    let add = |set: &Option<std::collections::HashSet<Capability>>| {
+        set.clone().map(|mut s| {
+            s.extend(LIFT);
+            s
+        })
+    };
+    lifted.set_bounding(add(own.bounding()).or_else(|| Some(LIFT.into_iter().collect())));
+    lifted.set_effective(add(own.effective()));
+    lifted.set_permitted(add(own.permitted()));
+    process.set_capabilities(Some(lifted));
+    Some(own)
+}
+
+/// How every container process is started: loads `seccomp` (an exec's copy of the
+/// container's profile), drops to `drop_to`, then executes the program as the default
+/// executor does. Its check of the program follows runc: a path with a `/` needs no `PATH`
+/// (a `FROM scratch` image's `/pause` has no environment at all).
+#[derive(Clone, Default)]
+pub struct ConfinedExec {
+    pub seccomp: Option<LinuxSeccomp>,
+    pub drop_to: Option<LinuxCapabilities>,
+}
+
+impl Executor for ConfinedExec {
+    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        if let Some(seccomp) = &self.seccomp {
+            let notify = libcontainer::seccomp::initialize_seccomp(seccomp)
+                .map_err(|e| ExecutorError::Other(format!("loading the container's seccomp profile: {e}")))?;
+            if let Some(fd) = notify {
+                // SAFETY: the fd was just created for us and nothing else holds it.
+                unsafe { libc::close(fd) };
+                return Err(ExecutorError::Other(
+                    "seccomp notify profiles are not supported for exec'd processes".into(),
+                ));
+            }
+        }
+        if let Some(caps) = &self.drop_to {
+            let syscall = libcontainer::syscall::syscall::create_syscall();
+            libcontainer::capabilities::drop_privileges(caps, syscall.as_ref())
+                .map_err(|e| ExecutorError::Other(format!("dropping capabilities after seccomp: {e}")))?;
+        }
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        let process = spec.process().as_ref();
+        let arg0 = process.and_then(|p| p.args().as_ref()).and_then(|a| a.first());
+        let has_path = process
+            .and_then(|p| p.env().as_ref())
+            .is_some_and(|env| env.iter().any(|e| e.starts_with("PATH=")));
+        match arg0 {
+            Some(prog) if prog.contains('/') && !has_path => check_executable(std::path::Path::new(prog)),
+            _ => DefaultExecutor {}.validate(spec),
+        }
+    }
+}
+
+fn check_executable(p: &std::path::Path) -> Result<(), ExecutorValidationError> {
+    use std::os::unix::fs::PermissionsExt;
+    let bad =
+        |why: &str| ExecutorValidationError::ArgValidationError(format!("executable {}: {why}", p.display()));
+    let meta = std::fs::metadata(p).map_err(|e| bad(&e.to_string()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(bad("not an executable file"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn process(v: serde_json::Value) -> Process {
+        serde_json::from_value(v).expect("process")
+    }
+
+    #[test]
+    fn lifts_only_what_loading_needs_and_remembers_the_sets() {
+        let mut p = process(serde_json::json!({
+            "args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]}
+        }));
+        let own = lift_for_seccomp(&mut p).expect("lifted");
+        assert_eq!(own.effective().as_ref().map(|s| s.len()), Some(1));
+        let caps = p.capabilities().clone().expect("caps");
+        for set in [caps.bounding(), caps.effective(), caps.permitted()] {
+            let set = set.as_ref().expect("set");
+            assert!(set.contains(&Capability::SysAdmin) && set.contains(&Capability::Setpcap));
+            assert!(set.contains(&Capability::Kill));
+        }
+        assert_eq!(caps.inheritable(), own.inheritable());
+        assert_eq!(caps.ambient(), own.ambient());
+    }
+
+    #[test]
+    fn an_absolute_program_needs_no_path() {
+        let spec = |arg0: &str, env: serde_json::Value| -> Spec {
+            serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.0.2", "root": {"path": "/"},
+                "process": {"args": [arg0], "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": env}
+            }))
+            .expect("spec")
+        };
+        let e = ConfinedExec::default();
+        assert!(e.validate(&spec("/bin/sh", serde_json::json!([]))).is_ok());
+        assert!(e.validate(&spec("/nonexistent/pause", serde_json::json!([]))).is_err());
+        assert!(e.validate(&spec("sh", serde_json::json!([]))).is_err(), "a bare name still needs PATH");
+        assert!(e.validate(&spec("sh", serde_json::json!(["PATH=/bin:/usr/bin"]))).is_ok());
+    }
+
+    #[test]
+    fn no_lift_under_no_new_privileges_or_without_sets() {
+        let mut p = process(serde_json::json!({
+            "args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "noNewPrivileges": true,
+            "capabilities": {"bounding": ["CAP_KILL"]}
+        }));
+        assert!(lift_for_seccomp(&mut p).is_none());
+        assert_eq!(p.capabilities().as_ref().and_then(|c| c.bounding().clone()).map(|b| b.len()), Some(1));
+        let mut p = process(serde_json::json!({"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}}));
+        assert!(lift_for_seccomp(&mut p).is_none());
+    }
+}

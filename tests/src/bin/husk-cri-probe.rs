@@ -1,0 +1,617 @@
+//! A CRI client that drives containerd's CRI plugin as kubelet does, for the Kubernetes
+//! end-to-end test (run inside the test host):
+//!
+//! - `husk-cri-probe images OUTDIR PAUSE BUSYBOX` writes two image archives for `ctr images
+//!   import`: `husk.test/pause:1` (`FROM scratch`, only `/pause`) and `husk.test/bb:1` (busybox,
+//!   nginx-style log links to `/dev/stdout` and `/dev/stderr`, a setuid-root `/bin/suid-euid`).
+//! - `husk-cri-probe run SOCKET` runs each check as its own pod and prints `@@<CHECK> ok` or
+//!   `@@<CHECK> FAIL <why>`, then `@@PROBE-DONE`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use sha2::{Digest, Sha256};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const PAUSE_IMAGE: &str = "husk.test/pause:1";
+const BB_IMAGE: &str = "husk.test/bb:1";
+/// Handlers configured in the test's containerd config: containerd's defaults, and the same
+/// with a state root of over 80 characters.
+const HANDLER: &str = "husk";
+const HANDLER_LONG_ROOT: &str = "husk-long";
+const WORK: &str = "/var/cri";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let r = match args.get(1).map(String::as_str) {
+        Some("images") if args.len() == 5 => {
+            images(Path::new(&args[2]), Path::new(&args[3]), Path::new(&args[4]))
+        }
+        Some("run") if args.len() == 3 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(run(&args[2]))),
+        _ => Err(anyhow!("usage: husk-cri-probe images OUTDIR PAUSE BUSYBOX | run SOCKET")),
+    };
+    if let Err(e) = r {
+        println!("@@PROBE-ERROR {e:#}");
+        std::process::exit(1);
+    }
+}
+
+// ---- image archives ---------------------------------------------------------------------------
+
+fn hex(d: impl AsRef<[u8]>) -> String {
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+enum Entry<'a> {
+    Dir(&'a str),
+    File { path: &'a str, src: &'a Path, mode: u32 },
+    Text(&'a str, &'a str),
+    Link(&'a str, &'a str),
+}
+
+fn layer(entries: &[Entry]) -> Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        match e {
+            Entry::Dir(p) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, p, std::io::empty())?;
+            }
+            Entry::File { path, src, mode } => {
+                let data = std::fs::read(src).with_context(|| src.display().to_string())?;
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*mode);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, path, data.as_slice())?;
+            }
+            Entry::Text(path, text) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(text.len() as u64);
+                b.append_data(&mut h, path, text.as_bytes())?;
+            }
+            Entry::Link(path, target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, path, target)?;
+            }
+        }
+    }
+    Ok(b.into_inner()?)
+}
+
+/// A docker-archive tar (what `ctr images import` reads) of one layer.
+fn archive(out: &Path, tag: &str, layer: &[u8], config: serde_json::Value) -> Result<()> {
+    let diff_id = format!("sha256:{}", hex(Sha256::digest(layer)));
+    let mut config = config;
+    config["architecture"] = "amd64".into();
+    config["os"] = "linux".into();
+    config["rootfs"] = serde_json::json!({"type": "layers", "diff_ids": [diff_id]});
+    let config = serde_json::to_vec(&config)?;
+    let config_name = format!("{}.json", hex(Sha256::digest(&config)));
+    let manifest = serde_json::to_vec(&serde_json::json!([
+        {"Config": config_name, "RepoTags": [tag], "Layers": ["layer/layer.tar"]}
+    ]))?;
+    let mut b = tar::Builder::new(std::fs::File::create(out)?);
+    for (name, data) in
+        [(config_name.as_str(), config.as_slice()), ("layer/layer.tar", layer), ("manifest.json", &manifest)]
+    {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, data)?;
+    }
+    b.into_inner()?.flush()?;
+    Ok(())
+}
+
+fn images(out: &Path, pause: &Path, busybox: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    let pause_layer = layer(&[Entry::File { path: "pause", src: pause, mode: 0o755 }])?;
+    archive(
+        &out.join("pause.tar"),
+        PAUSE_IMAGE,
+        &pause_layer,
+        serde_json::json!({"config": {"Entrypoint": ["/pause"]}}),
+    )?;
+
+    let applets = std::process::Command::new(busybox).arg("--list").output()?;
+    let applets = String::from_utf8_lossy(&applets.stdout).into_owned();
+    let mut e = vec![
+        Entry::Dir("bin"),
+        Entry::Dir("etc"),
+        Entry::Dir("tmp"),
+        Entry::Dir("var"),
+        Entry::Dir("var/log"),
+        Entry::Dir("var/log/app"),
+        Entry::File { path: "bin/busybox", src: busybox, mode: 0o755 },
+        // setuid root: shows whether a setuid binary elevates.
+        Entry::File { path: "bin/suid-euid", src: pause, mode: 0o4755 },
+        Entry::Text("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/tmp:/bin/sh\n"),
+        Entry::Text("etc/group", "root:x:0:\nuser:x:1000:\n"),
+        // As nginx's official image does with its logs.
+        Entry::Link("var/log/app/access.log", "/dev/stdout"),
+        Entry::Link("var/log/app/error.log", "/dev/stderr"),
+    ];
+    let links: Vec<String> =
+        applets.lines().filter(|a| !a.is_empty() && *a != "busybox").map(|a| format!("bin/{a}")).collect();
+    e.extend(links.iter().map(|l| Entry::Link(l, "busybox")));
+    let bb_layer = layer(&e)?;
+    archive(
+        &out.join("bb.tar"),
+        BB_IMAGE,
+        &bb_layer,
+        serde_json::json!({"config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]}}),
+    )?;
+    println!("@@IMAGES-WRITTEN");
+    Ok(())
+}
+
+// ---- the CRI client ---------------------------------------------------------------------------
+
+type Rt = RuntimeServiceClient<Channel>;
+
+async fn connect(socket: &str) -> Result<Rt> {
+    let path = socket.to_string();
+    let ch = Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }))
+        .await?;
+    Ok(RuntimeServiceClient::new(ch).max_decoding_message_size(32 << 20))
+}
+
+fn sandbox_config(name: &str) -> cri::PodSandboxConfig {
+    let uid = format!("uid-{name}-{}", std::process::id());
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: uid.clone(),
+            namespace: "husk-test".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: format!("/var/log/pods/husk-test_{name}_{uid}"),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                // Pod networking is CNI's (a later test); these pods use the node's.
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    pid: cri::NamespaceMode::Container as i32,
+                    ipc: cri::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+struct Pod {
+    id: String,
+    config: cri::PodSandboxConfig,
+}
+
+async fn run_pod(rt: &mut Rt, name: &str, handler: &str) -> Result<Pod> {
+    let config = sandbox_config(name);
+    let r = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        })
+        .await
+        .map_err(|s| anyhow!("RunPodSandbox: {}", s.message()))?;
+    Ok(Pod { id: r.into_inner().pod_sandbox_id, config })
+}
+
+async fn remove_pod(rt: &mut Rt, pod: &Pod) -> Result<()> {
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.id.clone() })
+        .await
+        .map_err(|s| anyhow!("StopPodSandbox: {}", s.message()))?;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() })
+        .await
+        .map_err(|s| anyhow!("RemovePodSandbox: {}", s.message()))?;
+    Ok(())
+}
+
+#[derive(Default)]
+struct Ctr {
+    name: &'static str,
+    cmd: Vec<String>,
+    readonly: bool,
+    mounts: Vec<cri::Mount>,
+    seccomp: Option<String>,
+    run_as: Option<i64>,
+    no_new_privs: bool,
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script.into()]
+}
+
+async fn start_container(rt: &mut Rt, pod: &Pod, c: Ctr) -> Result<String> {
+    let sc = cri::LinuxContainerSecurityContext {
+        readonly_rootfs: c.readonly,
+        no_new_privs: c.no_new_privs,
+        run_as_user: c.run_as.map(|value| cri::Int64Value { value }),
+        seccomp: Some(match &c.seccomp {
+            Some(p) => cri::SecurityProfile {
+                profile_type: cri::security_profile::ProfileType::Localhost as i32,
+                localhost_ref: p.clone(),
+            },
+            None => cri::SecurityProfile {
+                profile_type: cri::security_profile::ProfileType::Unconfined as i32,
+                localhost_ref: String::new(),
+            },
+        }),
+        namespace_options: pod
+            .config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.clone()),
+        ..Default::default()
+    };
+    let config = cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata { name: c.name.into(), attempt: 0 }),
+        image: Some(cri::ImageSpec { image: BB_IMAGE.into(), ..Default::default() }),
+        command: c.cmd,
+        log_path: format!("{}/0.log", c.name),
+        mounts: c.mounts,
+        linux: Some(cri::LinuxContainerConfig { security_context: Some(sc), ..Default::default() }),
+        ..Default::default()
+    };
+    let id = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.id.clone(),
+            config: Some(config),
+            sandbox_config: Some(pod.config.clone()),
+        })
+        .await
+        .map_err(|s| anyhow!("CreateContainer {}: {}", c.name, s.message()))?
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest { container_id: id.clone() })
+        .await
+        .map_err(|s| anyhow!("StartContainer {}: {}", c.name, s.message()))?;
+    Ok(id)
+}
+
+fn log_path(pod: &Pod, name: &str) -> PathBuf {
+    Path::new(&pod.config.log_directory).join(format!("{name}/0.log"))
+}
+
+/// Waits until the container's CRI log file has every needle (on the given stream).
+async fn wait_log(pod: &Pod, name: &str, needles: &[&str]) -> Result<String> {
+    let path = log_path(pod, name);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if needles.iter().all(|n| text.contains(n)) {
+            return Ok(text);
+        }
+        if Instant::now() > deadline {
+            bail!("{} lacks {needles:?}: {text:?}", path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn exec_sync(rt: &mut Rt, id: &str, cmd: Vec<String>, timeout: i64) -> Result<cri::ExecSyncResponse> {
+    rt.exec_sync(cri::ExecSyncRequest { container_id: id.into(), cmd, timeout })
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| anyhow!("ExecSync: {:?}: {}", s.code(), s.message()))
+}
+
+fn stdout(r: &cri::ExecSyncResponse) -> String {
+    String::from_utf8_lossy(&r.stdout).into_owned()
+}
+
+/// CRI Exec over the streaming URL, as a websocket client speaking `v4.channel.k8s.io`: sends
+/// `input`, returns (output, status JSON from the error channel).
+async fn exec_stream(rt: &mut Rt, id: &str, cmd: &[&str], input: &str) -> Result<(String, String)> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let url = rt
+        .exec(cri::ExecRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            tty: true,
+            stdin: true,
+            stdout: true,
+            stderr: false,
+        })
+        .await
+        .map_err(|s| anyhow!("Exec: {}", s.message()))?
+        .into_inner()
+        .url;
+    let ws_url = url.replacen("http://", "ws://", 1);
+    let mut req = ws_url.as_str().into_client_request()?;
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
+    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(60), tokio_tungstenite::connect_async(req))
+        .await
+        .context("websocket connect timed out")??;
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(input.as_bytes());
+    ws.send(Message::Binary(frame.into())).await?;
+    let (mut out, mut status) = (String::new(), String::new());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while let Ok(Some(msg)) =
+        tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), ws.next()).await
+    {
+        let data = match msg? {
+            Message::Binary(b) => b.to_vec(),
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        match data.split_first() {
+            Some((1, rest)) => out.push_str(&String::from_utf8_lossy(rest)),
+            Some((3, rest)) => status.push_str(&String::from_utf8_lossy(rest)),
+            _ => {}
+        }
+    }
+    Ok((out, status))
+}
+
+/// A guest process whose command line starts with `needle`, counted through /proc from an exec.
+async fn count_procs(rt: &mut Rt, id: &str, needle: &str) -> Result<usize> {
+    let script = format!(
+        "n=0; for c in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $c 2>/dev/null | grep -q '^{needle}' && n=$((n+1)); done; echo $n"
+    );
+    let r = exec_sync(rt, id, sh(&script), 60).await?;
+    stdout(&r).trim().parse().map_err(|_| anyhow!("counting processes: {:?}", stdout(&r)))
+}
+
+fn report(check: &str, r: Result<()>) {
+    match r {
+        Ok(()) => println!("@@{check} ok"),
+        Err(e) => println!("@@{check} FAIL {e:#}"),
+    }
+}
+
+async fn run(socket: &str) -> Result<()> {
+    let mut rt = connect(socket).await?;
+    let v = rt.version(cri::VersionRequest::default()).await?.into_inner();
+    println!("@@CRI-VERSION {} {}", v.runtime_name, v.runtime_version);
+    std::fs::create_dir_all(format!("{WORK}/vol-rw"))?;
+    for d in ["vol-shared", "vol-slave"] {
+        std::fs::create_dir_all(format!("{WORK}/{d}"))?;
+        std::fs::write(format!("{WORK}/{d}/f"), format!("{d}-data\n"))?;
+    }
+    std::fs::write(
+        format!("{WORK}/deny-chmod.json"),
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_X86_64"],
+            "syscalls":[{"names":["chmod","fchmod","fchmodat"],"action":"SCMP_ACT_ERRNO"}]}"#,
+    )?;
+
+    report("PAUSE-POD", pause_pod(&mut rt).await);
+    report("READONLY", readonly(&mut rt).await);
+    report("NGINX-LOGS", nginx(&mut rt).await);
+    report("SECCOMP", seccomp(&mut rt).await);
+    report("SETUID", setuid(&mut rt).await);
+    report("PROPAGATION", propagation(&mut rt).await);
+    println!("@@PROBE-DONE");
+    Ok(())
+}
+
+/// The `FROM scratch` pause image alone, in a pod on the long state root.
+async fn pause_pod(rt: &mut Rt) -> Result<()> {
+    let pod = run_pod(rt, "pause-only", HANDLER_LONG_ROOT).await?;
+    let st = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: pod.id.clone(), verbose: false })
+        .await?
+        .into_inner();
+    let state = st.status.map(|s| s.state).unwrap_or(-1);
+    remove_pod(rt, &pod).await?;
+    if state != cri::PodSandboxState::SandboxReady as i32 {
+        bail!("pod state {state}, not ready");
+    }
+    Ok(())
+}
+
+async fn readonly(rt: &mut Rt) -> Result<()> {
+    let pod = run_pod(rt, "readonly", HANDLER).await?;
+    let mounts = vec![cri::Mount {
+        container_path: "/data".into(),
+        host_path: format!("{WORK}/vol-rw"),
+        ..Default::default()
+    }];
+    let script = "touch /x 2>/dev/null && echo root-writable || echo root-read-only; \
+                  echo v > /data/w && echo volume-writable; exec sleep 300";
+    let r = async {
+        start_container(
+            rt,
+            &pod,
+            Ctr { name: "ro", cmd: sh(script), readonly: true, mounts, ..Default::default() },
+        )
+        .await?;
+        let log = wait_log(&pod, "ro", &["volume-writable"]).await?;
+        if !log.contains("root-read-only") {
+            bail!("the read-only rootfs took a write: {log}");
+        }
+        if !Path::new(&format!("{WORK}/vol-rw/w")).is_file() {
+            bail!("the volume write did not reach the host");
+        }
+        Ok(())
+    }
+    .await;
+    remove_pod(rt, &pod).await?;
+    r
+}
+
+/// Logs through `/dev/stdout` and `/dev/stderr` links; ExecSync with a timeout; Exec with a
+/// tty and stdin over the streaming URL.
+async fn nginx(rt: &mut Rt) -> Result<()> {
+    let pod = run_pod(rt, "nginx", HANDLER).await?;
+    let script = "echo access-line >> /var/log/app/access.log; echo error-line >> /var/log/app/error.log; \
+                  echo fd1=$(readlink /proc/self/fd/1); exec sleep 300";
+    let r = async {
+        let id =
+            start_container(rt, &pod, Ctr { name: "web", cmd: sh(script), ..Default::default() }).await?;
+        let log = wait_log(&pod, "web", &["stdout F access-line", "stderr F error-line", "fd1="]).await?;
+        if !log.contains("fd1=pipe:") {
+            bail!("stdout is not a pipe: {log}");
+        }
+        println!("@@NGINX-STDIO ok");
+
+        // ExecSync with a timeout returns at the timeout, and the process is gone after.
+        let t0 = Instant::now();
+        let r = exec_sync(rt, &id, vec!["sleep".into(), "301".into()], 3).await;
+        let took = t0.elapsed();
+        if r.is_ok() || took > Duration::from_secs(60) {
+            bail!("ExecSync with a 3 s timeout: {:?} after {took:?}", r.map(|x| x.exit_code));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n = count_procs(rt, &id, "sleep 301").await?;
+            if n == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the timed-out exec still runs ({n} processes)");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        println!("@@EXECSYNC-TIMEOUT ok");
+
+        let (out, status) = exec_stream(rt, &id, &["sh"], "tty; echo ws-$((6*7)); exit 3\n").await?;
+        if !out.contains("/dev/pts/") || !out.contains("ws-42") {
+            bail!("exec over the streaming URL: output {out:?}, status {status:?}");
+        }
+        if !status.contains("NonZeroExitCode") || !status.contains("\"3\"") {
+            bail!("exec over the streaming URL: status {status:?}");
+        }
+        println!("@@EXEC-TTY ok");
+        Ok(())
+    }
+    .await;
+    remove_pod(rt, &pod).await?;
+    r
+}
+
+/// A profile that denies chmod, enforced in the container's process and in an exec.
+async fn seccomp(rt: &mut Rt) -> Result<()> {
+    let pod = run_pod(rt, "seccomp", HANDLER_LONG_ROOT).await?;
+    let script =
+        "touch /tmp/a; chmod 600 /tmp/a && echo init-chmod-allowed || echo init-chmod-denied; exec sleep 300";
+    let r = async {
+        let id = start_container(
+            rt,
+            &pod,
+            Ctr { name: "sc", cmd: sh(script), seccomp: Some(format!("{WORK}/deny-chmod.json")), ..Default::default() },
+        )
+        .await?;
+        let log = wait_log(&pod, "sc", &["chmod-"]).await?;
+        if !log.contains("init-chmod-denied") {
+            bail!("the container's process could chmod: {log}");
+        }
+        let r = exec_sync(
+            rt,
+            &id,
+            sh("grep Seccomp: /proc/self/status; touch /tmp/b; chmod 600 /tmp/b && echo exec-chmod-allowed || echo exec-chmod-denied"),
+            60,
+        )
+        .await?;
+        let out = stdout(&r);
+        if !out.contains("exec-chmod-denied") || !out.contains("Seccomp:\t2") {
+            bail!("an exec escaped the profile: {out:?}");
+        }
+        Ok(())
+    }
+    .await;
+    remove_pod(rt, &pod).await?;
+    r
+}
+
+/// A setuid-root binary run by uid 1000: elevates under allowPrivilegeEscalation true, not
+/// under false (no_new_privs).
+async fn setuid(rt: &mut Rt) -> Result<()> {
+    let mut results = HashMap::new();
+    for (name, nnp) in [("suid-allowed", false), ("suid-denied", true)] {
+        let pod = run_pod(rt, name, HANDLER_LONG_ROOT).await?;
+        let r = async {
+            let id = start_container(
+                rt,
+                &pod,
+                Ctr {
+                    name: "s",
+                    cmd: sh("/bin/suid-euid euid; exec sleep 300"),
+                    run_as: Some(1000),
+                    no_new_privs: nnp,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let log = wait_log(&pod, "s", &["euid="]).await?;
+            let ex = exec_sync(rt, &id, vec!["/bin/suid-euid".into(), "euid".into()], 60).await?;
+            Ok::<_, anyhow::Error>((log, stdout(&ex)))
+        }
+        .await;
+        remove_pod(rt, &pod).await?;
+        results.insert(name, r?);
+    }
+    let (log, ex) = &results["suid-allowed"];
+    if !log.contains("euid=0") || !ex.contains("euid=0") {
+        bail!("setuid did not elevate with privilege escalation allowed: {log:?} / {ex:?}");
+    }
+    let (log, ex) = &results["suid-denied"];
+    if !log.contains("euid=1000") || !ex.contains("euid=1000") {
+        bail!("setuid elevated under no_new_privs: {log:?} / {ex:?}");
+    }
+    Ok(())
+}
+
+/// Bidirectional (`rshared`) and host-to-container (`rslave`) volumes.
+async fn propagation(rt: &mut Rt) -> Result<()> {
+    let pod = run_pod(rt, "propagation", HANDLER).await?;
+    let mounts = vec![
+        cri::Mount {
+            container_path: "/shared".into(),
+            host_path: format!("{WORK}/vol-shared"),
+            propagation: cri::MountPropagation::PropagationBidirectional as i32,
+            ..Default::default()
+        },
+        cri::Mount {
+            container_path: "/slave".into(),
+            host_path: format!("{WORK}/vol-slave"),
+            propagation: cri::MountPropagation::PropagationHostToContainer as i32,
+            ..Default::default()
+        },
+    ];
+    let script = "cat /shared/f /slave/f; sed 's/^/mountinfo: /' /proc/self/mountinfo; exec sleep 300";
+    let r = async {
+        start_container(rt, &pod, Ctr { name: "p", cmd: sh(script), mounts, ..Default::default() }).await?;
+        let log = wait_log(&pod, "p", &["vol-shared-data", "vol-slave-data", "mountinfo: "]).await?;
+        let shared =
+            log.lines().find(|l| l.contains("mountinfo: ") && l.contains(" /shared ")).unwrap_or_default();
+        if !shared.contains("shared:") {
+            bail!("/shared is not a shared mount in the container: {shared:?} in {log}");
+        }
+        Ok(())
+    }
+    .await;
+    remove_pod(rt, &pod).await?;
+    r
+}
