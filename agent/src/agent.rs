@@ -343,8 +343,10 @@ impl Agent {
         stdio: &Stdio,
     ) -> Result<(Arc<Proc>, ContainerCgroup, Option<OwnedFd>), AgentError> {
         std::fs::create_dir_all(bundle).map_err(AgentError::io("creating the bundle"))?;
+        let mut spec = spec.clone();
+        let start = crate::confine::take_seccomp(&mut spec);
         let json =
-            serde_json::to_vec(spec).map_err(|e| AgentError::Internal(format!("encoding spec: {e}")))?;
+            serde_json::to_vec(&spec).map_err(|e| AgentError::Internal(format!("encoding spec: {e}")))?;
         std::fs::write(bundle.join("config.json"), json).map_err(AgentError::io("writing config.json"))?;
         let console = self.console_path();
         let op = Op::Create {
@@ -353,6 +355,7 @@ impl Agent {
             bundle: bundle.to_path_buf(),
             console_socket: stdio.terminal.then(|| console.clone()),
             no_pivot: self.cfg.no_pivot,
+            start: Box::new(start),
         };
         let (proc, lifeline) = self.run_process(op, stdio, &console).await?;
         let cgroup = ContainerCgroup::new(id)?;
@@ -541,8 +544,7 @@ impl Agent {
             id: c.id.clone(),
             process_json: process_json.clone(),
             console_socket: stdio.terminal.then(|| console.clone()),
-            seccomp: c.seccomp.clone().map(Box::new),
-            drop_to: drop_to.map(Box::new),
+            start: Box::new(crate::confine::ConfinedExec { seccomp: c.seccomp.clone(), drop_to }),
         };
         let result = self.run_process(op, &stdio, &console).await;
         let _ = std::fs::remove_file(&process_json);

@@ -1,10 +1,11 @@
-//! How container processes are started; above all, an exec gets the container's seccomp
-//! profile, whatever the container library does.
+//! How container processes are started; above all, every process gets the container's
+//! seccomp profile, whatever the container library does.
 //!
 //! libcontainer 0.7 builds an exec's spec from the container's namespaces, cgroup,
-//! personality and time offsets only, so its processes would run without the profile. The
-//! helper therefore runs the exec through [`ConfinedExec`], an executor that loads the profile
-//! just before the program is executed. Without no_new_privileges, loading a filter needs
+//! personality and time offsets only, so its processes would run without the profile; and it
+//! loads a container's own profile too late for a non-root user (see [`take_seccomp`]). The
+//! helper therefore starts every process through [`ConfinedExec`], an executor that loads the
+//! profile just before the program is executed. Without no_new_privileges, loading a filter needs
 //! CAP_SYS_ADMIN, which is gone by then; so the process is first given CAP_SYS_ADMIN and
 //! CAP_SETPCAP on top of its own sets ([`lift_for_seccomp`]), and the executor drops back to
 //! exactly its own sets after loading the filter: the order runc uses (filter, then drop).
@@ -39,11 +40,32 @@ pub fn lift_for_seccomp(process: &mut Process) -> Option<LinuxCapabilities> {
     Some(own)
 }
 
+/// Takes the spec's seccomp profile out of the container library's hands, for [`ConfinedExec`]
+/// to load. libcontainer 0.7 loads a profile for a process whose no_new_privileges is unset
+/// after switching to the process's user, so a non-root user (Kubernetes' `runAsUser` with a
+/// `RuntimeDefault` profile) has already lost the CAP_SYS_ADMIN that loading needs and the
+/// container fails to start; loaded by the executor, with the lift, it works for every user.
+pub fn take_seccomp(spec: &mut Spec) -> ConfinedExec {
+    let Some(seccomp) = spec.linux().as_ref().and_then(|l| l.seccomp().clone()) else {
+        return ConfinedExec::default();
+    };
+    if let Some(mut linux) = spec.linux().clone() {
+        linux.set_seccomp(None);
+        spec.set_linux(Some(linux));
+    }
+    let drop_to = spec.process().clone().and_then(|mut p| {
+        let own = lift_for_seccomp(&mut p);
+        spec.set_process(Some(p));
+        own
+    });
+    ConfinedExec { seccomp: Some(seccomp), drop_to }
+}
+
 /// How every container process is started: loads `seccomp` (an exec's copy of the
 /// container's profile), drops to `drop_to`, then executes the program as the default
 /// executor does. Its check of the program follows runc: a path with a `/` needs no `PATH`
 /// (a `FROM scratch` image's `/pause` has no environment at all).
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ConfinedExec {
     pub seccomp: Option<LinuxSeccomp>,
     pub drop_to: Option<LinuxCapabilities>,
@@ -118,6 +140,31 @@ mod tests {
         }
         assert_eq!(caps.inheritable(), own.inheritable());
         assert_eq!(caps.ambient(), own.ambient());
+    }
+
+    #[test]
+    fn the_profile_moves_to_the_executor_with_the_lift() {
+        let mut spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2", "root": {"path": "/"},
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 1000, "gid": 1000},
+                        "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]}},
+            "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW"}}
+        }))
+        .expect("spec");
+        let exec = take_seccomp(&mut spec);
+        assert!(exec.seccomp.is_some());
+        assert!(spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()).is_none(), "left to the library");
+        let own = exec.drop_to.expect("dropped back to");
+        assert_eq!(own.effective().as_ref().map(|e| e.len()), Some(1));
+        let lifted = spec.process().as_ref().and_then(|p| p.capabilities().clone()).expect("caps");
+        assert!(lifted.effective().as_ref().is_some_and(|e| e.contains(&Capability::SysAdmin)));
+        let mut plain: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2", "root": {"path": "/"},
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+        }))
+        .expect("spec");
+        let exec = take_seccomp(&mut plain);
+        assert!(exec.seccomp.is_none() && exec.drop_to.is_none());
     }
 
     #[test]

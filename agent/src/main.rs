@@ -18,6 +18,7 @@ mod oci;
 mod oom;
 mod pipes;
 mod procfs;
+mod propagation;
 mod reaper;
 mod rootfs;
 mod service;

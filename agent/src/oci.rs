@@ -18,7 +18,6 @@ use std::sync::Arc;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
-use oci_spec::runtime::{LinuxCapabilities, LinuxSeccomp};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 
@@ -45,6 +44,8 @@ pub enum Op {
         bundle: PathBuf,
         console_socket: Option<PathBuf>,
         no_pivot: bool,
+        /// How the container's process is started (its seccomp profile, taken out of the spec).
+        start: Box<ConfinedExec>,
     },
     Start {
         root: PathBuf,
@@ -56,10 +57,9 @@ pub enum Op {
         id: String,
         process_json: PathBuf,
         console_socket: Option<PathBuf>,
-        /// The container's profile, which libcontainer would not give the exec.
-        seccomp: Option<Box<LinuxSeccomp>>,
-        /// The process's own capability sets, when they were lifted to load the profile.
-        drop_to: Option<Box<LinuxCapabilities>>,
+        /// The container's profile, which libcontainer would not give the exec, and the
+        /// process's own capability sets when they were lifted to load it.
+        start: Box<ConfinedExec>,
     },
     Delete {
         root: PathBuf,
@@ -217,31 +217,41 @@ fn load(root: &std::path::Path, id: &str) -> Result<Container, String> {
 
 fn perform(op: Op) -> Result<Option<i32>, String> {
     match op {
-        Op::Create { root, id, bundle, console_socket, no_pivot } => {
-            let container = ContainerBuilder::new(id.clone(), SyscallType::Linux)
+        Op::Create { root, id, bundle, console_socket, no_pivot, start } => {
+            let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
+                .map_err(|e| format!("container {id}: reading its spec: {e}"))?;
+            let propagation = crate::propagation::wanted(&spec);
+            let mut container = ContainerBuilder::new(id.clone(), SyscallType::Linux)
                 .with_root_path(root)
                 .map_err(|e| e.to_string())?
                 .with_console_socket(console_socket)
-                .with_executor(ConfinedExec::default())
+                .with_executor(*start)
                 .as_init(bundle)
                 .with_systemd(false)
                 .with_detach(true)
                 .with_no_pivot(no_pivot)
                 .build()
                 .map_err(|e| format!("creating container {id}: {e}"))?;
-            Ok(container.pid().map(|p| p.as_raw()))
+            let pid = container.pid().map(|p| p.as_raw());
+            if let Some(pid) = pid {
+                if let Err(e) = crate::propagation::apply(pid, &propagation) {
+                    // Nothing half-made stays behind.
+                    let _ = container.delete(true);
+                    return Err(format!("creating container {id}: {e}"));
+                }
+            }
+            Ok(pid)
         }
         Op::Start { root, id } => {
             load(&root, &id)?.start().map_err(|e| format!("starting container {id}: {e}"))?;
             Ok(None)
         }
-        Op::Exec { root, id, process_json, console_socket, seccomp, drop_to } => {
-            let executor = ConfinedExec { seccomp: seccomp.map(|s| *s), drop_to: drop_to.map(|d| *d) };
+        Op::Exec { root, id, process_json, console_socket, start } => {
             let pid = ContainerBuilder::new(id.clone(), SyscallType::Linux)
                 .with_root_path(root)
                 .map_err(|e| e.to_string())?
                 .with_console_socket(console_socket)
-                .with_executor(executor)
+                .with_executor(*start)
                 .as_tenant()
                 .with_process(Some(process_json))
                 .with_detach(true)

@@ -545,8 +545,8 @@ async fn seccomp(rt: &mut Rt) -> Result<()> {
     r
 }
 
-/// A setuid-root binary run by uid 1000: elevates under allowPrivilegeEscalation true, not
-/// under false (no_new_privs).
+/// A setuid-root binary run by uid 1000 under a seccomp profile: elevates under
+/// allowPrivilegeEscalation true, not under false (no_new_privs).
 async fn setuid(rt: &mut Rt) -> Result<()> {
     let mut results = HashMap::new();
     for (name, nnp) in [("suid-allowed", false), ("suid-denied", true)] {
@@ -555,11 +555,14 @@ async fn setuid(rt: &mut Rt) -> Result<()> {
             let id = start_container(
                 rt,
                 &pod,
+                // With a seccomp profile too: a non-root user whose no_new_privs is unset
+                // must still get its profile loaded.
                 Ctr {
                     name: "s",
                     cmd: sh("/bin/suid-euid euid; exec sleep 300"),
                     run_as: Some(1000),
                     no_new_privs: nnp,
+                    seccomp: Some(format!("{WORK}/deny-chmod.json")),
                     ..Default::default()
                 },
             )
