@@ -323,12 +323,16 @@ impl Agent {
         if let Some(fd) = lifeline {
             // The init's holder gone: the whole container goes, as if its init had died.
             let c = container.clone();
-            lifeline::watch(fd, container.init.exit.clone(), move || {
+            let watched = lifeline::watch(fd, container.init.exit.clone(), move || {
                 let _ = c.cgroup.freeze(false);
                 if let Err(e) = c.cgroup.signal_all(nix::sys::signal::Signal::SIGKILL) {
                     tracing::warn!("container {}: {e}", c.id);
                 }
-            })?;
+            });
+            // The container exists by now: keep it, as a process whose holder is gone would be.
+            if let Err(e) = watched {
+                tracing::warn!("container {id}: no lifeline: {e}");
+            }
         }
         lock(&self.containers).insert(id, Some(container));
         reservation.done = true;
@@ -551,10 +555,13 @@ impl Agent {
         let (p, lifeline) = result?;
         if let Some(fd) = lifeline {
             let pid = p.pid;
-            lifeline::watch(fd, p.exit.clone(), move || {
+            let watched = lifeline::watch(fd, p.exit.clone(), move || {
                 // SAFETY: kill(2); the watch saw the PID unreaped just before.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
-            })?;
+            });
+            if let Err(e) = watched {
+                tracing::warn!("exec {} in {}: no lifeline: {e}", req.exec_id, c.id);
+            }
         }
         self.spawn_exit_event(&c.id, &req.exec_id, &p);
         let pid = p.pid;
