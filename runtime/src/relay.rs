@@ -94,11 +94,17 @@ impl Outcome {
         }
     }
 
+    /// From what the guest reports, which is not trusted: a signal outside 1-64 or an exit
+    /// code outside 0-255 is no status a process can have, and counts as a lost sandbox
+    /// rather than reaching `raise` or `exit`.
     pub fn from_status(s: &pb::ExitStatus) -> Self {
-        if s.signal != 0 {
-            Outcome::Signaled(s.signal)
-        } else {
-            Outcome::Exited(s.exit_code)
+        match (s.signal, s.exit_code) {
+            (1..=64, _) => Outcome::Signaled(s.signal),
+            (0, c @ 0..=255) => Outcome::Exited(c),
+            (sig, code) => {
+                tracing::warn!("the guest reported an impossible exit status (signal {sig}, code {code})");
+                Outcome::Lost
+            }
         }
     }
 }
@@ -360,7 +366,8 @@ pub fn mirror(outcome: Outcome) -> ! {
         Outcome::Exited(c) => std::process::exit(c),
         Outcome::Lost => std::process::exit(255),
         Outcome::Signaled(sig) => {
-            // SAFETY: plain libc calls on this process; the signal number came from the kernel.
+            // SAFETY: plain libc calls on this process; the signal number is 1-64
+            // (checked in from_status).
             unsafe {
                 let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
                 libc::setrlimit(libc::RLIMIT_CORE, &no_core);
@@ -374,5 +381,21 @@ pub fn mirror(outcome: Outcome) -> ! {
             // Signals that do not kill (or cannot be raised) fall back to the shell convention.
             std::process::exit(128 + sig)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guests_exit_status_is_range_checked() {
+        let st = |signal, exit_code| pb::ExitStatus { exit_code, signal, core_dumped: false };
+        assert_eq!(Outcome::from_status(&st(0, 3)), Outcome::Exited(3));
+        assert_eq!(Outcome::from_status(&st(9, 0)), Outcome::Signaled(9));
+        for bad in [st(0, 256), st(0, -1), st(65, 0), st(-9, 0), st(i32::MAX, 0)] {
+            assert_eq!(Outcome::from_status(&bad), Outcome::Lost, "{bad:?}");
+        }
+        assert_eq!(Outcome::Lost.code(), 255);
     }
 }
