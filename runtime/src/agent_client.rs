@@ -29,6 +29,11 @@ pub enum ClientError {
     NotReady { path: PathBuf, waited: Duration, last: String },
     #[error("stdio stream {name}: {reason}")]
     Stdio { name: String, reason: String },
+    #[error(
+        "the agent at {path} speaks API version {agent} (husk-agent {agent_version}), this runtime \
+         {runtime}: the guest initramfs does not match this husk (rebuild or reinstall both)"
+    )]
+    ApiVersion { path: PathBuf, agent: u32, agent_version: String, runtime: u32 },
     #[error("gRPC channel: {0}")]
     Channel(#[from] tonic::transport::Error),
     #[error(transparent)]
@@ -75,6 +80,20 @@ async fn read_line(s: &mut UnixStream) -> std::io::Result<String> {
     }
 }
 
+/// Refuses an agent whose API version is not this runtime's.
+fn check_api(uds: &Path, h: &husk_proto::HealthResponse) -> Result<(), ClientError> {
+    if h.api_version == husk_proto::API_VERSION {
+        Ok(())
+    } else {
+        Err(ClientError::ApiVersion {
+            path: uds.to_path_buf(),
+            agent: h.api_version,
+            agent_version: h.agent_version.clone(),
+            runtime: husk_proto::API_VERSION,
+        })
+    }
+}
+
 /// The agent's services over one HTTP/2 connection.
 #[derive(Clone)]
 pub struct AgentClient {
@@ -104,9 +123,18 @@ impl AgentClient {
         let start = Instant::now();
         loop {
             let last = match Self::try_connect(uds, rpc_timeout).await {
-                Ok(mut c) => match c.health.check(husk_proto::Empty {}).await {
-                    Ok(_) => return Ok(c),
-                    Err(e) => e.to_string(),
+                // Bounded too: a guest that accepted the connection but hangs must not keep
+                // this loop from its deadline.
+                Ok(mut c) => match tokio::time::timeout(
+                    timeout.saturating_sub(start.elapsed()).max(Duration::from_secs(1)),
+                    c.health.check(husk_proto::Empty {}),
+                )
+                .await
+                {
+                    // A mismatched agent will not change by waiting: refused at once.
+                    Ok(Ok(r)) => return check_api(uds, &r.into_inner()).map(|()| c),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no answer to the health check".to_string(),
                 },
                 Err(e) => e.to_string(),
             };
@@ -165,4 +193,24 @@ impl AgentClient {
 pub fn stream_name(purpose: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     format!("{purpose}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mismatched_agent_is_refused_plainly() {
+        let ok = husk_proto::HealthResponse {
+            agent_version: "0.1.0".into(),
+            api_version: husk_proto::API_VERSION,
+        };
+        assert!(check_api(Path::new("/s"), &ok).is_ok());
+        let old = husk_proto::HealthResponse {
+            agent_version: "0.0.9".into(),
+            api_version: husk_proto::API_VERSION + 1,
+        };
+        let e = check_api(Path::new("/s"), &old).expect_err("mismatch").to_string();
+        assert!(e.contains("API version") && e.contains("0.0.9"), "{e}");
+    }
 }

@@ -94,10 +94,11 @@ fn agent_runs_containers_on_the_host_and_in_a_vm() {
         .replace("@INITRD@", &d(&kit.initrd));
     let mut job = Job::new(script).timeout(Duration::from_secs(2400));
     job.files.extend(kit.files().map(Path::to_path_buf));
-    // One guest vCPU, two L1 CPUs. Long runs of a 2-vCPU guest in the nested test host stalled
-    // L1 completely now and then (one L1 CPU) or triple-faulted the guest (two L1 CPUs); the
-    // boot and device tests cover SMP guests. Two L1 CPUs also halve this test's time.
-    job.cpus = 2;
+    // One guest vCPU on one L1 CPU, as in the runtime and CRI tests. With two L1 CPUs the
+    // guest kernel hung or triple-faulted right after PCI init in 2 of 6 runs on one day
+    // (QEMU's MTTCG with nested SVM is the suspect); 2-vCPU guests had stalled a one-CPU L1
+    // before, so the guest stays at one vCPU. The boot and device tests cover SMP guests.
+    job.cpus = 1;
     let out = run_job(&job).unwrap_or_else(|e| panic!("test host failed: {e}"));
     let o = &out.output;
     eprintln!("test host: {:?}\n{o}", out.elapsed);
