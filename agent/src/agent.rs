@@ -360,6 +360,7 @@ impl Agent {
             console_socket: stdio.terminal.then(|| console.clone()),
             no_pivot: self.cfg.no_pivot,
             start: Box::new(start),
+            propagation: crate::propagation::wanted(&spec),
         };
         let (proc, lifeline) = self.run_process(op, stdio, &console).await?;
         let cgroup = ContainerCgroup::new(id)?;

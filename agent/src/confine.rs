@@ -10,7 +10,7 @@
 //! CAP_SETPCAP on top of its own sets ([`lift_for_seccomp`]), and the executor drops back to
 //! exactly its own sets after loading the filter: the order runc uses (filter, then drop).
 
-use oci_spec::runtime::{Capability, LinuxCapabilities, LinuxSeccomp, Process, Spec};
+use oci_spec::runtime::{Capability, LinuxCapabilities, LinuxSeccomp, LinuxSeccompAction, Process, Spec};
 
 use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
@@ -45,10 +45,15 @@ pub fn lift_for_seccomp(process: &mut Process) -> Option<LinuxCapabilities> {
 /// after switching to the process's user, so a non-root user (Kubernetes' `runAsUser` with a
 /// `RuntimeDefault` profile) has already lost the CAP_SYS_ADMIN that loading needs and the
 /// container fails to start; loaded by the executor, with the lift, it works for every user.
+/// A profile that hands syscalls to a listener stays with the library, which brings the
+/// listener its notify fd (an exec's copy of it is refused by the executor).
 pub fn take_seccomp(spec: &mut Spec) -> ConfinedExec {
     let Some(seccomp) = spec.linux().as_ref().and_then(|l| l.seccomp().clone()) else {
         return ConfinedExec::default();
     };
+    if uses_notify(&seccomp) {
+        return ConfinedExec::default();
+    }
     if let Some(mut linux) = spec.linux().clone() {
         linux.set_seccomp(None);
         spec.set_linux(Some(linux));
@@ -59,6 +64,12 @@ pub fn take_seccomp(spec: &mut Spec) -> ConfinedExec {
         own
     });
     ConfinedExec { seccomp: Some(seccomp), drop_to }
+}
+
+fn uses_notify(s: &LinuxSeccomp) -> bool {
+    s.listener_path().is_some()
+        || s.default_action() == LinuxSeccompAction::ScmpActNotify
+        || s.syscalls().iter().flatten().any(|c| c.action() == LinuxSeccompAction::ScmpActNotify)
 }
 
 /// How every container process is started: loads `seccomp` (an exec's copy of the
@@ -165,6 +176,15 @@ mod tests {
         .expect("spec");
         let exec = take_seccomp(&mut plain);
         assert!(exec.seccomp.is_none() && exec.drop_to.is_none());
+        let mut notify: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2", "root": {"path": "/"},
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/run/l.sock",
+                "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}}
+        }))
+        .expect("spec");
+        assert!(take_seccomp(&mut notify).seccomp.is_none());
+        assert!(notify.linux().as_ref().and_then(|l| l.seccomp().as_ref()).is_some(), "left to the library");
     }
 
     #[test]

@@ -45,44 +45,36 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
-    }
-
-    #[test]
-    fn holder_death_kills_a_running_process() {
-        rt().block_on(async {
-            let (host, agent) = UnixStream::pair().expect("socketpair");
-            let (_tx, rx) = tokio::sync::watch::channel(None);
-            let killed = Arc::new(AtomicBool::new(false));
-            let k = killed.clone();
-            watch(agent.into(), rx, move || k.store(true, Ordering::SeqCst)).expect("watch");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            assert!(!killed.load(Ordering::SeqCst), "killed while the holder lives");
-            drop(host);
-            for _ in 0..100 {
-                if killed.load(Ordering::SeqCst) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+    #[tokio::test(flavor = "current_thread")]
+    async fn holder_death_kills_a_running_process() {
+        let (host, agent) = UnixStream::pair().expect("socketpair");
+        let (_tx, rx) = tokio::sync::watch::channel(None);
+        let killed = Arc::new(AtomicBool::new(false));
+        let k = killed.clone();
+        watch(agent.into(), rx, move || k.store(true, Ordering::SeqCst)).expect("watch");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!killed.load(Ordering::SeqCst), "killed while the holder lives");
+        drop(host);
+        for _ in 0..100 {
+            if killed.load(Ordering::SeqCst) {
+                return;
             }
-            panic!("the process was not killed after its lifeline closed");
-        });
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the process was not killed after its lifeline closed");
     }
 
-    #[test]
-    fn an_exited_process_is_left_alone() {
-        rt().block_on(async {
-            let (host, agent) = UnixStream::pair().expect("socketpair");
-            let (tx, rx) = tokio::sync::watch::channel(None);
-            let killed = Arc::new(AtomicBool::new(false));
-            let k = killed.clone();
-            watch(agent.into(), rx, move || k.store(true, Ordering::SeqCst)).expect("watch");
-            tx.send(Some(reaper::ExitStatus { code: 0, signal: 0, core_dumped: false })).expect("send");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            drop(host);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            assert!(!killed.load(Ordering::SeqCst), "killed a process that had exited");
-        });
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_exited_process_is_left_alone() {
+        let (host, agent) = UnixStream::pair().expect("socketpair");
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let killed = Arc::new(AtomicBool::new(false));
+        let k = killed.clone();
+        watch(agent.into(), rx, move || k.store(true, Ordering::SeqCst)).expect("watch");
+        tx.send(Some(reaper::ExitStatus { code: 0, signal: 0, core_dumped: false })).expect("send");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(host);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!killed.load(Ordering::SeqCst), "killed a process that had exited");
     }
 }

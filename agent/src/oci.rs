@@ -46,6 +46,8 @@ pub enum Op {
         no_pivot: bool,
         /// How the container's process is started (its seccomp profile, taken out of the spec).
         start: Box<ConfinedExec>,
+        /// Bind mounts whose propagation the helper sets itself: (destination, mode).
+        propagation: Vec<(PathBuf, String)>,
     },
     Start {
         root: PathBuf,
@@ -217,10 +219,7 @@ fn load(root: &std::path::Path, id: &str) -> Result<Container, String> {
 
 fn perform(op: Op) -> Result<Option<i32>, String> {
     match op {
-        Op::Create { root, id, bundle, console_socket, no_pivot, start } => {
-            let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
-                .map_err(|e| format!("container {id}: reading its spec: {e}"))?;
-            let propagation = crate::propagation::wanted(&spec);
+        Op::Create { root, id, bundle, console_socket, no_pivot, start, propagation } => {
             let mut container = ContainerBuilder::new(id.clone(), SyscallType::Linux)
                 .with_root_path(root)
                 .map_err(|e| e.to_string())?

@@ -71,62 +71,54 @@ mod tests {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
 
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    #[tokio::test(flavor = "current_thread")]
+    async fn output_is_a_pipe_and_ends_with_eof() {
+        let (host, agent) = UnixStream::pair().expect("socketpair");
+        let w = output(agent.into()).expect("output");
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat fills the struct for an fd we own.
+        assert_eq!(unsafe { libc::fstat(w.as_raw_fd(), &mut st) }, 0);
+        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFIFO);
+        let data = vec![7u8; 3 << 20];
+        let writer = std::thread::spawn(move || {
+            let mut f = std::fs::File::from(w);
+            f.write_all(&data).expect("write");
+        });
+        let got = tokio::task::spawn_blocking(move || {
+            let mut v = Vec::new();
+            (&host).read_to_end(&mut v).expect("read");
+            v
+        })
+        .await
+        .expect("join");
+        writer.join().expect("writer");
+        assert_eq!(got.len(), 3 << 20);
     }
 
-    #[test]
-    fn output_is_a_pipe_and_ends_with_eof() {
-        rt().block_on(async {
-            let (host, agent) = UnixStream::pair().expect("socketpair");
-            let w = output(agent.into()).expect("output");
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            // SAFETY: fstat fills the struct for an fd we own.
-            assert_eq!(unsafe { libc::fstat(w.as_raw_fd(), &mut st) }, 0);
-            assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFIFO);
-            let data = vec![7u8; 3 << 20];
-            let writer = std::thread::spawn(move || {
-                let mut f = std::fs::File::from(w);
-                f.write_all(&data).expect("write");
-            });
-            let got = tokio::task::spawn_blocking(move || {
-                let mut v = Vec::new();
-                (&host).read_to_end(&mut v).expect("read");
-                v
-            })
-            .await
-            .expect("join");
-            writer.join().expect("writer");
-            assert_eq!(got.len(), 3 << 20);
-        });
-    }
+    #[tokio::test(flavor = "current_thread")]
+    async fn input_delivers_then_eof_and_abort_closes() {
+        let (host, agent) = UnixStream::pair().expect("socketpair");
+        let (r, _h) = input(agent.into()).expect("input");
+        (&host).write_all(b"hello").expect("write");
+        host.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let got = tokio::task::spawn_blocking(move || {
+            let mut s = String::new();
+            std::fs::File::from(r).read_to_string(&mut s).expect("read");
+            s
+        })
+        .await
+        .expect("join");
+        assert_eq!(got, "hello");
 
-    #[test]
-    fn input_delivers_then_eof_and_abort_closes() {
-        rt().block_on(async {
-            let (host, agent) = UnixStream::pair().expect("socketpair");
-            let (r, _h) = input(agent.into()).expect("input");
-            (&host).write_all(b"hello").expect("write");
-            host.shutdown(std::net::Shutdown::Write).expect("shutdown");
-            let got = tokio::task::spawn_blocking(move || {
-                let mut s = String::new();
-                std::fs::File::from(r).read_to_string(&mut s).expect("read");
-                s
-            })
-            .await
-            .expect("join");
-            assert_eq!(got, "hello");
-
-            let (_host2, agent2) = UnixStream::pair().expect("socketpair");
-            let (r2, h2) = input(agent2.into()).expect("input");
-            h2.abort();
-            let n = tokio::task::spawn_blocking(move || {
-                let mut v = Vec::new();
-                std::fs::File::from(r2).read_to_end(&mut v).map(|_| v.len())
-            })
-            .await
-            .expect("join");
-            assert_eq!(n.expect("eof after abort"), 0);
-        });
+        let (_host2, agent2) = UnixStream::pair().expect("socketpair");
+        let (r2, h2) = input(agent2.into()).expect("input");
+        h2.abort();
+        let n = tokio::task::spawn_blocking(move || {
+            let mut v = Vec::new();
+            std::fs::File::from(r2).read_to_end(&mut v).map(|_| v.len())
+        })
+        .await
+        .expect("join");
+        assert_eq!(n.expect("eof after abort"), 0);
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! libcontainer 0.7 passes a bind mount's propagation option to the same mount(2) call as
 //! MS_BIND, where the kernel ignores it, so every volume ends up private. The helper applies
-//! them itself once the container is created and before it starts, from inside the
+//! them itself (the agent lists them from the spec) once the container is created and before it starts, from inside the
 //! container's mount namespace, as runc does with a second call. Propagation ends at the VM:
 //! it reaches the pod's other containers, never the host.
 
@@ -29,8 +29,8 @@ fn flags(option: &str) -> Option<MsFlags> {
 }
 
 /// The bind mounts of `spec` that ask for a propagation, with the last such option of each
-/// (mount(2) takes one type at a time), and its name for errors.
-pub fn wanted(spec: &Spec) -> Vec<(PathBuf, MsFlags, String)> {
+/// (mount(2) takes one type at a time).
+pub fn wanted(spec: &Spec) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
     for m in spec.mounts().iter().flatten() {
         let opts = m.options().clone().unwrap_or_default();
@@ -38,8 +38,8 @@ pub fn wanted(spec: &Spec) -> Vec<(PathBuf, MsFlags, String)> {
         if !is_bind {
             continue;
         }
-        if let Some((name, f)) = opts.iter().rev().find_map(|o| flags(o).map(|f| (o.clone(), f))) {
-            out.push((m.destination().clone(), f, name));
+        if let Some(mode) = opts.iter().rev().find(|o| flags(o).is_some()) {
+            out.push((m.destination().clone(), mode.clone()));
         }
     }
     out
@@ -47,7 +47,7 @@ pub fn wanted(spec: &Spec) -> Vec<(PathBuf, MsFlags, String)> {
 
 /// Applies `wanted` inside the mount namespace of the container whose init is `pid`. The
 /// helper is single-threaded, as setns into a mount namespace requires.
-pub fn apply(pid: i32, wanted: &[(PathBuf, MsFlags, String)]) -> Result<(), String> {
+pub fn apply(pid: i32, wanted: &[(PathBuf, String)]) -> Result<(), String> {
     if wanted.is_empty() {
         return Ok(());
     }
@@ -57,8 +57,9 @@ pub fn apply(pid: i32, wanted: &[(PathBuf, MsFlags, String)]) -> Result<(), Stri
         .map_err(|e| format!("opening the container's mount namespace: {e}"))?;
     setns(&ns, CloneFlags::CLONE_NEWNS)
         .map_err(|e| format!("entering the container's mount namespace: {e}"))?;
-    let result = wanted.iter().try_for_each(|(dest, f, name)| {
-        mount(None::<&str>, dest, None::<&str>, *f, None::<&str>)
+    let result = wanted.iter().try_for_each(|(dest, name)| {
+        let f = flags(name).ok_or_else(|| format!("{name:?} is not a mount propagation"))?;
+        mount(None::<&str>, dest, None::<&str>, f, None::<&str>)
             .map_err(|e| format!("mount propagation {name} on {}: {e}", dest.display()))
     });
     // Back home, where the container library's state is (a failed create is deleted there).
@@ -85,7 +86,9 @@ mod tests {
         .expect("spec");
         let w = wanted(&spec);
         assert_eq!(w.len(), 2);
-        assert_eq!(w[0], (PathBuf::from("/a"), MsFlags::MS_SHARED | MsFlags::MS_REC, "rshared".into()));
-        assert_eq!(w[1], (PathBuf::from("/b"), MsFlags::MS_SLAVE | MsFlags::MS_REC, "rslave".into()));
+        assert_eq!(w[0], (PathBuf::from("/a"), "rshared".into()));
+        assert_eq!(w[1], (PathBuf::from("/b"), "rslave".into()));
+        assert_eq!(flags("rshared"), Some(MsFlags::MS_SHARED | MsFlags::MS_REC));
+        assert_eq!(flags("rslave"), Some(MsFlags::MS_SLAVE | MsFlags::MS_REC));
     }
 }
