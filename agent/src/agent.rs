@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use husk_proto::{event, Event, ExitEvent, Stdio};
+use husk_proto::{event, ContainerStatus, Event, ExitEvent, Stdio};
 use oci_spec::runtime::{LinuxSeccomp, Process};
 use tokio::sync::{broadcast, Notify};
 use tokio::task::AbortHandle;
@@ -67,15 +67,15 @@ struct Container {
 }
 
 impl Container {
-    fn status(&self) -> &'static str {
+    fn status(&self) -> ContainerStatus {
         if self.init.exited().is_some() {
-            "stopped"
+            ContainerStatus::Stopped
         } else if self.cgroup.is_frozen() {
-            "paused"
+            ContainerStatus::Paused
         } else if self.started.load(Ordering::SeqCst) {
-            "running"
+            ContainerStatus::Running
         } else {
-            "created"
+            ContainerStatus::Created
         }
     }
 
@@ -91,9 +91,24 @@ impl Container {
 
     fn require_running(&self, what: &str) -> Result<(), AgentError> {
         match self.status() {
-            "running" => Ok(()),
-            s => Err(AgentError::FailedPrecondition(format!("cannot {what}: container {} is {s}", self.id))),
+            ContainerStatus::Running => Ok(()),
+            s => Err(AgentError::FailedPrecondition(format!(
+                "cannot {what}: container {} is {}",
+                self.id,
+                status_word(s)
+            ))),
         }
+    }
+}
+
+/// The status as error messages say it ("running").
+fn status_word(s: ContainerStatus) -> &'static str {
+    match s {
+        ContainerStatus::Unspecified => "in an unknown state",
+        ContainerStatus::Created => "created",
+        ContainerStatus::Running => "running",
+        ContainerStatus::Paused => "paused",
+        ContainerStatus::Stopped => "stopped",
     }
 }
 
@@ -431,10 +446,11 @@ impl Agent {
 
     pub async fn start_container(&self, id: &str) -> Result<(), AgentError> {
         let c = self.container(id)?;
-        if c.status() != "created" {
+        let status = c.status();
+        if status != ContainerStatus::Created {
             return Err(AgentError::FailedPrecondition(format!(
                 "cannot start container {id}: it is {}",
-                c.status()
+                status_word(status)
             )));
         }
         let null = StdioFds::null_triple()?;
@@ -484,10 +500,11 @@ impl Agent {
     pub fn pause(&self, id: &str, paused: bool) -> Result<(), AgentError> {
         let c = self.container(id)?;
         match (paused, c.status()) {
-            (true, "running") | (false, "paused") => c.cgroup.freeze(paused),
+            (true, ContainerStatus::Running) | (false, ContainerStatus::Paused) => c.cgroup.freeze(paused),
             (_, s) => Err(AgentError::FailedPrecondition(format!(
-                "cannot {} container {id}: it is {s}",
-                if paused { "pause" } else { "resume" }
+                "cannot {} container {id}: it is {}",
+                if paused { "pause" } else { "resume" },
+                status_word(s)
             ))),
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! In a VM the agent listens on vsock ports [`AGENT_PORT`] and [`STDIO_PORT`]. In host mode it
 //! listens on one Unix socket that speaks the VMM's hybrid-vsock handshake (`CONNECT <port>\n`,
-//! answered `OK <port>\n`), so a host client dials both the same way.
+//! answered `OK <port>\n`), so a host client dials both the same way. Both handshakes, and the
+//! stdio stream's `STDIO <name>\n`, are [`husk_proto::handshake`] lines.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use husk_proto::handshake::{HandshakeError, LineReader, Reply, Request};
 use husk_proto::{AGENT_PORT, STDIO_PORT};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
@@ -22,8 +24,20 @@ use crate::stdio::StdioRegistry;
 
 /// How long a peer may take to send its handshake line.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest handshake line accepted (`STDIO ` + 64-byte name + newline fits).
-const MAX_HANDSHAKE: usize = 80;
+
+/// Why a handshake line did not arrive or did not parse.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Codec(#[from] HandshakeError),
+    /// A well-formed request of the other kind.
+    #[error("expected {0}")]
+    Unexpected(&'static str),
+    #[error("no handshake line within {HANDSHAKE_TIMEOUT:?}")]
+    Timeout,
+}
 
 #[derive(Debug, Clone)]
 pub enum Endpoint {
@@ -160,35 +174,36 @@ fn spawn_stdio(conn: Conn, stdio: Arc<StdioRegistry>) {
     tokio::spawn(handle_stdio(conn, stdio));
 }
 
-async fn unix_handshake(conn: &mut Conn) -> io::Result<u32> {
-    let line = read_line(conn).await?;
-    let port = line.strip_prefix("CONNECT ").and_then(|p| p.parse::<u32>().ok()).ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidData, format!("expected CONNECT <port>, got {line:?}"))
-    })?;
-    conn.write_all(format!("OK {port}\n").as_bytes()).await?;
-    Ok(port)
+/// Reads `CONNECT <port>\n` and answers `OK <port>\n` (or `ERR <why>\n`).
+async fn unix_handshake(conn: &mut Conn) -> Result<u32, ReadError> {
+    let port = match read_request(conn).await {
+        Ok(Request::Connect(port)) => Ok(port),
+        Ok(Request::Stdio(_)) => Err(ReadError::Unexpected("CONNECT <port>")),
+        Err(e) => Err(e),
+    };
+    match port {
+        Ok(port) => {
+            conn.write_all(&Reply::Ok(Some(port)).encode()).await?;
+            Ok(port)
+        }
+        Err(e) => {
+            refuse(conn, &e).await;
+            Err(e)
+        }
+    }
 }
 
 /// Reads `STDIO <name>\n`, parks the stream under that name and answers `OK\n` (or
 /// `ERR <why>\n` and closes).
 async fn handle_stdio(mut conn: Conn, stdio: Arc<StdioRegistry>) {
-    let name = match read_line(&mut conn).await {
-        Ok(line) => match line.strip_prefix("STDIO ") {
-            Some(n) => n.to_string(),
-            None => {
-                let _ = conn.write_all(b"ERR expected STDIO <name>\n").await;
-                return;
-            }
-        },
+    let name = match read_request(&mut conn).await {
+        Ok(Request::Stdio(name)) => name,
+        Ok(Request::Connect(_)) => return refuse(&mut conn, &ReadError::Unexpected("STDIO <name>")).await,
         Err(e) => {
             tracing::debug!("stdio handshake: {e}");
-            return;
+            return refuse(&mut conn, &e).await;
         }
     };
-    if let Err(e) = crate::validate::name("stdio stream name", &name) {
-        let _ = conn.write_all(format!("ERR {e}\n").as_bytes()).await;
-        return;
-    }
     let fd = match conn.into_blocking_fd() {
         Ok(fd) => fd,
         Err(e) => {
@@ -199,15 +214,15 @@ async fn handle_stdio(mut conn: Conn, stdio: Arc<StdioRegistry>) {
     // Registered before the answer, so a request naming the stream right after `OK` finds it.
     let reply = fd.try_clone();
     let answer = match stdio.insert(&name, fd) {
-        Ok(()) => "OK\n".to_string(),
-        Err(e) => format!("ERR {e}\n"),
+        Ok(()) => Reply::Ok(None),
+        Err(e) => Reply::Err(e.to_string()),
     };
     if let Ok(reply) = reply {
         // The fd is blocking now; MSG_DONTWAIT keeps a peer without receive credit from
         // stalling the agent's only runtime thread.
         if let Err(e) = nix::sys::socket::send(
             reply.as_raw_fd(),
-            answer.as_bytes(),
+            &answer.encode(),
             nix::sys::socket::MsgFlags::MSG_DONTWAIT,
         ) {
             tracing::warn!("stdio stream {name}: answering: {e}");
@@ -215,24 +230,81 @@ async fn handle_stdio(mut conn: Conn, stdio: Arc<StdioRegistry>) {
     }
 }
 
-/// Reads one `\n`-terminated line byte by byte (the peer may send payload right after it).
-async fn read_line(conn: &mut Conn) -> io::Result<String> {
+/// Reads one request line byte by byte: the peer may send payload right after it.
+async fn read_request(conn: &mut Conn) -> Result<Request, ReadError> {
     let read = async {
-        let mut line = Vec::with_capacity(32);
+        let mut line = LineReader::new();
         loop {
-            let b = conn.read_u8().await?;
-            if b == b'\n' {
+            let b = match conn.read_u8().await {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(HandshakeError::Unterminated.into())
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(line) = line.push_byte(b)? {
+                return Ok(Request::parse_line(&line)?);
+            }
+        }
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await.map_err(|_| ReadError::Timeout)?
+}
+
+/// Tells the peer why its handshake failed (best effort: the stream is dropped right after),
+/// unless the stream itself is broken.
+async fn refuse(conn: &mut Conn, e: &ReadError) {
+    if !matches!(e, ReadError::Io(_)) {
+        let _ = conn.write_all(&Reply::Err(e.to_string()).encode()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends `lines` on a fresh connection to the host-mode socket and returns every reply line.
+    async fn exchange(path: &std::path::Path, lines: &[u8], replies: usize) -> Vec<Reply> {
+        let mut s = UnixStream::connect(path).await.expect("connect");
+        s.write_all(lines).await.expect("write");
+        let mut out = Vec::new();
+        let mut line = LineReader::new();
+        while out.len() < replies {
+            let Ok(b) = s.read_u8().await else { break };
+            if let Some(l) = line.push_byte(b).expect("bounded") {
+                out.push(Reply::parse_line(&l).expect("a valid reply"));
+            }
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn host_mode_handshakes_use_the_codec() {
+        let dir = std::env::temp_dir().join(format!("husk-agent-listener-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("agent.sock");
+        let (tx, _rx) = mpsc::channel(1);
+        let stdio = Arc::new(StdioRegistry::default());
+        let server = tokio::spawn(serve(Endpoint::Unix(path.clone()), tx, stdio.clone()));
+        for _ in 0..400 {
+            if path.exists() {
                 break;
             }
-            if line.len() == MAX_HANDSHAKE {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "handshake line too long"));
-            }
-            line.push(b);
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        String::from_utf8(line)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "handshake is not UTF-8"))
-    };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, read)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no handshake line in time"))?
+
+        let ok = exchange(&path, b"CONNECT 1025\nSTDIO s1\n", 2).await;
+        assert_eq!(ok, [Reply::Ok(Some(STDIO_PORT)), Reply::Ok(None)]);
+        assert!(stdio.take("s1").is_ok(), "the stream was parked under its name");
+
+        for bad in [&b"connect 1025\n"[..], b"CONNECT -1\n", b"STDIO s2\n"] {
+            let got = exchange(&path, bad, 1).await;
+            assert!(matches!(got.as_slice(), [Reply::Err(_)]), "{bad:?}: {got:?}");
+        }
+        for bad in [&b"CONNECT 1025\nSTDIO .hidden\n"[..], b"CONNECT 1025\nCONNECT 1025\n"] {
+            let got = exchange(&path, bad, 2).await;
+            assert!(matches!(got.as_slice(), [Reply::Ok(Some(_)), Reply::Err(_)]), "{bad:?}: {got:?}");
+        }
+        server.abort();
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

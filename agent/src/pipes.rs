@@ -75,6 +75,7 @@ mod tests {
     async fn output_is_a_pipe_and_ends_with_eof() {
         let (host, agent) = UnixStream::pair().expect("socketpair");
         let w = output(agent.into()).expect("output");
+        // SAFETY: libc::stat is only integer fields, so all-zero is a valid value (fstat overwrites it).
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: fstat fills the struct for an fd we own.
         assert_eq!(unsafe { libc::fstat(w.as_raw_fd(), &mut st) }, 0);

@@ -1,21 +1,26 @@
-//! The husk agent API (`agent.proto`): generated tonic clients and servers, and the vsock ports
-//! and stream header the API relies on.
+//! The husk agent API (`agent.proto`): generated tonic clients and servers (feature `grpc`, on by
+//! default), the vsock ports, and the hybrid-vsock [`handshake`] codec the streams start with.
 
+pub mod handshake;
+
+#[cfg(feature = "grpc")]
 #[allow(clippy::all, clippy::pedantic)]
 mod generated {
     tonic::include_proto!("husk.agent.v1");
 }
 
+#[cfg(feature = "grpc")]
 pub use generated::*;
 
 /// Bumped on incompatible changes; the agent reports it in `Health.Check`.
-pub const API_VERSION: u32 = 1;
+/// 2: `ContainerInfo.status` is the `ContainerStatus` enum (was a string).
+pub const API_VERSION: u32 = 2;
 
 /// Guest vsock port of the gRPC server.
 pub const AGENT_PORT: u32 = 1024;
 
 /// Guest vsock port for process stdio streams. A client opens a stream, writes
-/// `STDIO <name>\n` (name: 1–64 of `[A-Za-z0-9_.-]`), and reads `OK\n` back; the name is then
+/// `STDIO <name>\n` ([`handshake::Request::Stdio`]), and reads `OK\n` back; the name is then
 /// usable once in a `Stdio` message. Unclaimed streams are dropped after [`STDIO_CLAIM_TIMEOUT_SECS`].
 pub const STDIO_PORT: u32 = 1025;
 

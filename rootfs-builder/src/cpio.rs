@@ -35,6 +35,15 @@ pub struct CpioWriter<W: Write> {
     seen: BTreeSet<String>,
 }
 
+impl<W: Write> std::fmt::Debug for CpioWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpioWriter")
+            .field("written", &self.written)
+            .field("entries", &self.seen.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<W: Write> CpioWriter<W> {
     pub fn new(out: W) -> Self {
         Self { out, written: 0, next_ino: 1, seen: BTreeSet::new() }

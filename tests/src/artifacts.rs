@@ -76,6 +76,7 @@ macro_rules! require {
 
 /// What a device end-to-end test runs: the VMM, the host-side probe, the guest kernel and the
 /// test initramfs. In a job, the files go along with [`DeviceTestKit::files`].
+#[derive(Debug)]
 pub struct DeviceTestKit {
     pub vmm: PathBuf,
     pub probe: PathBuf,
@@ -116,6 +117,7 @@ fn kvm_and_busybox() -> Result<PathBuf, String> {
 
 /// What the agent end-to-end test runs: the VMM, the static agent (host mode) and its initramfs
 /// (VM mode), the probe that drives it, the guest kernel, and busybox for the container rootfs.
+#[derive(Debug)]
 pub struct AgentTestKit {
     pub vmm: PathBuf,
     pub agent: PathBuf,
@@ -147,6 +149,7 @@ impl AgentTestKit {
 /// initramfs it finds next to itself, busybox for rootfs, and the real clients that drive it
 /// (containerd + ctr + its runc shim, podman + conmon, umoci for an image layout, `script`
 /// for a pty).
+#[derive(Debug)]
 pub struct RuntimeTestKit {
     pub husk: PathBuf,
     pub vmm: PathBuf,

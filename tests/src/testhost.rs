@@ -493,10 +493,12 @@ fn has_exited(child: &Child) -> std::io::Result<bool> {
 /// The child must not have been reaped yet.
 fn kill_tree(child: &mut Child) {
     let Ok(pid) = i32::try_from(child.id()) else { return };
-    // SAFETY: plain kill(2) on a pid we spawned and have not reaped yet.
+    // SAFETY: getpgid(2) takes no pointers; pid is our unreaped child, so it cannot name a
+    // recycled process.
     let grouped = unsafe { libc::getpgid(pid) } == pid;
     if grouped {
-        // SAFETY: as above, for the group that pid leads.
+        // SAFETY: kill(2) takes no pointers; the group is led by our unreaped child, so its id
+        // cannot have been recycled to someone else's group.
         unsafe { libc::kill(-pid, libc::SIGKILL) };
     }
     child.kill().ok();

@@ -45,6 +45,7 @@ impl ExitReason {
 }
 
 /// First reported reason wins; the eventfd wakes the main loop.
+#[derive(Debug)]
 pub struct ExitNotifier {
     reason: Mutex<Option<ExitReason>>,
     evt: EventFd,

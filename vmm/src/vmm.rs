@@ -18,6 +18,7 @@ const TOKEN_EXIT: u64 = 0;
 const TOKEN_STDIN: u64 = 1;
 const TOKEN_SERIAL_DRAINED: u64 = 2;
 
+#[derive(Debug)]
 pub struct Vmm {
     // Field order is drop order: vCPUs stop before the VM and memory go away.
     vcpus: Vec<Vcpu>,

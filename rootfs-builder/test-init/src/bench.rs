@@ -21,7 +21,7 @@ fn vsock_g2h() -> Result<f64, String> {
         s.write_all(&chunk).map_err(|e| format!("write: {e}"))?;
         sent += chunk.len();
     }
-    // SAFETY: plain shutdown(2) on our socket.
+    // SAFETY: shutdown(2) takes no pointers; `s` keeps the socket's fd open for the call.
     unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&s), libc::SHUT_WR) };
     // The host acknowledges once it has read everything.
     let mut ack = String::new();

@@ -67,28 +67,33 @@ fn main() {
     );
     let _ = out.flush();
     drop(out);
-    // SAFETY: sync/reboot take no pointers; as PID 1 we own the machine's fate.
+    // SAFETY: sync(2) takes no arguments and only flushes filesystem buffers.
     unsafe { libc::sync() };
     match action.as_str() {
         "panic" => std::process::exit(7),
-        "reboot" => unsafe {
-            libc::reboot(libc::RB_AUTOBOOT);
-        },
+        "reboot" => {
+            // SAFETY: reboot(2) takes no pointers; as PID 1 of a throwaway test VM, with the
+            // marker flushed and synced above, restarting the machine loses nothing.
+            unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+        }
         "vsock" | "fs" | "bench" => {
             match action.as_str() {
                 "vsock" => vsock_checks::run(),
                 "fs" => fs_checks::run(),
                 _ => bench::run(),
             }
-            // SAFETY: as below.
+            // SAFETY: reboot(2) takes no pointers; the checks have finished and printed their
+            // results, so powering off this PID 1's test VM loses nothing.
             unsafe { libc::reboot(libc::RB_POWER_OFF) };
         }
         "hang" => loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         },
-        _ => unsafe {
-            libc::reboot(libc::RB_POWER_OFF);
-        },
+        _ => {
+            // SAFETY: reboot(2) takes no pointers; as PID 1 of a throwaway test VM, with the
+            // marker flushed and synced above, powering off loses nothing.
+            unsafe { libc::reboot(libc::RB_POWER_OFF) };
+        }
     }
     // reboot(2) only returns on failure; exiting makes the kernel panic, which tests would see.
     eprintln!("husk-test-init: reboot({action}) failed: {}", std::io::Error::last_os_error());

@@ -24,7 +24,7 @@ fn sockaddr(cid: u32, port: u32) -> libc::sockaddr_vm {
 }
 
 fn socket() -> io::Result<File> {
-    // SAFETY: plain socket(2) call.
+    // SAFETY: socket(2) takes no pointers; the fd it returns is checked, then owned by a File.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -54,9 +54,9 @@ pub fn listen(port: u32) -> io::Result<File> {
     let s = socket()?;
     let a = sockaddr(libc::VMADDR_CID_ANY, port);
     let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    // SAFETY: as in connect.
+    // SAFETY: `a` is a valid sockaddr_vm of `len` bytes that outlives the call; bind only reads it.
     check(unsafe { libc::bind(s.as_raw_fd(), (&a as *const libc::sockaddr_vm).cast(), len) })?;
-    // SAFETY: plain listen(2).
+    // SAFETY: listen(2) takes no pointers and acts only on the socket `s` owns.
     check(unsafe { libc::listen(s.as_raw_fd(), 128) })?;
     Ok(s)
 }
@@ -74,7 +74,7 @@ pub fn accept(l: &File) -> io::Result<File> {
 }
 
 fn shutdown_write(f: &File) {
-    // SAFETY: plain shutdown(2) on our socket.
+    // SAFETY: shutdown(2) takes no pointers; `f` keeps the socket's fd open for the call.
     unsafe { libc::shutdown(f.as_raw_fd(), libc::SHUT_WR) };
 }
 

@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use husk_core::agent::client::RawClients;
+use husk_core::agent::{stream_name, GrpcAgent};
 use husk_proto as pb;
-use husk_runtime::agent_client::{stream_name, AgentClient};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -20,7 +21,7 @@ use tokio::task::JoinHandle;
 use tonic::Code;
 
 struct Probe {
-    client: AgentClient,
+    client: RawClients,
     share: String,
     rootfs: String,
     failures: usize,
@@ -427,16 +428,14 @@ async fn checks(mut p: Probe, read_only_share: bool, destroy: bool) -> Result<us
             let mut c = p.client.containers.clone();
             async move {
                 let list = c.list_containers(pb::Empty {}).await?.into_inner().containers;
-                anyhow::Ok(
-                    list.into_iter().find(|c| c.container_id == "svc").map(|c| c.status).unwrap_or_default(),
-                )
+                anyhow::Ok(list.into_iter().find(|c| c.container_id == "svc").map(|c| c.status()))
             }
         };
-        if status(&p).await? != "paused" {
+        if status(&p).await? != Some(pb::ContainerStatus::Paused) {
             bail!("not paused after pause");
         }
         p.client.containers.clone().resume_container(cref("svc")).await.context("resume")?;
-        if status(&p).await? != "running" {
+        if status(&p).await? != Some(pb::ContainerStatus::Running) {
             bail!("not running after resume");
         }
         p.client
@@ -751,7 +750,7 @@ async fn main() -> Result<()> {
         bail!(usage);
     }
     let uds = PathBuf::from(&args[2]);
-    let client = AgentClient::connect(&uds, Duration::from_secs(300)).await?;
+    let client = GrpcAgent::connect(&uds, Duration::from_secs(300), None).await?.raw();
     let read_only_share = args.iter().any(|a| a == "--read-only-share");
     let share = pb::Share { tag: args[3].clone(), read_only: read_only_share };
     let unix_time_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i64;

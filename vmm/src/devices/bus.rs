@@ -24,6 +24,14 @@ pub struct Bus {
     ranges: BTreeMap<u64, (u64, Shared)>,
 }
 
+/// Lists the claimed address ranges; the devices behind them are trait objects.
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ranges = self.ranges.iter().map(|(&base, &(len, _))| base..base.saturating_add(len));
+        f.debug_struct("Bus").field("ranges", &ranges.collect::<Vec<_>>()).finish_non_exhaustive()
+    }
+}
+
 impl Bus {
     pub fn new() -> Self {
         Self::default()

@@ -36,6 +36,7 @@ fn kick_signal() -> i32 {
 
 extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+#[derive(Debug)]
 pub struct Vcpu {
     fd: VcpuFd,
     index: u32,
@@ -158,6 +159,7 @@ impl Vcpu {
 }
 
 /// A running vCPU thread.
+#[derive(Debug)]
 pub struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,

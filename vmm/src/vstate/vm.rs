@@ -48,6 +48,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+#[derive(Debug)]
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,

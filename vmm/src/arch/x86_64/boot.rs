@@ -223,22 +223,27 @@ pub fn write_cmdline<M: GuestMemory>(mem: &M, text: &str) -> Result<(), BootErro
 #[derive(Clone, Copy, Default)]
 #[repr(transparent)]
 struct StartInfo(hvm_start_info);
-// SAFETY: plain-old-data C struct; every bit pattern is valid.
+// SAFETY: repr(transparent) over bindgen's repr(C) hvm_start_info, which is only u32/u64
+// fields in an order that leaves no padding: every bit pattern is valid, and no pointers.
 unsafe impl ByteValued for StartInfo {}
 #[derive(Clone, Copy, Default)]
 #[repr(transparent)]
 struct ModlistEntry(hvm_modlist_entry);
-// SAFETY: as above.
+// SAFETY: repr(transparent) over the repr(C) hvm_modlist_entry: four u64s, no padding, so
+// every bit pattern is a valid value.
 unsafe impl ByteValued for ModlistEntry {}
 #[derive(Clone, Copy, Default)]
 #[repr(transparent)]
 struct MemmapEntry(hvm_memmap_table_entry);
-// SAFETY: as above.
+// SAFETY: repr(transparent) over the repr(C) hvm_memmap_table_entry: two u64s then two u32s
+// (24 bytes, no padding), so every bit pattern is a valid value.
 unsafe impl ByteValued for MemmapEntry {}
 #[derive(Clone, Copy)]
 #[repr(transparent)]
 struct ZeroPage(boot_params);
-// SAFETY: as above.
+// SAFETY: repr(transparent) over the repr(C, packed) boot_params: explicit `_pad` arrays and
+// nested integer-only structs that are packed or padding-free by layout, so no padding bytes,
+// no pointers, and every bit pattern is a valid value.
 unsafe impl ByteValued for ZeroPage {}
 
 /// Writes the PVH start_info, module list and memory map; returns the vCPU entry.

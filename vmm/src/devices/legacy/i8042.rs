@@ -12,6 +12,7 @@ pub const PORT_LEN: u64 = 5;
 const CMD_OFFSET: u64 = 4;
 const CMD_RESET_CPU: u8 = 0xfe;
 
+#[derive(Debug)]
 pub struct I8042 {
     exit: Arc<ExitNotifier>,
 }

@@ -11,6 +11,7 @@ pub const PORT_LEN: u64 = 1;
 /// Event bits (the guest reads the supported set, then writes the event).
 const PVPANIC_PANICKED: u8 = 1 << 0;
 
+#[derive(Debug)]
 pub struct PvPanic {
     exit: Arc<ExitNotifier>,
 }

@@ -15,6 +15,7 @@ pub const COM1_IRQ: u32 = 4;
 pub const PORT_LEN: u64 = 8;
 
 /// Raises the serial IRQ by signalling the irqfd registered for it.
+#[derive(Debug)]
 pub struct IrqEventFd(pub EventFd);
 
 impl Trigger for IrqEventFd {
@@ -25,6 +26,7 @@ impl Trigger for IrqEventFd {
 }
 
 /// Tells the event loop the guest drained the input FIFO, so it may read host input again.
+#[derive(Debug)]
 pub struct InputDrained(pub Arc<EventFd>);
 
 impl SerialEvents for InputDrained {
@@ -37,6 +39,7 @@ impl SerialEvents for InputDrained {
 }
 
 /// Where console bytes go. A broken pipe must not take the VM down, so write errors are dropped.
+#[derive(Debug)]
 pub enum SerialOutput {
     Stdout,
     File(std::fs::File),
@@ -60,6 +63,7 @@ impl Write for SerialOutput {
     }
 }
 
+#[derive(Debug)]
 pub struct SerialConsole {
     serial: Serial<IrqEventFd, InputDrained, SerialOutput>,
     drained: Arc<EventFd>,

@@ -16,6 +16,7 @@ const SLP_EN: u8 = 1 << 5;
 const SLP_TYP_SHIFT: u8 = 2;
 const SLP_TYP_MASK: u8 = 0x7;
 
+#[derive(Debug)]
 pub struct AcpiSleepControl {
     exit: Arc<ExitNotifier>,
 }

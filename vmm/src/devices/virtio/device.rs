@@ -10,6 +10,7 @@ use super::VirtioInterrupt;
 use crate::memory::GuestMem;
 
 /// Everything a device needs to run once the driver sets DRIVER_OK.
+#[derive(Debug)]
 pub struct ActivateContext {
     pub mem: GuestMem,
     /// The ready queues, in queue-index order (validated against guest memory).
@@ -65,6 +66,7 @@ pub fn check_queue_count(ctx: &ActivateContext, needed: usize) -> Result<(), Act
 
 /// A device's queue-serving thread and the eventfd that tells it to stop. Dropping it stops
 /// and joins the thread, so a reset or a VMM exit never leaves a worker touching guest memory.
+#[derive(Debug)]
 pub struct Worker {
     kill: EventFd,
     handle: Option<JoinHandle<()>>,

@@ -8,6 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub const INT_VRING: u32 = 1 << 0;
 pub const INT_CONFIG: u32 = 1 << 1;
 
+#[derive(Debug)]
 pub struct VirtioInterrupt {
     status: AtomicU32,
     irqfd: EventFd,

@@ -70,6 +70,17 @@ pub struct MmioTransport {
     activated: bool,
 }
 
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .field("acked_features", &self.acked_features)
+            .field("activated", &self.activated)
+            .finish_non_exhaustive()
+    }
+}
+
 impl MmioTransport {
     /// `queue_evts` must hold one eventfd per queue; the caller registers them as ioeventfds on
     /// this device's QueueNotify register.

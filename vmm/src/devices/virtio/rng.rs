@@ -18,6 +18,7 @@ const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
 const TOKEN_QUEUE: u64 = 0;
 const TOKEN_KILL: u64 = 1;
 
+#[derive(Debug)]
 pub struct Rng {
     worker: Option<Worker>,
 }

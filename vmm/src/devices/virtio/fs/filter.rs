@@ -48,6 +48,12 @@ pub struct ShareFs {
     read_only: bool,
 }
 
+impl std::fmt::Debug for ShareFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShareFs").field("read_only", &self.read_only).finish_non_exhaustive()
+    }
+}
+
 impl ShareFs {
     pub fn new(inner: PassthroughFs, read_only: bool) -> Self {
         Self { inner, read_only }
@@ -70,7 +76,7 @@ impl ShareFs {
         // by setting it; `f` sets it again anyway).
         let old = unsafe { libc::umask(0o077) };
         let out = f();
-        // SAFETY: as above.
+        // SAFETY: umask(2) takes no pointers and cannot fail; this puts back the mask saved above.
         unsafe { libc::umask(old) };
         out
     }

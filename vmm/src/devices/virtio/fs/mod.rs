@@ -58,6 +58,12 @@ pub struct Fs {
     worker: Option<Worker>,
 }
 
+impl std::fmt::Debug for Fs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fs").field("fs", &self.fs).field("worker", &self.worker).finish_non_exhaustive()
+    }
+}
+
 /// Maps the share's cache option onto the passthrough's policy and timeouts (the same meaning
 /// as virtiofsd's `cache=`): `never` revalidates everything, `auto` trusts attributes for a
 /// second, `always` assumes nobody else changes the directory.

@@ -29,6 +29,7 @@ const TOKEN_MUXER: u64 = 4;
 /// Guest CIDs 0-2 are reserved (hypervisor, local, host).
 pub const MIN_GUEST_CID: u64 = 3;
 
+#[derive(Debug)]
 pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,

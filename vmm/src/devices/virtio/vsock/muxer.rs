@@ -1,7 +1,8 @@
 //! The host side of hybrid vsock: guest streams mapped onto Unix sockets.
 //!
 //! - Host → guest: a client connects to the VM's socket and writes `CONNECT <port>\n`; we pick a
-//!   local (host) port, send the guest a REQUEST, and on its RESPONSE answer `OK <local port>\n`.
+//!   local (host) port, send the guest a REQUEST, and on its RESPONSE answer `OK <local port>\n`
+//!   (a bad line gets `ERR <reason>\n`; the lines are [`husk_proto::handshake`]'s).
 //! - Guest → host: a guest connect to port P is a Unix connect to `<socket path>_P`.
 //!
 //! Flow control is the spec's credit scheme both ways: we never read more from a host socket
@@ -17,6 +18,7 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use husk_proto::handshake::{HandshakeError, LineReader, Reply, Request};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -27,8 +29,6 @@ use crate::memory::GuestMem;
 pub const BUF_ALLOC: u32 = 256 * 1024;
 /// Host ports we hand out for host-initiated connections start here.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
-/// A `CONNECT <port>\n` line is never longer than this.
-const MAX_HANDSHAKE: usize = 32;
 /// Most host connections in flight at once; more are refused at accept.
 pub const MAX_CONNECTIONS: usize = 1024;
 
@@ -75,7 +75,8 @@ impl Connection {
 
 struct PendingHandshake {
     stream: UnixStream,
-    buf: Vec<u8>,
+    /// Bounded by the codec's MAX_LINE: a client that never ends its line costs no more.
+    line: LineReader,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +102,17 @@ pub struct Muxer {
     next_token: u64,
     next_local_port: u32,
     scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Muxer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Muxer")
+            .field("guest_cid", &self.guest_cid)
+            .field("uds_path", &self.uds_path)
+            .field("handshakes", &self.handshakes.len())
+            .field("conns", &self.conns.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Connects without blocking: a host service whose listen backlog is full answers EAGAIN at
@@ -137,6 +149,12 @@ fn connect_nonblocking(path: &str) -> io::Result<UnixStream> {
 
 fn is_would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
+}
+
+/// Answers a bad handshake and closes. Non-blocking, but a fresh stream's socket buffer takes
+/// one short line; were it cut, the client would refuse the unterminated reply all the same.
+fn refuse(mut stream: UnixStream, reason: String) {
+    let _ = stream.write_all(&Reply::Err(reason).encode());
 }
 
 impl Muxer {
@@ -291,7 +309,7 @@ impl Muxer {
                     }
                     let token = self.alloc_token();
                     self.watch(stream.as_raw_fd(), token, EventSet::IN);
-                    self.handshakes.insert(token, PendingHandshake { stream, buf: Vec::new() });
+                    self.handshakes.insert(token, PendingHandshake { stream, line: LineReader::new() });
                     // The line may have arrived with the connection.
                     self.read_handshake(token);
                 }
@@ -304,27 +322,27 @@ impl Muxer {
     fn read_handshake(&mut self, token: u64) {
         let Some(hs) = self.handshakes.get_mut(&token) else { return };
         let mut byte = [0u8; 1];
-        // Byte by byte: anything after the newline is stream data for the guest.
-        let line = loop {
+        // Byte by byte: anything after the newline is stream data for the guest. None: the
+        // stream broke, nobody to answer.
+        let request = loop {
             match hs.stream.read(&mut byte) {
-                Ok(0) => break None,
-                Ok(_) if byte[0] == b'\n' => break Some(String::from_utf8_lossy(&hs.buf).into_owned()),
-                Ok(_) if hs.buf.len() < MAX_HANDSHAKE => hs.buf.push(byte[0]),
-                Ok(_) => break None,
+                Ok(0) => break Some(Err(HandshakeError::Unterminated)),
+                Ok(_) => match hs.line.push_byte(byte[0]) {
+                    Ok(None) => {}
+                    Ok(Some(line)) => break Some(Request::parse_line(&line)),
+                    Err(e) => break Some(Err(e)),
+                },
                 Err(e) if is_would_block(&e) => return,
                 Err(_) => break None,
             }
         };
         let Some(hs) = self.handshakes.remove(&token) else { return };
         let _ = self.epoll.ctl(ControlOperation::Delete, hs.stream.as_raw_fd(), EpollEvent::default());
-        let port = line
-            .as_deref()
-            .and_then(|l| l.strip_prefix("CONNECT "))
-            .and_then(|p| p.trim().parse::<u32>().ok());
-        let Some(peer_port) = port else {
-            let mut s = hs.stream;
-            let _ = s.write_all(b"ERROR expected CONNECT <port>\n");
-            return;
+        let peer_port = match request {
+            Some(Ok(Request::Connect(port))) => port,
+            Some(Ok(Request::Stdio(_))) => return refuse(hs.stream, "expected CONNECT <port>".into()),
+            Some(Err(e)) => return refuse(hs.stream, e.to_string()),
+            None => return,
         };
         let key = ConnKey { local_port: self.alloc_local_port(), peer_port };
         self.insert(key, hs.stream, ConnState::Connecting, None);
@@ -446,8 +464,7 @@ impl Muxer {
             return self.reset(key);
         }
         c.state = ConnState::Established;
-        let line = format!("OK {}\n", key.local_port);
-        if c.stream.write_all(line.as_bytes()).is_err() {
+        if c.stream.write_all(&Reply::Ok(Some(key.local_port)).encode()).is_err() {
             return self.reset(key);
         }
         self.rx_pending.insert(key);
@@ -835,7 +852,51 @@ mod tests {
         let mut reply = String::new();
         bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         bad.read_to_string(&mut reply).unwrap();
-        assert!(reply.starts_with("ERROR"), "{reply}");
+        assert!(reply.starts_with("ERR "), "{reply}");
+        assert_eq!(m.connection_count(), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn malformed_handshakes_get_err_and_close() {
+        let dir = sock_dir("bad-hs");
+        let path = dir.join("v.sock");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let mem = mem();
+        let mut g = Guest::new(&mem);
+        g.give_rx_buffers(8);
+        // One byte over, and nothing more: a close with unread data would reset the stream and
+        // the client might see ECONNRESET instead of the reply.
+        let too_long = vec![b'7'; husk_proto::handshake::MAX_LINE + 1];
+        // (what the client sends, whether it then ends its side)
+        let cases: [(&[u8], bool); 7] = [
+            (b"CONNECT -1\n", false),
+            (b"CONNECT 1 2\n", false),
+            (b"connect 5\n", false),
+            (b"CONNECT 05\n", false),
+            (b"STDIO s1\n", false),
+            (b"CONNECT 5", true),
+            (&too_long, false),
+        ];
+        for (line, then_eof) in cases {
+            let mut client = UnixStream::connect(&path).unwrap();
+            client.write_all(line).unwrap();
+            if then_eof {
+                client.shutdown(Shutdown::Write).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            g.pump(&mut m);
+            let mut reply = String::new();
+            client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            client.read_to_string(&mut reply).unwrap();
+            let body = reply.strip_suffix('\n').unwrap_or_else(|| panic!("unterminated {reply:?}"));
+            assert!(
+                matches!(Reply::parse_line(body.as_bytes()), Ok(Reply::Err(_))),
+                "{:?}: {reply:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert!(g.received().is_empty(), "the guest never hears of them");
         assert_eq!(m.connection_count(), 0);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -1,0 +1,364 @@
+//! The command line: runc 1.1's global flags and commands, plus `husk run --rootfs|--image`.
+//! One verb `run` serves both; [`Run::mode`] splits it into the two commands' own structs and
+//! refuses flags that do not belong to the mode.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::runlog::LogFormat;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "husk",
+    version = concat!(env!("CARGO_PKG_VERSION"), "\nspec: 1.0.2-dev"),
+    about = "husk: a runc-compatible OCI runtime that runs every sandbox in its own KVM microVM"
+)]
+pub struct Cli {
+    /// Root directory for container state.
+    #[arg(long, global = true, default_value = husk_core::state::DEFAULT_ROOT)]
+    pub root: PathBuf,
+    /// Log file (default: stderr).
+    #[arg(long, global = true)]
+    pub log: Option<PathBuf>,
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Accepted for compatibility; cgroups live inside the guest.
+    #[arg(long, global = true)]
+    pub systemd_cgroup: bool,
+    /// Accepted for compatibility (checkpointing is not supported).
+    #[arg(long, global = true, hide = true)]
+    pub criu: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a container (its process waits for `start`).
+    Create(Create),
+    /// Start a created container's process.
+    Start { id: String },
+    /// Create and start a container; or, with --rootfs/--image, run a command in a new sandbox.
+    Run(Run),
+    /// Print a container's state as JSON.
+    State { id: String },
+    /// Send a signal to a container's init process (or, with --all, every process).
+    Kill {
+        #[arg(short, long)]
+        all: bool,
+        id: String,
+        #[arg(default_value = "SIGTERM")]
+        signal: String,
+    },
+    /// Delete a container and whatever it holds.
+    Delete {
+        #[arg(short, long)]
+        force: bool,
+        id: String,
+    },
+    /// Run another process in a running container.
+    Exec(Exec),
+    /// List the processes running in a container (inside its VM).
+    Ps {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        id: String,
+        /// ps options (ignored: the list comes from the guest).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        ps_args: Vec<String>,
+    },
+    /// Freeze every process of a container.
+    Pause { id: String },
+    /// Thaw a paused container.
+    Resume { id: String },
+    /// Change a running container's resource limits.
+    Update(Update),
+    /// Stream a container's stats and OOM events as JSON lines.
+    Events {
+        /// Interval between stats (Go duration: 5s, 500ms, 1m).
+        #[arg(long, default_value = "5s")]
+        interval: String,
+        /// Print stats once and exit.
+        #[arg(long)]
+        stats: bool,
+        id: String,
+    },
+    /// Print what this runtime supports (JSON).
+    Features,
+    /// List containers.
+    List {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Write a default config.json into the bundle directory.
+    Spec {
+        #[arg(short, long, default_value = ".")]
+        bundle: PathBuf,
+        #[arg(long)]
+        rootless: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct Create {
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Accepted for compatibility (the guest decides how to enter the rootfs).
+    #[arg(long)]
+    pub no_pivot: bool,
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    pub id: String,
+}
+
+/// `run` as clap parses it: both modes' flags. Commands take [`OciRun`] or [`SandboxRun`].
+#[derive(Args, Debug)]
+pub struct Run {
+    #[arg(short, long)]
+    pub bundle: Option<PathBuf>,
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    #[arg(short, long)]
+    pub detach: bool,
+    #[arg(long)]
+    pub no_pivot: bool,
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    #[arg(long)]
+    pub keep: bool,
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    /// Sandbox mode: run a command in this root file system (no bundle needed).
+    #[arg(long, conflicts_with_all = ["image", "bundle"])]
+    pub rootfs: Option<PathBuf>,
+    /// Sandbox mode: run a command in an image from an OCI layout, `DIR[:TAG]`.
+    #[arg(long, conflicts_with = "bundle")]
+    pub image: Option<String>,
+    /// Keep stdin open (sandbox mode).
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Allocate a terminal (sandbox mode).
+    #[arg(short, long)]
+    pub tty: bool,
+    /// VM memory in MiB (sandbox mode).
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// VM vCPUs (sandbox mode).
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// KEY=VALUE environment (sandbox mode; repeatable).
+    #[arg(short, long)]
+    pub env: Vec<String>,
+    /// HOST:GUEST[:ro] bind mount (sandbox mode; repeatable).
+    #[arg(short, long)]
+    pub volume: Vec<String>,
+    /// Working directory (sandbox mode).
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+    /// Hostname (sandbox mode).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Accepted for Docker habits: sandbox runs are always removed.
+    #[arg(long, hide = true, default_value_t = true)]
+    pub rm: bool,
+    /// The container id (OCI mode), or the command (sandbox mode, after `--`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct Exec {
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    #[arg(long)]
+    pub cwd: Option<String>,
+    #[arg(short, long)]
+    pub env: Vec<String>,
+    #[arg(short, long)]
+    pub tty: bool,
+    /// UID[:GID]
+    #[arg(short, long)]
+    pub user: Option<String>,
+    #[arg(short = 'g', long)]
+    pub additional_gids: Vec<u32>,
+    /// A process.json (the OCI process object).
+    #[arg(short, long)]
+    pub process: Option<PathBuf>,
+    #[arg(short, long)]
+    pub detach: bool,
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    #[arg(long)]
+    pub process_label: Option<String>,
+    #[arg(long)]
+    pub apparmor: Option<String>,
+    #[arg(long)]
+    pub no_new_privs: bool,
+    #[arg(short, long)]
+    pub cap: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    #[arg(long)]
+    pub ignore_paused: bool,
+    pub id: String,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct Update {
+    /// linux.resources JSON from a file, or `-` for stdin.
+    #[arg(short, long)]
+    pub resources: Option<PathBuf>,
+    #[arg(long)]
+    pub memory: Option<String>,
+    #[arg(long)]
+    pub memory_swap: Option<String>,
+    #[arg(long)]
+    pub memory_reservation: Option<String>,
+    #[arg(long)]
+    pub cpu_period: Option<u64>,
+    #[arg(long)]
+    pub cpu_quota: Option<i64>,
+    #[arg(long)]
+    pub cpu_share: Option<u64>,
+    #[arg(long)]
+    pub cpuset_cpus: Option<String>,
+    #[arg(long)]
+    pub cpuset_mems: Option<String>,
+    #[arg(long)]
+    pub pids_limit: Option<i64>,
+    pub id: String,
+}
+
+/// OCI `run ID`: create and start a bundle's container.
+#[derive(Debug)]
+pub struct OciRun {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub detach: bool,
+    pub keep: bool,
+}
+
+/// Where a sandbox run's root file system comes from.
+#[derive(Debug)]
+pub enum RootfsSource {
+    Dir(PathBuf),
+    /// An OCI layout, `DIR[:TAG]`.
+    Layout(String),
+}
+
+/// `husk run --rootfs DIR | --image LAYOUT[:TAG] [-- CMD...]`: a command in a fresh sandbox.
+#[derive(Debug)]
+pub struct SandboxRun {
+    pub rootfs: RootfsSource,
+    pub interactive: bool,
+    pub tty: bool,
+    pub memory: Option<u32>,
+    pub cpus: Option<u32>,
+    pub env: Vec<String>,
+    pub volume: Vec<String>,
+    pub workdir: Option<String>,
+    pub hostname: Option<String>,
+    pub command: Vec<String>,
+}
+
+/// Which of the two commands a `run` is.
+#[derive(Debug)]
+pub enum RunMode {
+    Oci(OciRun),
+    Sandbox(SandboxRun),
+}
+
+impl Run {
+    pub fn is_sandbox(&self) -> bool {
+        self.rootfs.is_some() || self.image.is_some()
+    }
+
+    /// Splits `run` into its mode's struct; a flag of the other mode is an error, not ignored.
+    pub fn mode(self) -> Result<RunMode, String> {
+        let refuse = |flags: &[(&str, bool)], mode: &str| -> Result<(), String> {
+            match flags.iter().find(|(_, set)| *set) {
+                Some((name, _)) => Err(format!("{name} is not an option of {mode}")),
+                None => Ok(()),
+            }
+        };
+        if self.is_sandbox() {
+            refuse(
+                &[
+                    ("--detach", self.detach),
+                    ("--pid-file", self.pid_file.is_some()),
+                    ("--console-socket", self.console_socket.is_some()),
+                    ("--keep", self.keep),
+                    ("--no-pivot", self.no_pivot),
+                    ("--no-new-keyring", self.no_new_keyring),
+                    ("--preserve-fds", self.preserve_fds > 0),
+                ],
+                "husk run --rootfs/--image (they are for OCI bundles: husk run ID)",
+            )?;
+            let rootfs = match (self.rootfs, self.image) {
+                (Some(r), None) => RootfsSource::Dir(r),
+                (None, Some(i)) => RootfsSource::Layout(i),
+                _ => return Err("give one of --rootfs or --image".into()),
+            };
+            return Ok(RunMode::Sandbox(SandboxRun {
+                rootfs,
+                interactive: self.interactive,
+                tty: self.tty,
+                memory: self.memory,
+                cpus: self.cpus,
+                env: self.env,
+                volume: self.volume,
+                workdir: self.workdir,
+                hostname: self.hostname,
+                command: self.args,
+            }));
+        }
+        refuse(
+            &[
+                ("--interactive", self.interactive),
+                ("--tty", self.tty),
+                ("--memory", self.memory.is_some()),
+                ("--cpus", self.cpus.is_some()),
+                ("--env", !self.env.is_empty()),
+                ("--volume", !self.volume.is_empty()),
+                ("--workdir", self.workdir.is_some()),
+                ("--hostname", self.hostname.is_some()),
+            ],
+            "OCI run (they are for husk run --rootfs/--image)",
+        )?;
+        if self.preserve_fds > 0 {
+            return Err(format!(
+                "--preserve-fds {}: host file descriptors cannot be passed into a sandbox VM",
+                self.preserve_fds
+            ));
+        }
+        let id = match self.args.as_slice() {
+            [id] => id.clone(),
+            _ => return Err("run needs exactly one container id (or --rootfs/--image and a command)".into()),
+        };
+        Ok(RunMode::Oci(OciRun {
+            id,
+            bundle: self.bundle.unwrap_or_else(|| PathBuf::from(".")),
+            console_socket: self.console_socket,
+            pid_file: self.pid_file,
+            detach: self.detach,
+            keep: self.keep,
+        }))
+    }
+}

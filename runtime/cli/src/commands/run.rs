@@ -1,0 +1,42 @@
+//! OCI `husk run ID`: create + start; in the foreground it relays, then removes the container.
+
+use husk_core::bundle::Bundle;
+use husk_core::stdio::StdioStrategy;
+use husk_core::{CreateOpts, RuntimeError};
+
+use super::{ExitCode, Rt};
+use crate::args::OciRun;
+use crate::foreground;
+
+pub async fn run(rt: &Rt, a: OciRun) -> Result<ExitCode, RuntimeError> {
+    let bundle = Bundle::load(&a.bundle)?;
+    let terminal = bundle.terminal();
+    let stdio = if a.detach {
+        StdioStrategy::Relay { console_socket: a.console_socket.clone(), pid_file: a.pid_file.clone() }
+    } else {
+        if terminal && !foreground::stdin_is_tty() {
+            return Err(RuntimeError::InvalidArgument(
+                "process.terminal is set but stdin is not a terminal".into(),
+            ));
+        }
+        StdioStrategy::Held { size: foreground::own_terminal_size() }
+    };
+    let held = rt.create(&a.id, &bundle, CreateOpts::new(stdio)).await?;
+    if !a.detach {
+        // runc writes its own PID when it stays in the foreground.
+        if let Some(p) = &a.pid_file {
+            husk_core::state::write_atomic(p, &std::process::id().to_string())?;
+        }
+    }
+    if let Err(e) = rt.start(&a.id).await {
+        let vm = held.map(|h| h.vm).unwrap_or_default();
+        let _ = rt.delete(&a.id, true, vm).await;
+        return Err(e);
+    }
+    let Some(held) = held else { return Ok(0) };
+    let (outcome, vm) = foreground::relay(rt, held, terminal).await?;
+    if !a.keep {
+        rt.delete(&a.id, true, vm).await?;
+    }
+    Ok(outcome.code())
+}

@@ -1,0 +1,242 @@
+//! `husk run --rootfs DIR | --image LAYOUT[:TAG] [-it] ... -- CMD...`: a command in a fresh
+//! sandbox with no bundle to write. The rootfs is shared read-only and overlaid in the guest,
+//! so the run never changes it; the sandbox is removed afterwards; the exit code is the
+//! command's. The spec starts from runc's default (oci-spec's) and takes the image's config.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use husk_core::bundle::Bundle;
+use husk_core::stdio::StdioStrategy;
+use husk_core::vm::ExtraShare;
+use husk_core::{CreateOpts, RuntimeError};
+use husk_image::ImageConfig;
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
+use serde_json::json;
+
+use super::{ExitCode, Rt};
+use crate::args::{RootfsSource, SandboxRun};
+use crate::error::CliError;
+use crate::foreground;
+
+const ROOTFS_TAG: &str = "rootfs";
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn invalid(msg: String) -> RuntimeError {
+    RuntimeError::InvalidArgument(msg)
+}
+
+/// A `-v HOST:GUEST[:ro]` argument as an OCI bind mount.
+fn volume(v: &str) -> Result<Mount, RuntimeError> {
+    let bad = |why: &str| invalid(format!("--volume {v:?}: {why}"));
+    let parts: Vec<&str> = v.split(':').collect();
+    let (host, guest, ro) = match parts.as_slice() {
+        [h, g] => (*h, *g, false),
+        [h, g, "ro"] => (*h, *g, true),
+        [h, g, "rw"] => (*h, *g, false),
+        _ => return Err(bad("expected HOST:GUEST[:ro]")),
+    };
+    if !Path::new(host).is_absolute() || !Path::new(guest).is_absolute() {
+        return Err(bad("both paths must be absolute"));
+    }
+    if guest.split('/').any(|c| c == "..") {
+        return Err(bad("the guest path must not contain '..'"));
+    }
+    let host = Path::new(host).canonicalize().map_err(|e| bad(&e.to_string()))?;
+    let mut opts = vec!["rbind", "rprivate"];
+    if ro {
+        opts.push("ro");
+    }
+    serde_json::from_value(json!({"destination": guest, "type": "bind", "source": host, "options": opts}))
+        .map_err(|e| bad(&e.to_string()))
+}
+
+/// The spec of a sandbox run: runc's default, with the image's (or the flags') process.
+fn run_spec(a: &SandboxRun, rootfs: &Path, img: &ImageConfig) -> Result<Spec, CliError> {
+    let args: Vec<String> = if !a.command.is_empty() {
+        a.command.clone()
+    } else {
+        img.entrypoint.iter().chain(&img.cmd).cloned().collect()
+    };
+    if args.is_empty() {
+        return Err(invalid("no command given (and the image names none)".into()).into());
+    }
+    let mut env: Vec<String> = Vec::new();
+    if !img.env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(DEFAULT_PATH.into());
+    }
+    env.extend(img.env.iter().cloned());
+    if a.tty {
+        env.push("TERM=xterm".into());
+    }
+    for e in &a.env {
+        if !e.contains('=') {
+            return Err(invalid(format!("--env {e:?}: expected KEY=VALUE")).into());
+        }
+        env.push(e.clone());
+    }
+    let cwd = a.workdir.clone().or_else(|| Some(img.working_dir.clone()).filter(|w| !w.is_empty()));
+    let cwd = cwd.unwrap_or_else(|| "/".into());
+    if !cwd.starts_with('/') {
+        return Err(invalid(format!("working directory {cwd:?} is not absolute")).into());
+    }
+    let (uid, gid) = husk_image::resolve_user(rootfs, &img.user)?;
+
+    let mut spec = Spec::default();
+    let internal = |e: oci_spec::OciSpecError| RuntimeError::Internal(format!("run spec: {e}"));
+    let mut process = spec.process().clone().unwrap_or_default();
+    process.set_terminal(Some(a.tty));
+    process.set_args(Some(args));
+    process.set_env(Some(env));
+    process.set_cwd(cwd.into());
+    let user = oci_spec::runtime::UserBuilder::default().uid(uid).gid(gid).build().map_err(internal)?;
+    process.set_user(user);
+    spec.set_process(Some(process));
+    let root =
+        oci_spec::runtime::RootBuilder::default().path(rootfs).readonly(false).build().map_err(internal)?;
+    spec.set_root(Some(root));
+    spec.set_hostname(Some(a.hostname.clone().unwrap_or_else(|| "husk".into())));
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    let tmp: Mount = serde_json::from_value(
+        json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}),
+    )
+    .map_err(|e| RuntimeError::Internal(format!("run spec: {e}")))?;
+    mounts.push(tmp);
+    for v in &a.volume {
+        mounts.push(volume(v)?);
+    }
+    spec.set_mounts(Some(mounts));
+    if let Some(mut linux) = spec.linux().clone() {
+        // The sandbox VM is the container's network: no namespace of its own inside it.
+        let nss = linux.namespaces().clone().unwrap_or_default();
+        linux.set_namespaces(Some(
+            nss.into_iter().filter(|n| n.typ() != LinuxNamespaceType::Network).collect(),
+        ));
+        spec.set_linux(Some(linux));
+    }
+    Ok(spec)
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 6];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    format!("run-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+}
+
+pub async fn run(rt: &Rt, a: SandboxRun) -> Result<ExitCode, CliError> {
+    if a.tty && !foreground::stdin_is_tty() {
+        return Err(invalid("the input device is not a TTY (drop -t)".into()).into());
+    }
+    rt.cfg.preflight()?;
+    let id = new_id();
+    let work = rt.state.root.join("runs").join(&id);
+    std::fs::create_dir_all(&work).map_err(RuntimeError::io(format!("creating {}", work.display())))?;
+    let result = run_in(rt, &a, &id, &work).await;
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+async fn run_in(rt: &Rt, a: &SandboxRun, id: &str, work: &Path) -> Result<ExitCode, CliError> {
+    let (rootfs, img): (PathBuf, ImageConfig) = match &a.rootfs {
+        RootfsSource::Dir(r) => {
+            (r.canonicalize().map_err(RuntimeError::bundle_file("rootfs", r))?, ImageConfig::default())
+        }
+        RootfsSource::Layout(i) => {
+            let (layout, tag) = husk_image::parse_reference(i)?;
+            let dest = work.join("rootfs");
+            std::fs::create_dir_all(&dest)
+                .map_err(RuntimeError::io(format!("creating {}", dest.display())))?;
+            let cfg = husk_image::unpack(&layout, &tag, &dest)?;
+            (dest, cfg)
+        }
+    };
+    let spec = run_spec(a, &rootfs, &img)?;
+    let bundle = Bundle::from_spec(work.to_path_buf(), spec)?;
+    let mut opts = CreateOpts::new(StdioStrategy::Held {
+        size: if a.tty { foreground::own_terminal_size() } else { None },
+    });
+    opts.extra_shares = vec![ExtraShare { tag: ROOTFS_TAG.into(), path: rootfs.clone(), read_only: true }];
+    opts.rootfs_share = Some((ROOTFS_TAG.into(), String::new()));
+    opts.memory_mib = a.memory;
+    opts.vcpus = a.cpus;
+    // Ctrl-C while the VM boots: finish creating, then remove everything and exit 130.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let watch = {
+        let flag = interrupted.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                flag.store(true, Ordering::SeqCst);
+            }
+        })
+    };
+    let created = rt.create(id, &bundle, opts).await;
+    watch.abort();
+    let Some(mut held) = created? else {
+        return Err(RuntimeError::Internal("a held create returned no streams".into()).into());
+    };
+    if interrupted.load(Ordering::SeqCst) {
+        rt.delete(id, true, held.vm).await?;
+        return Ok(130);
+    }
+    if let Err(e) = rt.start(id).await {
+        rt.delete(id, true, held.vm).await?;
+        return Err(e.into());
+    }
+    if !a.interactive {
+        // No input: the process sees EOF at once.
+        held.guest.stdin = None;
+    }
+    let (outcome, vm) = foreground::relay(rt, held, a.tty).await?;
+    rt.delete(id, true, vm).await?;
+    Ok(outcome.code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volumes() {
+        let v = volume("/tmp:/data:ro").expect("valid");
+        assert_eq!(v.destination(), Path::new("/data"));
+        assert!(v.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "ro")));
+        for bad in ["/tmp", "tmp:/data", "/tmp:data", "/tmp:/a/../b", "/tmp:/d:rx", "/does-not-exist:/d"] {
+            assert!(volume(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_run_spec_is_runcs_default_with_the_images_process() {
+        let a = SandboxRun {
+            rootfs: RootfsSource::Dir("/".into()),
+            interactive: false,
+            tty: false,
+            memory: None,
+            cpus: None,
+            env: vec!["A=b".into()],
+            volume: vec![],
+            workdir: None,
+            hostname: None,
+            command: vec![],
+        };
+        let img = ImageConfig { cmd: vec!["sh".into()], working_dir: "/w".into(), ..Default::default() };
+        let d = std::env::temp_dir();
+        let s = run_spec(&a, &d, &img).expect("spec");
+        let p = s.process().as_ref().expect("process");
+        assert_eq!(p.args().as_deref(), Some(&["sh".to_string()][..]));
+        assert_eq!(p.cwd(), Path::new("/w"));
+        assert!(p
+            .env()
+            .as_ref()
+            .is_some_and(|e| e.contains(&"A=b".to_string()) && e[0].starts_with("PATH=")));
+        assert_eq!(p.no_new_privileges(), Some(true));
+        let nss = s.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
+        assert!(nss.iter().all(|n| n.typ() != LinuxNamespaceType::Network));
+        assert!(nss.iter().any(|n| n.typ() == LinuxNamespaceType::Pid));
+        assert!(s.mounts().iter().flatten().any(|m| m.destination() == Path::new("/tmp")));
+        assert!(run_spec(&SandboxRun { command: vec![], ..a }, &d, &ImageConfig::default()).is_err());
+    }
+}

@@ -1,0 +1,91 @@
+//! `husk`: the OCI runtime CLI (runc's commands and flags) and `husk run` sandboxes, as thin
+//! commands over husk-core.
+
+mod args;
+mod commands;
+mod error;
+mod foreground;
+mod runlog;
+
+use std::io::Write as _;
+
+use args::{Cli, Command, RunMode};
+use clap::Parser;
+use commands::ExitCode;
+use error::CliError;
+use husk_core::RuntimeError;
+
+fn main() {
+    // Internal: the detached relay behind a container's --pid-file.
+    let mut argv = std::env::args();
+    if argv.nth(1).as_deref() == Some("__relay") {
+        husk_core::relay::child_main(&argv.next().unwrap_or_default());
+    }
+    let cli = Cli::parse();
+    runlog::init(cli.log.as_deref(), cli.log_format, cli.debug);
+    // `husk run --rootfs|--image` is for people: plain errors, not runc's log lines.
+    let human = cli.log.is_none() && matches!(&cli.command, Command::Run(r) if r.is_sandbox());
+    let to_stderr = !runlog::logs_to_stderr(cli.log.as_deref());
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if human {
+                eprintln!("husk: {e}");
+            } else {
+                tracing::error!("{e}");
+                if to_stderr {
+                    eprintln!("husk: {e}");
+                }
+            }
+            // runc's convention for "the runtime failed" vs. the process's own codes.
+            if human {
+                125
+            } else {
+                1
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(RuntimeError::io("starting the tokio runtime"))?;
+    rt.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
+    // Commands that need no state directory.
+    match &cli.command {
+        Command::Features => {
+            let json = serde_json::to_string_pretty(&commands::features::features()).unwrap_or_default();
+            let _ = writeln!(std::io::stdout().lock(), "{json}");
+            return Ok(0);
+        }
+        Command::Spec { bundle, rootless } => return Ok(commands::spec::run(bundle, *rootless)?),
+        _ => {}
+    }
+    let rt = commands::runtime(&cli.root)?;
+    let code = match cli.command {
+        Command::Create(a) => commands::create::run(&rt, a).await?,
+        Command::Start { id } => commands::start::run(&rt, &id).await?,
+        Command::Run(a) => match a.mode().map_err(RuntimeError::InvalidArgument)? {
+            RunMode::Sandbox(s) => return commands::sandbox_run::run(&rt, s).await,
+            RunMode::Oci(o) => commands::run::run(&rt, o).await?,
+        },
+        Command::State { id } => commands::state::run(&rt, &id).await?,
+        Command::Kill { all, id, signal } => commands::kill::run(&rt, &id, &signal, all).await?,
+        Command::Delete { force, id } => commands::delete::run(&rt, &id, force).await?,
+        Command::Exec(a) => commands::exec::run(&rt, a).await?,
+        Command::Ps { format, id, ps_args: _ } => commands::ps::run(&rt, &id, &format).await?,
+        Command::Pause { id } => commands::pause::pause(&rt, &id).await?,
+        Command::Resume { id } => commands::pause::resume(&rt, &id).await?,
+        Command::Update(a) => commands::update::run(&rt, a).await?,
+        Command::Events { interval, stats, id } => commands::events::run(&rt, &id, &interval, stats).await?,
+        Command::List { format, quiet } => commands::list::run(&rt, &format, quiet).await?,
+        Command::Features | Command::Spec { .. } => 0,
+    };
+    Ok(code)
+}

@@ -1,0 +1,357 @@
+//! The gRPC client of husk-agent, dialled through the VMM's hybrid vsock socket (or the agent's
+//! host mode socket, which speaks the same handshake).
+
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use husk_proto as pb;
+use husk_proto::containers_client::ContainersClient;
+use husk_proto::events_client::EventsClient;
+use husk_proto::handshake;
+use husk_proto::health_client::HealthClient;
+use husk_proto::processes_client::ProcessesClient;
+use husk_proto::sandbox_client::SandboxClient;
+use husk_proto::{AGENT_PORT, STDIO_PORT};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{Agent, AgentError, AgentResult, Events, Status};
+
+/// How many events wait for a slow reader before the stream pauses.
+const EVENT_BUFFER: usize = 64;
+
+fn refused(what: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionRefused, what)
+}
+
+/// Reads one handshake reply byte by byte, so no payload after its newline is consumed.
+async fn read_reply(s: &mut UnixStream) -> std::io::Result<handshake::Reply> {
+    let mut line = handshake::LineReader::new();
+    loop {
+        let b = match s.read_u8().await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(refused("closed before answering".into()))
+            }
+            Err(e) => return Err(e),
+        };
+        match line.push_byte(b) {
+            Ok(Some(l)) => {
+                return handshake::Reply::parse_line(&l)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            }
+            Ok(None) => {}
+            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        }
+    }
+}
+
+/// Connects to guest `port` through the hybrid vsock socket at `uds`.
+pub async fn dial(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
+    let mut s = crate::uds::connect(uds).await?;
+    s.write_all(&handshake::Request::Connect(port).encode()).await?;
+    match read_reply(&mut s).await? {
+        handshake::Reply::Ok(_) => Ok(s),
+        handshake::Reply::Err(why) => Err(refused(format!("port {port}: {why}"))),
+    }
+}
+
+/// Refuses an agent whose API version is not this runtime's.
+fn check_api(uds: &Path, h: &pb::HealthResponse) -> Result<(), AgentError> {
+    if h.api_version == pb::API_VERSION {
+        Ok(())
+    } else {
+        Err(AgentError::ApiVersion {
+            path: uds.to_path_buf(),
+            agent: h.api_version,
+            agent_version: h.agent_version.clone(),
+            runtime: pb::API_VERSION,
+        })
+    }
+}
+
+/// The agent's services over one HTTP/2 connection.
+#[derive(Clone, Debug)]
+pub struct GrpcAgent {
+    uds: PathBuf,
+    sandbox: SandboxClient<Channel>,
+    containers: ContainersClient<Channel>,
+    processes: ProcessesClient<Channel>,
+    events: EventsClient<Channel>,
+    health: HealthClient<Channel>,
+}
+
+impl GrpcAgent {
+    /// Connects, retrying until the agent answers a health check or `timeout` passes (the
+    /// guest may still be booting: the VMM resets connections to ports nobody listens on).
+    /// With `rpc_timeout` every call fails after it instead of waiting for ever on a stalled
+    /// guest; leave it out for calls that last as long as a process (waits, event streams).
+    pub async fn connect(uds: &Path, timeout: Duration, rpc_timeout: Option<Duration>) -> AgentResult<Self> {
+        let start = Instant::now();
+        loop {
+            let last = match Self::try_connect(uds, rpc_timeout).await {
+                // Bounded too: a guest that accepted the connection but hangs must not keep
+                // this loop from its deadline.
+                Ok(mut c) => match tokio::time::timeout(
+                    timeout.saturating_sub(start.elapsed()).max(Duration::from_secs(1)),
+                    c.health.check(pb::Empty {}),
+                )
+                .await
+                {
+                    // A mismatched agent will not change by waiting: refused at once.
+                    Ok(Ok(r)) => return check_api(uds, &r.into_inner()).map(|()| c),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no answer to the health check".to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() >= timeout {
+                return Err(AgentError::NotReady { path: uds.to_path_buf(), waited: start.elapsed(), last });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn try_connect(uds: &Path, rpc_timeout: Option<Duration>) -> AgentResult<Self> {
+        let path = uds.to_path_buf();
+        // The URI is a placeholder: every connection goes through the connector.
+        let mut endpoint = Endpoint::from_static("http://husk-agent");
+        if let Some(t) = rpc_timeout {
+            endpoint = endpoint.timeout(t);
+        }
+        let channel = endpoint
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move { dial(&path, AGENT_PORT).await.map(TokioIo::new) }
+            }))
+            .await?;
+        Ok(Self {
+            uds: uds.to_path_buf(),
+            sandbox: SandboxClient::new(channel.clone()),
+            containers: ContainersClient::new(channel.clone()),
+            processes: ProcessesClient::new(channel.clone()),
+            events: EventsClient::new(channel.clone()),
+            health: HealthClient::new(channel),
+        })
+    }
+
+    /// The raw tonic clients, for tools that test the agent's wire API itself (the runtime
+    /// goes through [`Agent`]).
+    pub fn raw(&self) -> RawClients {
+        RawClients {
+            sandbox: self.sandbox.clone(),
+            containers: self.containers.clone(),
+            processes: self.processes.clone(),
+            events: self.events.clone(),
+            health: self.health.clone(),
+            agent: self.clone(),
+        }
+    }
+
+    fn cref(id: &str) -> pb::ContainerRef {
+        pb::ContainerRef { container_id: id.into() }
+    }
+}
+
+/// See [`GrpcAgent::raw`].
+#[derive(Clone, Debug)]
+pub struct RawClients {
+    pub sandbox: SandboxClient<Channel>,
+    pub containers: ContainersClient<Channel>,
+    pub processes: ProcessesClient<Channel>,
+    pub events: EventsClient<Channel>,
+    pub health: HealthClient<Channel>,
+    agent: GrpcAgent,
+}
+
+impl RawClients {
+    /// Opens a stdio stream, as an async stream.
+    pub async fn open_stdio(&self, name: &str) -> AgentResult<UnixStream> {
+        let s = self.agent.open_stdio(name).await?;
+        let stdio_err = |source| AgentError::Stdio { name: name.into(), source };
+        s.set_nonblocking(true).map_err(stdio_err)?;
+        UnixStream::from_std(s).map_err(stdio_err)
+    }
+}
+
+impl Agent for GrpcAgent {
+    async fn create_sandbox(&self, req: pb::CreateSandboxRequest) -> AgentResult<()> {
+        self.sandbox.clone().create_sandbox(req).await.map_err(AgentError::rpc("CreateSandbox"))?;
+        Ok(())
+    }
+
+    async fn destroy_sandbox(&self) -> AgentResult<()> {
+        self.sandbox
+            .clone()
+            .destroy_sandbox(pb::Empty {})
+            .await
+            .map_err(AgentError::rpc("DestroySandbox"))?;
+        Ok(())
+    }
+
+    async fn create_container(&self, req: pb::CreateContainerRequest) -> AgentResult<u32> {
+        let r = self
+            .containers
+            .clone()
+            .create_container(req)
+            .await
+            .map_err(AgentError::rpc("CreateContainer"))?;
+        Ok(r.into_inner().pid)
+    }
+
+    async fn start_container(&self, id: &str) -> AgentResult<()> {
+        self.containers
+            .clone()
+            .start_container(Self::cref(id))
+            .await
+            .map_err(AgentError::rpc("StartContainer"))?;
+        Ok(())
+    }
+
+    async fn container_status(&self, id: &str) -> AgentResult<Option<Status>> {
+        let l = self
+            .containers
+            .clone()
+            .list_containers(pb::Empty {})
+            .await
+            .map_err(AgentError::rpc("ListContainers"))?
+            .into_inner();
+        l.containers.iter().find(|c| c.container_id == id).map(|c| Status::from_wire(c.status)).transpose()
+    }
+
+    async fn remove_container(&self, id: &str, force: bool) -> AgentResult<()> {
+        let req = pb::RemoveContainerRequest { container_id: id.into(), force };
+        self.containers.clone().remove_container(req).await.map_err(AgentError::rpc("RemoveContainer"))?;
+        Ok(())
+    }
+
+    async fn pause_container(&self, id: &str) -> AgentResult<()> {
+        self.containers
+            .clone()
+            .pause_container(Self::cref(id))
+            .await
+            .map_err(AgentError::rpc("PauseContainer"))?;
+        Ok(())
+    }
+
+    async fn resume_container(&self, id: &str) -> AgentResult<()> {
+        self.containers
+            .clone()
+            .resume_container(Self::cref(id))
+            .await
+            .map_err(AgentError::rpc("ResumeContainer"))?;
+        Ok(())
+    }
+
+    async fn update_container(&self, id: &str, resources_json: Vec<u8>) -> AgentResult<()> {
+        let req = pb::UpdateContainerRequest { container_id: id.into(), resources_json };
+        self.containers.clone().update_container(req).await.map_err(AgentError::rpc("UpdateContainer"))?;
+        Ok(())
+    }
+
+    async fn list_processes(&self, id: &str) -> AgentResult<Vec<pb::ProcessInfo>> {
+        let r = self
+            .containers
+            .clone()
+            .list_processes(Self::cref(id))
+            .await
+            .map_err(AgentError::rpc("ListProcesses"))?;
+        Ok(r.into_inner().processes)
+    }
+
+    async fn container_stats(&self, id: &str) -> AgentResult<pb::ContainerStatsResponse> {
+        let r = self
+            .containers
+            .clone()
+            .container_stats(Self::cref(id))
+            .await
+            .map_err(AgentError::rpc("ContainerStats"))?;
+        Ok(r.into_inner())
+    }
+
+    async fn exec_process(&self, req: pb::ExecProcessRequest) -> AgentResult<()> {
+        self.processes.clone().exec_process(req).await.map_err(AgentError::rpc("ExecProcess"))?;
+        Ok(())
+    }
+
+    async fn signal_process(&self, req: pb::SignalProcessRequest) -> AgentResult<()> {
+        self.processes.clone().signal_process(req).await.map_err(AgentError::rpc("SignalProcess"))?;
+        Ok(())
+    }
+
+    async fn wait_process(&self, p: pb::ProcessRef) -> AgentResult<pb::ExitStatus> {
+        let r = self.processes.clone().wait_process(p).await.map_err(AgentError::rpc("WaitProcess"))?;
+        Ok(r.into_inner())
+    }
+
+    async fn resize_tty(&self, req: pb::ResizeTtyRequest) -> AgentResult<()> {
+        self.processes.clone().resize_tty(req).await.map_err(AgentError::rpc("ResizeTty"))?;
+        Ok(())
+    }
+
+    async fn subscribe(&self) -> AgentResult<Events> {
+        let mut stream = self
+            .events
+            .clone()
+            .subscribe(pb::Empty {})
+            .await
+            .map_err(AgentError::rpc("Subscribe"))?
+            .into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+        tokio::spawn(async move {
+            loop {
+                let item = match stream.message().await {
+                    Ok(Some(ev)) => Ok(ev),
+                    Ok(None) => return,
+                    Err(status) => Err(AgentError::Rpc { call: "Subscribe", status }),
+                };
+                let last = item.is_err();
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn open_stdio(&self, name: &str) -> AgentResult<StdUnixStream> {
+        let stdio_err = |source| AgentError::Stdio { name: name.into(), source };
+        let mut s = dial(&self.uds, STDIO_PORT).await.map_err(|source| AgentError::Dial {
+            path: self.uds.clone(),
+            port: STDIO_PORT,
+            source,
+        })?;
+        s.write_all(&handshake::Request::Stdio(name.into()).encode()).await.map_err(stdio_err)?;
+        match read_reply(&mut s).await.map_err(stdio_err)? {
+            handshake::Reply::Ok(_) => {}
+            handshake::Reply::Err(why) => return Err(stdio_err(refused(why))),
+        }
+        let s = s.into_std().map_err(stdio_err)?;
+        s.set_nonblocking(false).map_err(stdio_err)?;
+        Ok(s)
+    }
+}
+
+/// A stream name unique within this process.
+pub fn stream_name(purpose: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{purpose}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mismatched_agent_is_refused_plainly() {
+        let ok = pb::HealthResponse { agent_version: "0.1.0".into(), api_version: pb::API_VERSION };
+        assert!(check_api(Path::new("/s"), &ok).is_ok());
+        let old = pb::HealthResponse { agent_version: "0.0.9".into(), api_version: pb::API_VERSION + 1 };
+        let e = check_api(Path::new("/s"), &old).expect_err("mismatch").to_string();
+        assert!(e.contains("API version") && e.contains("0.0.9"), "{e}");
+    }
+}

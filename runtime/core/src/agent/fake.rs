@@ -1,0 +1,219 @@
+//! A fake agent and VM backend for unit tests of the lifecycle: containers are entries in a
+//! shared map, VMs are names in a set, and any step can be made to fail.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use husk_proto as pb;
+
+use super::{Agent, AgentError, AgentResult, Events, Status};
+use crate::error::RuntimeError;
+use crate::state::{SandboxRecord, StateDir};
+use crate::vm::{Booted, Calls, VmProcess, VmShape, Vms};
+
+/// A step the fake can be told to fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    Boot,
+    OpenStdio,
+    CreateContainer,
+    StartContainer,
+    RemoveContainer,
+}
+
+#[derive(Debug, Default)]
+pub struct World {
+    pub containers: HashMap<String, Status>,
+    pub running_vms: HashSet<String>,
+    pub fail: HashSet<Step>,
+    pub boots: usize,
+    pub power_offs: usize,
+    pub execs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Fake(pub Arc<Mutex<World>>);
+
+impl Fake {
+    pub fn world(&self) -> MutexGuard<'_, World> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn step(&self, s: Step) -> AgentResult<()> {
+        if self.world().fail.contains(&s) {
+            Err(AgentError::Rpc { call: "fake", status: tonic::Status::internal(format!("{s:?} fails")) })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn with<T>(&self, id: &str, f: impl FnOnce(&mut Status) -> AgentResult<T>) -> AgentResult<T> {
+        match self.world().containers.get_mut(id) {
+            Some(s) => f(s),
+            None => Err(AgentError::Rpc { call: "fake", status: tonic::Status::not_found(id.to_string()) }),
+        }
+    }
+}
+
+fn precondition(what: &str) -> AgentError {
+    AgentError::Rpc { call: "fake", status: tonic::Status::failed_precondition(what.to_string()) }
+}
+
+impl Agent for Fake {
+    async fn create_sandbox(&self, _req: pb::CreateSandboxRequest) -> AgentResult<()> {
+        Ok(())
+    }
+
+    async fn destroy_sandbox(&self) -> AgentResult<()> {
+        Ok(())
+    }
+
+    async fn create_container(&self, req: pb::CreateContainerRequest) -> AgentResult<u32> {
+        self.step(Step::CreateContainer)?;
+        let mut w = self.world();
+        if w.containers.contains_key(&req.container_id) {
+            return Err(AgentError::Rpc { call: "fake", status: tonic::Status::already_exists("exists") });
+        }
+        w.containers.insert(req.container_id, Status::Created);
+        Ok(100 + w.containers.len() as u32)
+    }
+
+    async fn start_container(&self, id: &str) -> AgentResult<()> {
+        self.step(Step::StartContainer)?;
+        self.with(id, |s| match s {
+            Status::Created => {
+                *s = Status::Running;
+                Ok(())
+            }
+            _ => Err(precondition("not created")),
+        })
+    }
+
+    async fn container_status(&self, id: &str) -> AgentResult<Option<Status>> {
+        Ok(self.world().containers.get(id).copied())
+    }
+
+    async fn remove_container(&self, id: &str, _force: bool) -> AgentResult<()> {
+        self.step(Step::RemoveContainer)?;
+        match self.world().containers.remove(id) {
+            Some(_) => Ok(()),
+            None => Err(AgentError::Rpc { call: "fake", status: tonic::Status::not_found(id.to_string()) }),
+        }
+    }
+
+    async fn pause_container(&self, id: &str) -> AgentResult<()> {
+        self.with(id, |s| {
+            *s = Status::Paused;
+            Ok(())
+        })
+    }
+
+    async fn resume_container(&self, id: &str) -> AgentResult<()> {
+        self.with(id, |s| {
+            *s = Status::Running;
+            Ok(())
+        })
+    }
+
+    async fn update_container(&self, id: &str, _resources_json: Vec<u8>) -> AgentResult<()> {
+        self.with(id, |_| Ok(()))
+    }
+
+    async fn list_processes(&self, id: &str) -> AgentResult<Vec<pb::ProcessInfo>> {
+        self.with(id, |_| Ok(Vec::new()))
+    }
+
+    async fn container_stats(&self, id: &str) -> AgentResult<pb::ContainerStatsResponse> {
+        self.with(id, |_| Ok(pb::ContainerStatsResponse::default()))
+    }
+
+    async fn exec_process(&self, req: pb::ExecProcessRequest) -> AgentResult<()> {
+        self.with(&req.container_id, |s| match s {
+            Status::Running | Status::Paused => Ok(()),
+            _ => Err(precondition("not running")),
+        })?;
+        self.world().execs.push(req.exec_id);
+        Ok(())
+    }
+
+    async fn signal_process(&self, req: pb::SignalProcessRequest) -> AgentResult<()> {
+        self.with(&req.container_id, |s| match s {
+            Status::Stopped => Err(precondition("not running")),
+            _ => {
+                if req.signal == libc::SIGKILL {
+                    *s = Status::Stopped;
+                }
+                Ok(())
+            }
+        })
+    }
+
+    async fn wait_process(&self, _p: pb::ProcessRef) -> AgentResult<pb::ExitStatus> {
+        Ok(pb::ExitStatus::default())
+    }
+
+    async fn resize_tty(&self, _req: pb::ResizeTtyRequest) -> AgentResult<()> {
+        Ok(())
+    }
+
+    async fn subscribe(&self) -> AgentResult<Events> {
+        Ok(tokio::sync::mpsc::channel(1).1)
+    }
+
+    async fn open_stdio(&self, name: &str) -> AgentResult<UnixStream> {
+        self.step(Step::OpenStdio).map_err(|_| AgentError::Stdio {
+            name: name.into(),
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        })?;
+        let (a, _b) = UnixStream::pair().map_err(|source| AgentError::Stdio { name: name.into(), source })?;
+        Ok(a)
+    }
+}
+
+impl Vms for Fake {
+    type Agent = Fake;
+
+    async fn boot(
+        &self,
+        state: &StateDir,
+        sid: &str,
+        _shape: &VmShape,
+    ) -> Result<Booted<Fake>, RuntimeError> {
+        self.step(Step::Boot)?;
+        let dir = state.sandbox_dir(sid);
+        std::fs::create_dir_all(dir.join("shared")).map_err(RuntimeError::io("fake boot"))?;
+        let mut w = self.world();
+        w.boots += 1;
+        w.running_vms.insert(sid.to_string());
+        let record = SandboxRecord {
+            id: sid.into(),
+            vmm_pid: 0,
+            vmm_start: 0,
+            vsock: dir.join("vsock.sock"),
+            containers: Vec::new(),
+        };
+        Ok(Booted { record, process: VmProcess::default(), agent: self.clone() })
+    }
+
+    fn alive(&self, rec: &SandboxRecord) -> bool {
+        self.world().running_vms.contains(&rec.id)
+    }
+
+    async fn connect(&self, rec: &SandboxRecord, _calls: Calls) -> Result<Fake, RuntimeError> {
+        if self.alive(rec) {
+            Ok(self.clone())
+        } else {
+            Err(RuntimeError::Vm(format!("the VM of sandbox {} is not running", rec.id)))
+        }
+    }
+
+    async fn power_off(&self, rec: &SandboxRecord, _process: VmProcess) {
+        let mut w = self.world();
+        if w.running_vms.remove(&rec.id) {
+            w.power_offs += 1;
+            // Every container of the VM goes with it (the fake has one VM per test).
+            w.containers.clear();
+        }
+    }
+}

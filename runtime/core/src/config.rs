@@ -1,0 +1,216 @@
+//! Where the VMM, guest kernel and initramfs are, and how big a sandbox VM is by default.
+//!
+//! Sources, later ones winning: built-in defaults (files next to the `husk` binary as the build
+//! lays them out, then `/usr/lib/husk`), the JSON file named by `HUSK_CONFIG` (default
+//! `/etc/husk/config.json`, optional), then `HUSK_VMM`, `HUSK_KERNEL`, `HUSK_INITRAMFS`,
+//! `HUSK_VM_MEMORY_MIB`, `HUSK_VM_VCPUS`, `HUSK_BOOT_TIMEOUT_SECS`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::RuntimeError;
+
+const DEFAULT_CONFIG: &str = "/etc/husk/config.json";
+const SYSTEM_DIR: &str = "/usr/lib/husk";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// How long a new VM's agent gets to answer.
+    pub boot_timeout: Duration,
+    /// Guest kernel command line.
+    pub cmdline: String,
+}
+
+/// The config file: every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    vmm: Option<PathBuf>,
+    kernel: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
+    memory_mib: Option<u32>,
+    vcpus: Option<u32>,
+    boot_timeout_secs: Option<u64>,
+    cmdline: Option<String>,
+}
+
+/// Smallest sandbox VM the runtime makes (the VMM's own floor is lower; the agent needs this).
+pub const MIN_MEMORY_MIB: u32 = 64;
+pub use husk_vmm::config::{MAX_MEMORY_MIB, MAX_VCPUS};
+
+impl Config {
+    pub fn load() -> Result<Self, RuntimeError> {
+        let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
+        let mut c = Self::defaults(exe_dir.as_deref());
+        let path = std::env::var_os("HUSK_CONFIG").map(PathBuf::from);
+        let file = path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        match std::fs::read(&file) {
+            Ok(bytes) => {
+                let f: FileConfig = serde_json::from_slice(&bytes)
+                    .map_err(|e| RuntimeError::InvalidArgument(format!("config {}: {e}", file.display())))?;
+                c.apply(f);
+            }
+            // Only a file named explicitly must exist.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_none() => {}
+            Err(e) => {
+                return Err(RuntimeError::Io {
+                    what: format!("reading config {}", file.display()),
+                    source: e,
+                })
+            }
+        }
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let num = |k: &str| -> Result<Option<u64>, RuntimeError> {
+            env(k)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| RuntimeError::InvalidArgument(format!("{k}={v:?} is not a number")))
+                })
+                .transpose()
+        };
+        c.apply(FileConfig {
+            vmm: env("HUSK_VMM").map(PathBuf::from),
+            kernel: env("HUSK_KERNEL").map(PathBuf::from),
+            initramfs: env("HUSK_INITRAMFS").map(PathBuf::from),
+            memory_mib: num("HUSK_VM_MEMORY_MIB")?.map(|v| v.min(u32::MAX as u64) as u32),
+            vcpus: num("HUSK_VM_VCPUS")?.map(|v| v.min(u32::MAX as u64) as u32),
+            boot_timeout_secs: num("HUSK_BOOT_TIMEOUT_SECS")?,
+            cmdline: env("HUSK_CMDLINE"),
+        });
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn defaults(exe_dir: Option<&Path>) -> Self {
+        // target/release/husk finds target/release/husk-vmm and target/husk/{vmlinux,agent.cpio}.
+        let pick = |name: &str, build_rel: &str| -> PathBuf {
+            let candidates = exe_dir
+                .map(|d| vec![d.join(build_rel).join(name), d.join(name)])
+                .unwrap_or_default()
+                .into_iter()
+                .chain([Path::new(SYSTEM_DIR).join(name)]);
+            let all: Vec<PathBuf> = candidates.collect();
+            all.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| all[0].clone())
+        };
+        Self {
+            vmm: pick("husk-vmm", "."),
+            kernel: pick("vmlinux", "../husk"),
+            initramfs: pick("agent.cpio", "../husk"),
+            memory_mib: 256,
+            vcpus: 1,
+            boot_timeout: Duration::from_secs(120),
+            cmdline: "console=ttyS0 reboot=k panic=-1 pci=off quiet".into(),
+        }
+    }
+
+    fn apply(&mut self, f: FileConfig) {
+        if let Some(v) = f.vmm {
+            self.vmm = v;
+        }
+        if let Some(v) = f.kernel {
+            self.kernel = v;
+        }
+        if let Some(v) = f.initramfs {
+            self.initramfs = v;
+        }
+        if let Some(v) = f.memory_mib {
+            self.memory_mib = v;
+        }
+        if let Some(v) = f.vcpus {
+            self.vcpus = v;
+        }
+        if let Some(v) = f.boot_timeout_secs {
+            self.boot_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = f.cmdline {
+            self.cmdline = v;
+        }
+    }
+
+    fn validate(&self) -> Result<(), RuntimeError> {
+        if self.memory_mib < MIN_MEMORY_MIB || u64::from(self.memory_mib) > MAX_MEMORY_MIB {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "VM memory {} MiB is not {MIN_MEMORY_MIB}-{MAX_MEMORY_MIB} MiB",
+                self.memory_mib
+            )));
+        }
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "VM vCPUs {} is not 1-{MAX_VCPUS}",
+                self.vcpus
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks what a VM needs on this host, with a hint for each missing piece.
+    pub fn preflight(&self) -> Result<(), RuntimeError> {
+        if let Err(e) = std::fs::File::options().read(true).write(true).open("/dev/kvm") {
+            return Err(RuntimeError::Missing {
+                problem: format!("KVM is not usable: /dev/kvm: {e}"),
+                hint: "husk runs every sandbox in a KVM microVM: enable hardware virtualization (or nested \
+                       virtualization on a cloud VM), load kvm_intel or kvm_amd, and run as a user who may \
+                       open /dev/kvm"
+                    .into(),
+            });
+        }
+        let missing = |what: &str, path: &Path, hint: &str| RuntimeError::Missing {
+            problem: format!("{what} not found at {}", path.display()),
+            hint: hint.to_string(),
+        };
+        if !self.vmm.is_file() {
+            return Err(missing("husk-vmm", &self.vmm, "install husk-vmm next to husk, or set HUSK_VMM"));
+        }
+        if !self.kernel.is_file() {
+            return Err(missing(
+                "the guest kernel",
+                &self.kernel,
+                "build it with guest-kernel/build.sh (./tests/build-artifacts.sh does it), or set HUSK_KERNEL",
+            ));
+        }
+        if !self.initramfs.is_file() {
+            return Err(missing(
+                "the guest initramfs",
+                &self.initramfs,
+                "build it with ./tests/build-artifacts.sh (target/husk/agent.cpio), or set HUSK_INITRAMFS",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_build_layout() {
+        let c = Config::defaults(Some(Path::new("/x/target/release")));
+        // Nothing exists there, so the first candidate (the build layout) is reported.
+        assert_eq!(c.vmm, PathBuf::from("/x/target/release/./husk-vmm"));
+        assert_eq!(c.kernel, PathBuf::from("/x/target/release/../husk/vmlinux"));
+        assert_eq!(c.initramfs, PathBuf::from("/x/target/release/../husk/agent.cpio"));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn file_overrides_and_validation() {
+        let mut c = Config::defaults(None);
+        let f: FileConfig = serde_json::from_str(r#"{"memory_mib": 512, "vcpus": 2}"#).expect("parse");
+        c.apply(f);
+        assert_eq!((c.memory_mib, c.vcpus), (512, 2));
+        assert!(serde_json::from_str::<FileConfig>(r#"{"memroy_mib": 1}"#).is_err());
+        c.memory_mib = 8;
+        assert!(c.validate().is_err());
+        c.memory_mib = 128;
+        c.vcpus = 0;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,95 @@
+//! Calls on a live container: start (then its poststart hooks), signal, pause and resume,
+//! resource updates, process lists and stats.
+
+use husk_proto as pb;
+
+use super::{Runtime, OCI_VERSION};
+use crate::agent::{Agent, Status};
+use crate::error::RuntimeError;
+use crate::hooks::{self, HookState};
+use crate::vm::Vms;
+
+const LIVE: [Status; 3] = [Status::Created, Status::Running, Status::Paused];
+
+impl<V: Vms> Runtime<V> {
+    pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let (_lock, rec) = self.state.lock_container_async(id).await?;
+        let (status, agent) = self.status(&rec).await?;
+        match (status, agent) {
+            (Status::Created, Some(a)) => a.start_container(id).await?,
+            (Status::Stopped, _) => {
+                return Err(RuntimeError::WrongState("cannot start a container that has stopped".into()))
+            }
+            (s, _) => {
+                return Err(RuntimeError::WrongState(format!(
+                    "cannot start an already {} container",
+                    s.as_str()
+                )))
+            }
+        }
+        let state = HookState {
+            oci_version: OCI_VERSION,
+            id,
+            status: "running",
+            pid: rec.relay_pid,
+            bundle: &rec.bundle,
+            annotations: &rec.annotations,
+        };
+        hooks::run_logged("poststart", &rec.poststart, &state).await;
+        Ok(())
+    }
+
+    /// Signals the init process (or with `all` every process of the container).
+    pub async fn kill(&self, id: &str, signal: i32, all: bool) -> Result<(), RuntimeError> {
+        if !(1..=64).contains(&signal) {
+            return Err(RuntimeError::InvalidArgument(format!("signal {signal} is not 1-64")));
+        }
+        // runc's words for a stopped container, which containerd's shim matches on.
+        let not_running = || RuntimeError::WrongState("container not running".into());
+        let (_lock, _rec, a, _) = self.locked_live(id, "kill", &LIVE).await.map_err(|e| match e {
+            RuntimeError::WrongState(_) => not_running(),
+            e => e,
+        })?;
+        let req = pb::SignalProcessRequest { container_id: id.into(), exec_id: String::new(), signal, all };
+        a.signal_process(req).await.map_err(|e| match e.code() {
+            Some(tonic::Code::FailedPrecondition) => not_running(),
+            _ => e.into(),
+        })
+    }
+
+    pub async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        let (_lock, _rec, a, _) = self.locked_live(id, "pause", &[Status::Running]).await?;
+        Ok(a.pause_container(id).await?)
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        let (_lock, _rec, a, _) = self.locked_live(id, "resume", &[Status::Paused]).await?;
+        Ok(a.resume_container(id).await?)
+    }
+
+    /// Applies `linux.resources` JSON (already checked by the caller's parser).
+    pub async fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<(), RuntimeError> {
+        let (_lock, _rec, a, _) = self.locked_live(id, "update", &LIVE).await?;
+        Ok(a.update_container(id, resources_json).await?)
+    }
+
+    pub async fn processes(&self, id: &str) -> Result<Vec<pb::ProcessInfo>, RuntimeError> {
+        let (_lock, _rec, a, _) = self.locked_live(id, "list processes of", &LIVE).await?;
+        Ok(a.list_processes(id).await?)
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<pb::ContainerStatsResponse, RuntimeError> {
+        let (_lock, _rec, a, _) = self.locked_live(id, "get stats of", &LIVE).await?;
+        Ok(a.container_stats(id).await?)
+    }
+
+    /// The agent's event stream of the container's sandbox, on a connection without call
+    /// timeouts.
+    pub async fn events(&self, id: &str) -> Result<crate::agent::Events, RuntimeError> {
+        let rec = self.state.read_container(id)?;
+        let srec =
+            self.state.read_sandbox(&rec.sandbox_id)?.ok_or_else(|| RuntimeError::NotFound(id.into()))?;
+        let agent = self.vms.connect(&srec, crate::vm::Calls::Long).await?;
+        Ok(agent.subscribe().await?)
+    }
+}

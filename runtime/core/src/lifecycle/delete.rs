@@ -1,0 +1,88 @@
+//! `delete`: the container leaves its VM and the host, then its poststop hooks run; the VM goes
+//! with its last container.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::{Runtime, OCI_VERSION};
+use crate::agent::{Agent, Status};
+use crate::error::RuntimeError;
+use crate::hooks::{self, HookState};
+use crate::vm::{VmProcess, Vms};
+use crate::{mounts, procinfo, share};
+
+/// How long a delete waits for a container's relay to notice the process is gone.
+const RELAY_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+impl<V: Vms> Runtime<V> {
+    /// A stopped container (VM gone included) needs no `force`; `vm` is the VMM this process
+    /// started for it, if any, reaped when the VM goes.
+    pub async fn delete(&self, id: &str, force: bool, vm: VmProcess) -> Result<(), RuntimeError> {
+        let (lock, rec) = match self.state.lock_container_async(id).await {
+            // As runc: forcing the delete of a container that is gone succeeds, so a caller
+            // retrying a delete (containerd does) is done.
+            Err(RuntimeError::NotFound(_)) if force => return Ok(()),
+            r => r?,
+        };
+        let (status, agent) = self.status(&rec).await?;
+        if matches!(status, Status::Running | Status::Paused) && !force {
+            return Err(RuntimeError::WrongState(format!(
+                "cannot delete container {id} that is not stopped: {}",
+                status.as_str()
+            )));
+        }
+        if let Some(a) = &agent {
+            if let Err(e) = a.remove_container(id, true).await {
+                if e.code() != Some(tonic::Code::NotFound) {
+                    return Err(e.into());
+                }
+            }
+        }
+        // The relay ends once its process is gone; one whose VM vanished may need a push.
+        let me = std::process::id() as i32;
+        let deadline = Instant::now() + RELAY_EXIT_WAIT;
+        while rec.relay_pid != me
+            && procinfo::alive(rec.relay_pid, rec.relay_start)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if rec.relay_pid != me {
+            procinfo::signal(rec.relay_pid, rec.relay_start, Signal::SIGKILL);
+        }
+        mounts::unmount_all(&rec.host_mounts);
+        let mine = share::shared_dir(&self.state, &rec.sandbox_id).join(id);
+        mounts::unmount_under(&mine)?;
+        let _ = std::fs::remove_dir_all(&mine);
+        self.leave_sandbox(&rec.sandbox_id, id, vm).await?;
+        self.state.remove_container(id)?;
+        drop(lock);
+        let state = HookState {
+            oci_version: OCI_VERSION,
+            id,
+            status: "stopped",
+            pid: 0,
+            bundle: &rec.bundle,
+            annotations: &rec.annotations,
+        };
+        hooks::run_logged("poststop", &rec.poststop, &state).await;
+        Ok(())
+    }
+
+    /// Takes `cid` out of its sandbox's record; the last one out powers the VM off.
+    async fn leave_sandbox(&self, sid: &str, cid: &str, vm: VmProcess) -> Result<(), RuntimeError> {
+        let (_slock, srec) = self.state.lock_sandbox_async(sid).await?;
+        let Some(mut srec) = srec else {
+            return share::remove_files(&self.state, sid);
+        };
+        srec.containers.retain(|c| c != cid);
+        if srec.containers.is_empty() {
+            mounts::unmount_under(&share::shared_dir(&self.state, sid))?;
+            self.vms.power_off(&srec, vm).await;
+            share::remove_files(&self.state, sid)
+        } else {
+            self.state.write_sandbox(&srec)
+        }
+    }
+}

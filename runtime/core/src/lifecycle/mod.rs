@@ -1,0 +1,112 @@
+//! Container lifecycle over the state directory and the sandbox VMs: what every front end (OCI
+//! CLI, `husk run`, later the shim) calls to create, start, signal, exec into and delete
+//! containers. One file per operation; the VMs and their agents are reached through
+//! [`Vms`](crate::vm::Vms), so every step is unit-tested against a fake.
+
+mod control;
+mod create;
+mod delete;
+mod exec;
+mod shape;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+
+use crate::agent::{Agent, Status};
+use crate::config::Config;
+use crate::error::RuntimeError;
+use crate::relay::{GuestStreams, Target};
+use crate::state::{ContainerRecord, Lock, StateDir};
+use crate::stdio::StdioStrategy;
+use crate::vm::{Calls, ExtraShare, VmProcess, Vms};
+
+pub use create::now_rfc3339;
+pub use exec::ExecOpts;
+
+/// The OCI version husk reports in state.
+pub const OCI_VERSION: &str = "1.0.2-dev";
+
+/// Options of a create that do not come from the bundle.
+#[derive(Debug, Clone)]
+pub struct CreateOpts {
+    pub stdio: StdioStrategy,
+    /// Extra VM shares (only when this container starts the VM).
+    pub extra_shares: Vec<ExtraShare>,
+    /// Where the rootfs comes from, when not the bundle's: (share tag, path in the share).
+    pub rootfs_share: Option<(String, String)>,
+    pub memory_mib: Option<u32>,
+    pub vcpus: Option<u32>,
+}
+
+impl CreateOpts {
+    pub fn new(stdio: StdioStrategy) -> Self {
+        Self { stdio, extra_shares: Vec::new(), rootfs_share: None, memory_mib: None, vcpus: None }
+    }
+}
+
+/// A created process whose streams the caller holds ([`StdioStrategy::Held`]).
+#[derive(Debug)]
+pub struct Held {
+    pub target: Target,
+    pub guest: GuestStreams,
+    /// The VMM when this call started it, so the caller reaps it after the last delete.
+    pub vm: VmProcess,
+}
+
+/// The lifecycle over one state directory.
+#[derive(Debug)]
+pub struct Runtime<V: Vms> {
+    pub state: StateDir,
+    pub cfg: Config,
+    pub vms: V,
+}
+
+impl<V: Vms> Runtime<V> {
+    pub fn new(state: StateDir, cfg: Config, vms: V) -> Self {
+        Self { state, cfg, vms }
+    }
+
+    /// The container's status as its VM sees it; stopped when the VM (or the container in it)
+    /// is gone or cannot be reached.
+    pub async fn status(&self, rec: &ContainerRecord) -> Result<(Status, Option<V::Agent>), RuntimeError> {
+        let Ok(Some(srec)) = self.state.read_sandbox(&rec.sandbox_id) else {
+            return Ok((Status::Stopped, None));
+        };
+        if !self.vms.alive(&srec) {
+            return Ok((Status::Stopped, None));
+        }
+        let agent = match self.vms.connect(&srec, Calls::Bounded).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("container {}: {e}", rec.id);
+                return Ok((Status::Stopped, None));
+            }
+        };
+        let status = agent.container_status(&rec.id).await?.unwrap_or(Status::Stopped);
+        Ok((status, Some(agent)))
+    }
+
+    /// Locks `id` and connects to its VM, requiring one of `allowed` states.
+    async fn locked_live(
+        &self,
+        id: &str,
+        what: &str,
+        allowed: &[Status],
+    ) -> Result<(Lock, ContainerRecord, V::Agent, Status), RuntimeError> {
+        let (lock, rec) = self.state.lock_container_async(id).await?;
+        let (status, agent) = self.status(&rec).await?;
+        match agent {
+            Some(a) if allowed.contains(&status) => Ok((lock, rec, a, status)),
+            _ => Err(RuntimeError::WrongState(match status {
+                Status::Stopped => format!("cannot {what} container {id}: container not running"),
+                s => format!("cannot {what} container {id}: it is {}", s.as_str()),
+            })),
+        }
+    }
+
+    /// A sandbox's VM share directory (for callers that place files in it).
+    pub fn shared_dir(&self, sid: &str) -> PathBuf {
+        crate::share::shared_dir(&self.state, sid)
+    }
+}

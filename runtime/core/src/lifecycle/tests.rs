@@ -1,0 +1,233 @@
+//! The lifecycle against the fake agent and VMs: rollback at every failing step, wrong-state
+//! calls, concurrent deletes.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use super::*;
+use crate::agent::fake::{Fake, Step};
+use crate::bundle::Bundle;
+
+struct Fixture {
+    dir: PathBuf,
+    rt: Runtime<Fake>,
+    fake: Fake,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("husk-lifecycle-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bundle/rootfs")).expect("mkdir");
+        let fake = Fake::default();
+        let state = StateDir::new(dir.join("state")).expect("state");
+        let rt = Runtime::new(state, Config::load().expect("config"), fake.clone());
+        Self { dir, rt, fake }
+    }
+
+    fn bundle(&self, extra: serde_json::Value) -> Bundle {
+        let mut spec = json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+        });
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        Bundle::from_spec(self.dir.join("bundle"), serde_json::from_value(spec).expect("spec"))
+            .expect("bundle")
+    }
+
+    /// Held stdio and the rootfs from a share of its own: no relay process, no host mounts.
+    fn opts() -> CreateOpts {
+        let mut o = CreateOpts::new(StdioStrategy::Held { size: None });
+        o.rootfs_share = Some(("rootfs".into(), String::new()));
+        o
+    }
+
+    /// Nothing of container `id` (or a sandbox of that name) is left anywhere.
+    fn assert_gone(&self, id: &str) {
+        assert!(!self.rt.state.container_dir(id).exists(), "container dir of {id} left");
+        assert!(!self.rt.state.sandbox_dir(id).exists(), "sandbox dir of {id} left");
+        let w = self.fake.world();
+        assert!(w.running_vms.is_empty(), "a VM still runs: {:?}", w.running_vms);
+        assert!(w.containers.is_empty(), "the agent still has {:?}", w.containers);
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn exec_opts(ignore_paused: bool) -> ExecOpts {
+    ExecOpts {
+        process_json: br#"{"args":["true"],"cwd":"/"}"#.to_vec(),
+        terminal: false,
+        stdio: StdioStrategy::Held { size: None },
+        ignore_paused,
+    }
+}
+
+async fn status(f: &Fixture, id: &str) -> Status {
+    let rec = f.rt.state.read_container(id).expect("record");
+    f.rt.status(&rec).await.expect("status").0
+}
+
+#[tokio::test]
+async fn a_container_lives_and_goes() {
+    let f = Fixture::new("life");
+    let b = f.bundle(json!({}));
+    let held = f.rt.create("c1", &b, Fixture::opts()).await.expect("create").expect("held streams");
+    assert_eq!(held.target.container_id, "c1");
+    assert_eq!(status(&f, "c1").await, Status::Created);
+    f.rt.start("c1").await.expect("start");
+    assert_eq!(status(&f, "c1").await, Status::Running);
+    assert!(f.rt.exec("c1", exec_opts(false)).await.expect("exec").is_some());
+    f.rt.pause("c1").await.expect("pause");
+    assert_eq!(status(&f, "c1").await, Status::Paused);
+    f.rt.resume("c1").await.expect("resume");
+    f.rt.delete("c1", true, held.vm).await.expect("delete");
+    f.assert_gone("c1");
+    assert_eq!(f.fake.world().power_offs, 1);
+}
+
+#[tokio::test]
+async fn create_rolls_back_at_each_failing_step() {
+    for step in [Step::Boot, Step::OpenStdio, Step::CreateContainer] {
+        let f = Fixture::new(&format!("rollback-{step:?}"));
+        f.fake.world().fail.insert(step);
+        let e = f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect_err("fails");
+        assert!(e.to_string().contains("fails") || e.to_string().contains("refused"), "{step:?}: {e}");
+        f.assert_gone("c1");
+        f.fake.world().fail.clear();
+        // The id is free again.
+        f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create after rollback");
+    }
+}
+
+#[tokio::test]
+async fn a_failing_prestart_hook_fails_create_and_leaves_nothing() {
+    let f = Fixture::new("hook");
+    let marker = f.dir.join("ran");
+    let hooks = json!({"hooks": {
+        "prestart": [{"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}", marker.display())]}],
+        "createRuntime": [{"path": "/bin/false"}],
+        "poststop": [{"path": "/bin/sh", "args": ["sh", "-c", "exit 1"]}],
+    }});
+    let e = f.rt.create("c1", &f.bundle(hooks), Fixture::opts()).await.expect_err("hook fails").to_string();
+    assert!(e.contains("createRuntime hook /bin/false"), "{e}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&marker).expect("prestart ran first")).expect("state json");
+    assert_eq!(state["id"], "c1");
+    assert_eq!(state["status"], "creating");
+    f.assert_gone("c1");
+}
+
+#[tokio::test]
+async fn calls_in_the_wrong_state_are_refused() {
+    let f = Fixture::new("states");
+    let b = f.bundle(json!({}));
+    f.rt.create("c1", &b, Fixture::opts()).await.expect("create");
+    assert!(matches!(f.rt.create("c1", &b, Fixture::opts()).await, Err(RuntimeError::Exists(_))));
+    f.rt.start("c1").await.expect("start");
+    assert!(matches!(f.rt.start("c1").await, Err(RuntimeError::WrongState(_))));
+    assert!(matches!(f.rt.kill("c1", 0, false).await, Err(RuntimeError::InvalidArgument(_))));
+    assert!(matches!(f.rt.kill("c1", 65, false).await, Err(RuntimeError::InvalidArgument(_))));
+    let e = f.rt.delete("c1", false, VmProcess::default()).await.expect_err("running").to_string();
+    assert!(e.contains("not stopped"), "{e}");
+    // Paused: exec only with ignore_paused.
+    f.rt.pause("c1").await.expect("pause");
+    assert!(matches!(f.rt.exec("c1", exec_opts(false)).await, Err(RuntimeError::WrongState(_))));
+    f.rt.exec("c1", exec_opts(true)).await.expect("exec into a paused container with ignore_paused");
+    f.rt.resume("c1").await.expect("resume");
+    // Stopped: no exec, no start, kill says runc's words; delete needs no force.
+    f.rt.kill("c1", libc::SIGKILL, false).await.expect("kill");
+    assert_eq!(status(&f, "c1").await, Status::Stopped);
+    let e = f.rt.exec("c1", exec_opts(true)).await.expect_err("stopped").to_string();
+    assert!(e.contains("stopped"), "{e}");
+    let e = f.rt.kill("c1", libc::SIGTERM, false).await.expect_err("stopped").to_string();
+    assert_eq!(e, "container not running");
+    assert!(matches!(f.rt.start("c1").await, Err(RuntimeError::WrongState(_))));
+    f.rt.delete("c1", false, VmProcess::default()).await.expect("delete a stopped container");
+    // Unknown ids.
+    assert!(matches!(f.rt.start("nope").await, Err(RuntimeError::NotFound(_))));
+    assert!(matches!(f.rt.delete("nope", false, VmProcess::default()).await, Err(RuntimeError::NotFound(_))));
+    f.rt.delete("nope", true, VmProcess::default())
+        .await
+        .expect("force-deleting a missing container succeeds");
+    assert!(matches!(f.rt.create("../x", &b, Fixture::opts()).await, Err(RuntimeError::InvalidId(_))));
+    f.assert_gone("c1");
+}
+
+#[tokio::test]
+async fn a_pod_member_needs_its_sandbox() {
+    let f = Fixture::new("pod");
+    let member = json!({"annotations": {
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.sandbox-id": "pod1",
+    }});
+    let e = f.rt.create("m1", &f.bundle(member.clone()), Fixture::opts()).await.expect_err("no sandbox");
+    assert!(e.to_string().contains("sandbox pod1 does not exist"), "{e}");
+    f.assert_gone("m1");
+    f.assert_gone("pod1");
+    // With its sandbox, both share one VM, which goes with the last of them.
+    let sb = json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod1"}});
+    let held = f.rt.create("pod1", &f.bundle(sb), Fixture::opts()).await.expect("sandbox").expect("held");
+    f.rt.create("m1", &f.bundle(member), Fixture::opts()).await.expect("member");
+    assert_eq!(f.fake.world().boots, 1);
+    f.rt.delete("pod1", true, held.vm).await.expect("delete sandbox");
+    assert_eq!(f.fake.world().power_offs, 0, "the VM stays for its member");
+    f.rt.delete("m1", true, VmProcess::default()).await.expect("delete member");
+    assert_eq!(f.fake.world().power_offs, 1);
+    f.assert_gone("pod1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_deletes_of_one_container_both_succeed() {
+    let f = Fixture::new("deletes");
+    f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create");
+    f.rt.start("c1").await.expect("start");
+    let (a, b) = tokio::join!(
+        f.rt.delete("c1", true, VmProcess::default()),
+        f.rt.delete("c1", true, VmProcess::default())
+    );
+    a.expect("first delete");
+    b.expect("second delete");
+    assert_eq!(f.fake.world().power_offs, 1);
+    f.assert_gone("c1");
+}
+
+#[tokio::test]
+async fn a_vm_that_died_reads_as_stopped_and_deletes_cleanly() {
+    let f = Fixture::new("crash");
+    f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create");
+    f.fake.world().running_vms.clear();
+    assert_eq!(status(&f, "c1").await, Status::Stopped);
+    f.rt.delete("c1", false, VmProcess::default()).await.expect("delete");
+    assert!(!Path::new(&f.rt.state.container_dir("c1")).exists());
+}
+
+#[test]
+fn vm_memory_follows_the_limit_but_not_past_the_host() {
+    let f = Fixture::new("shape");
+    let cfg = &f.rt.cfg;
+    let shape = |limit: i64| {
+        let b = f.bundle(json!({"linux": {"resources": {"memory": {"limit": limit}}}}));
+        shape::vm_shape(cfg, &b, &Fixture::opts()).memory_mib
+    };
+    assert_eq!(shape(1 << 30), (1024 + 128).max(cfg.memory_mib));
+    assert!(u64::from(shape(i64::MAX)) <= shape::host_memory_mib().max(cfg.memory_mib.into()));
+}
+
+#[test]
+fn timestamps_look_like_rfc3339_and_exec_ids_are_valid() {
+    let t = now_rfc3339();
+    assert_eq!(t.len(), "2026-12-01T07:58:30.123456789Z".len(), "{t}");
+    assert!(t.starts_with("20") && t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
+    let (a, b) = (exec::new_exec_id(), exec::new_exec_id());
+    assert_ne!(a, b);
+    assert!(crate::state::check_id(&a).is_ok(), "{a}");
+}

@@ -1,0 +1,123 @@
+//! Namespace entries of a spec: each path is checked to be a namespace of the entry's type
+//! (even when husk does not join it), and paths of pod peers are mapped to the peers' guest
+//! PIDs.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::{Component, Path, PathBuf};
+
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType};
+
+use crate::error::RuntimeError;
+
+/// `ioctl(NS_GET_NSTYPE)`: the CLONE_NEW* type of a namespace file (linux/nsfs.h).
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+fn clone_flag(t: LinuxNamespaceType) -> libc::c_int {
+    match t {
+        LinuxNamespaceType::Mount => libc::CLONE_NEWNS,
+        LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
+        LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
+        LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
+        LinuxNamespaceType::User => libc::CLONE_NEWUSER,
+        LinuxNamespaceType::Pid => libc::CLONE_NEWPID,
+        LinuxNamespaceType::Network => libc::CLONE_NEWNET,
+        LinuxNamespaceType::Time => 0x80, // CLONE_NEWTIME
+    }
+}
+
+/// The spec's name of a namespace type (as `linux.namespaces[].type` spells it).
+fn spec_name(t: LinuxNamespaceType) -> String {
+    serde_json::to_value(t)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{t:?}"))
+}
+
+/// Checks that `ns.path`, if any, exists and is a namespace of `ns.typ`.
+pub fn validate(ns: &LinuxNamespace) -> Result<(), RuntimeError> {
+    let Some(path) = ns.path() else { return Ok(()) };
+    let fail =
+        |reason: String| RuntimeError::Namespace { kind: spec_name(ns.typ()), path: path.clone(), reason };
+    if !path.is_absolute() {
+        return Err(fail("must be absolute".into()));
+    }
+    let f = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the descriptor, which `f` keeps
+    // open for the call.
+    let got = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE) };
+    if got < 0 {
+        return Err(fail("is not a namespace file".into()));
+    }
+    if got != clone_flag(ns.typ()) {
+        let actual = [
+            LinuxNamespaceType::Mount,
+            LinuxNamespaceType::Cgroup,
+            LinuxNamespaceType::Uts,
+            LinuxNamespaceType::Ipc,
+            LinuxNamespaceType::User,
+            LinuxNamespaceType::Pid,
+            LinuxNamespaceType::Network,
+            LinuxNamespaceType::Time,
+        ]
+        .into_iter()
+        .find(|t| clone_flag(*t) == got)
+        .map(spec_name)
+        .unwrap_or_else(|| format!("type {got:#x}"));
+        return Err(fail(format!("is a namespace of type {actual}")));
+    }
+    Ok(())
+}
+
+/// `/proc/<pid>/ns/<kind>` → (pid, kind).
+pub fn proc_ns_path(p: &Path) -> Option<(i32, String)> {
+    let mut c = p.components();
+    if c.next() != Some(Component::RootDir) || c.next() != Some(Component::Normal("proc".as_ref())) {
+        return None;
+    }
+    let pid = c.next()?.as_os_str().to_str()?.parse().ok()?;
+    if c.next() != Some(Component::Normal("ns".as_ref())) {
+        return None;
+    }
+    let kind = c.next()?.as_os_str().to_str()?.to_string();
+    c.next().is_none().then_some((pid, kind))
+}
+
+/// The guest path of a namespace entry: a pod peer's (host PID → guest PID in `peers`), or
+/// none (a host namespace such as a CNI netns file: the guest makes its own).
+pub fn guest_path(ns: &LinuxNamespace, peers: &HashMap<i32, u32>) -> Option<PathBuf> {
+    let (pid, kind) = ns.path().as_deref().and_then(proc_ns_path)?;
+    peers.get(&pid).map(|g| PathBuf::from(format!("/proc/{g}/ns/{kind}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(t: &str, path: &str) -> LinuxNamespace {
+        serde_json::from_value(serde_json::json!({"type": t, "path": path})).expect("ns")
+    }
+
+    #[test]
+    fn ns_paths() {
+        assert_eq!(proc_ns_path(Path::new("/proc/42/ns/net")), Some((42, "net".into())));
+        assert_eq!(proc_ns_path(Path::new("/var/run/netns/cni-1")), None);
+        assert_eq!(proc_ns_path(Path::new("/proc/x/ns/net")), None);
+        assert_eq!(proc_ns_path(Path::new("/proc/42/ns/net/extra")), None);
+        let peers = HashMap::from([(42, 7u32)]);
+        assert_eq!(guest_path(&ns("ipc", "/proc/42/ns/ipc"), &peers), Some("/proc/7/ns/ipc".into()));
+        assert_eq!(guest_path(&ns("ipc", "/proc/43/ns/ipc"), &peers), None);
+    }
+
+    #[test]
+    fn paths_must_be_namespaces_of_their_type() {
+        assert!(validate(&ns("ipc", "/proc/self/ns/ipc")).is_ok());
+        assert!(validate(&ns("network", "/proc/self/ns/net")).is_ok());
+        let e = validate(&ns("cgroup", "/proc/self/ns/ipc")).expect_err("wrong type").to_string();
+        assert!(e.contains("cgroup") && e.contains("of type ipc"), "{e}");
+        let e = validate(&ns("network", "/run/netns/does-not-exist")).expect_err("missing").to_string();
+        assert!(e.contains("No such file"), "{e}");
+        assert!(validate(&ns("uts", "/etc/hostname")).is_err());
+        assert!(validate(&ns("uts", "proc/self/ns/uts")).is_err());
+    }
+}

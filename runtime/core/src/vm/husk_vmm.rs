@@ -1,0 +1,253 @@
+//! Sandbox VMs as detached `husk-vmm` processes, which outlive the CLI call that started them.
+//! Each gets its whole description as a `VmConfig` JSON file (husk-vmm's own schema), so any
+//! path works and every limit is husk-vmm's; its agent is reached through the VMM's hybrid
+//! vsock socket.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use husk_proto as pb;
+use husk_vmm::config::{FsCache, FsShareConfig, SerialConfig, VmConfig, VsockConfig};
+
+use super::{Booted, Calls, VmProcess, VmShape, Vms};
+use crate::agent::{Agent, GrpcAgent};
+use crate::config::Config;
+use crate::error::RuntimeError;
+use crate::share::{self, SHARE_TAG};
+use crate::state::{SandboxRecord, StateDir};
+use crate::{procinfo, uds};
+
+/// The fd husk-vmm inherits the vsock socket's directory at, when the socket's path is too
+/// long for `sun_path`.
+const VSOCK_DIR_FD: i32 = 3;
+
+/// How long a powered-off VMM gets to exit before it is killed.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Longest a single request to the agent may take on a [`Calls::Bounded`] connection: a
+/// stalled guest gives an error, never a hung command (or a lock held for ever).
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The husk-vmm backend.
+#[derive(Debug, Clone)]
+pub struct HuskVmm {
+    pub cfg: Config,
+}
+
+/// husk-vmm's description of a sandbox VM whose vsock socket husk-vmm reaches as `vsock_arg`.
+fn vm_config(cfg: &Config, dir: &Path, shape: &VmShape, vsock_arg: &Path) -> VmConfig {
+    let mut fs = vec![FsShareConfig {
+        tag: SHARE_TAG.into(),
+        path: dir.join("shared"),
+        read_only: false,
+        cache: FsCache::default(),
+    }];
+    fs.extend(shape.extra_shares.iter().map(|s| FsShareConfig {
+        tag: s.tag.clone(),
+        path: s.path.clone(),
+        read_only: s.read_only,
+        cache: FsCache::default(),
+    }));
+    VmConfig {
+        kernel: cfg.kernel.clone(),
+        initramfs: Some(cfg.initramfs.clone()),
+        cmdline: cfg.cmdline.clone(),
+        memory_mib: shape.memory_mib.into(),
+        vcpus: shape.vcpus,
+        serial: SerialConfig::File(dir.join("console.log")),
+        rng: true,
+        fs,
+        vsock: Some(VsockConfig { uds_path: vsock_arg.to_path_buf(), guest_cid: 3 }),
+    }
+}
+
+impl HuskVmm {
+    async fn wait_for_agent(
+        &self,
+        process: &mut VmProcess,
+        record: &SandboxRecord,
+        shape: &VmShape,
+        log: &Path,
+    ) -> Result<GrpcAgent, RuntimeError> {
+        let started = Instant::now();
+        let connect = GrpcAgent::connect(&record.vsock, self.cfg.boot_timeout, Some(RPC_TIMEOUT));
+        tokio::pin!(connect);
+        let agent = loop {
+            tokio::select! {
+                c = &mut connect => break c?,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if process.exited() {
+                        let tail = std::fs::read_to_string(log).unwrap_or_default();
+                        let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                        return Err(RuntimeError::Vm(format!(
+                            "husk-vmm exited before its agent answered: {}",
+                            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                        )));
+                    }
+                }
+            }
+        };
+        tracing::debug!("sandbox {}: agent answered after {:?}", record.id, started.elapsed());
+        let mut shares = vec![pb::Share { tag: SHARE_TAG.into(), read_only: false }];
+        shares.extend(
+            shape.extra_shares.iter().map(|s| pb::Share { tag: s.tag.clone(), read_only: s.read_only }),
+        );
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        agent
+            .create_sandbox(pb::CreateSandboxRequest {
+                hostname: shape.hostname.clone(),
+                shares,
+                unix_time_ns: now,
+            })
+            .await?;
+        Ok(agent)
+    }
+}
+
+impl Vms for HuskVmm {
+    type Agent = GrpcAgent;
+
+    async fn boot(
+        &self,
+        state: &StateDir,
+        sid: &str,
+        shape: &VmShape,
+    ) -> Result<Booted<GrpcAgent>, RuntimeError> {
+        let cfg = &self.cfg;
+        cfg.preflight()?;
+        let dir = state.sandbox_dir(sid);
+        let shared = share::shared_dir(state, sid);
+        std::fs::create_dir_all(&shared)
+            .map_err(RuntimeError::io(format!("creating {}", shared.display())))?;
+        let vsock = dir.join("vsock.sock");
+        let _ = std::fs::remove_file(&vsock);
+        let log_path = dir.join("vmm.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(RuntimeError::io(format!("creating {}", log_path.display())))?;
+        let log2 = log.try_clone().map_err(RuntimeError::io("dup vmm log"))?;
+
+        // However long the state root makes the socket's path, husk-vmm binds it through its
+        // directory, inherited as this fd.
+        let (vsock_arg, vsock_dir) = uds::inherited_path(&vsock, VSOCK_DIR_FD)
+            .map_err(RuntimeError::io(format!("vsock socket {}", vsock.display())))?;
+        let vsock_dir_fd = vsock_dir.as_ref().map(|d| d.as_raw_fd());
+        let config_path = dir.join("vm.json");
+        let json = serde_json::to_vec_pretty(&vm_config(cfg, &dir, shape, &vsock_arg))
+            .map_err(|e| RuntimeError::Internal(format!("encoding the VM config: {e}")))?;
+        std::fs::write(&config_path, json)
+            .map_err(RuntimeError::io(format!("writing {}", config_path.display())))?;
+
+        let mut cmd = Command::new(&cfg.vmm);
+        cmd.arg("--config").arg(&config_path);
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+        // functions (setsid, close_range, fcntl, dup2); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Its own session: a caller's Ctrl-C or hang-up must not take the sandbox down.
+                libc::setsid();
+                procinfo::cloexec_from_3();
+                if let Some(fd) = vsock_dir_fd {
+                    let ok = if fd == VSOCK_DIR_FD {
+                        libc::fcntl(fd, libc::F_SETFD, 0) == 0
+                    } else {
+                        libc::dup2(fd, VSOCK_DIR_FD) == VSOCK_DIR_FD
+                    };
+                    if !ok {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let spawned = cmd.spawn();
+        drop(vsock_dir);
+        let child = spawned.map_err(RuntimeError::io(format!("starting {}", cfg.vmm.display())))?;
+        let pid = child.id() as i32;
+        let mut process = VmProcess::new(child);
+        let record = SandboxRecord {
+            id: sid.to_string(),
+            vmm_pid: pid,
+            vmm_start: procinfo::start_time(pid).unwrap_or(0),
+            vsock: vsock.clone(),
+            containers: Vec::new(),
+        };
+        match self.wait_for_agent(&mut process, &record, shape, &log_path).await {
+            Ok(agent) => Ok(Booted { record, process, agent }),
+            Err(e) => {
+                process.kill();
+                process.reap().await;
+                Err(e)
+            }
+        }
+    }
+
+    fn alive(&self, rec: &SandboxRecord) -> bool {
+        procinfo::alive(rec.vmm_pid, rec.vmm_start)
+    }
+
+    async fn connect(&self, rec: &SandboxRecord, calls: Calls) -> Result<GrpcAgent, RuntimeError> {
+        if !self.alive(rec) {
+            return Err(RuntimeError::Vm(format!("the VM of sandbox {} is not running", rec.id)));
+        }
+        Ok(match calls {
+            Calls::Bounded => {
+                GrpcAgent::connect(&rec.vsock, Duration::from_secs(10), Some(RPC_TIMEOUT)).await?
+            }
+            Calls::Long => GrpcAgent::connect(&rec.vsock, Duration::from_secs(30), None).await?,
+        })
+    }
+
+    async fn power_off(&self, rec: &SandboxRecord, mut process: VmProcess) {
+        if self.alive(rec) {
+            match GrpcAgent::connect(&rec.vsock, Duration::from_secs(5), Some(RPC_TIMEOUT)).await {
+                Ok(c) => {
+                    if let Err(e) = c.destroy_sandbox().await {
+                        tracing::warn!("sandbox {}: {e}", rec.id);
+                    }
+                }
+                Err(e) => tracing::warn!("sandbox {}: agent unreachable, killing the VM: {e}", rec.id),
+            }
+            let deadline = Instant::now() + EXIT_WAIT;
+            while self.alive(rec) && Instant::now() < deadline && !process.exited() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if procinfo::signal(rec.vmm_pid, rec.vmm_start, nix::sys::signal::Signal::SIGKILL) {
+                tracing::warn!("sandbox {}: husk-vmm did not exit after power-off; killed", rec.id);
+            }
+        }
+        process.reap().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vm_config_is_husk_vmms_schema_and_takes_any_path() {
+        let cfg = Config::load().expect("config");
+        let dir = Path::new("/run/a,b=c/sandboxes/x");
+        let shape = VmShape {
+            memory_mib: 256,
+            vcpus: 2,
+            hostname: "h".into(),
+            extra_shares: vec![super::super::ExtraShare {
+                tag: "rootfs".into(),
+                path: "/img/with,comma".into(),
+                read_only: true,
+            }],
+        };
+        let c = vm_config(&cfg, dir, &shape, Path::new("/proc/self/fd/3/vsock.sock"));
+        let text = serde_json::to_string(&c).expect("json");
+        let back = VmConfig::from_json(&text).expect("husk-vmm parses it");
+        assert_eq!(back, c);
+        assert_eq!(back.fs.len(), 2);
+        assert_eq!(back.fs[0].path, dir.join("shared"));
+        assert!(back.fs[1].read_only);
+        assert_eq!((back.memory_mib, back.vcpus), (256, 2));
+    }
+}

@@ -1,0 +1,98 @@
+//! [`ImageError`]: everything that can go wrong reading, unpacking or interpreting an image.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::layout::MAX_INDEX_DEPTH;
+
+/// Why an image could not be read, unpacked or interpreted.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidReference { reference: String, reason: &'static str },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not an OCI image layout: {reason}")]
+    NotALayout { path: PathBuf, reason: String },
+    #[error("unsupported OCI image layout version {0:?} (want 1.x)")]
+    UnsupportedLayoutVersion(String),
+    #[error("{path} {reason}; refusing to read it")]
+    UnsafeLayoutFile { path: PathBuf, reason: &'static str },
+    #[error("{what} is larger than the {limit}-byte limit")]
+    TooLarge { what: String, limit: u64 },
+    #[error("invalid JSON in {what}: {source}")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("unsupported digest {0:?}: only sha256 with 64 lowercase hex digits is accepted")]
+    UnsupportedDigest(String),
+    #[error("blob {digest} is missing from the layout")]
+    MissingBlob { digest: String },
+    #[error("blob {digest} is {actual} bytes but its descriptor says {expected}")]
+    SizeMismatch { digest: String, expected: u64, actual: u64 },
+    #[error("blob {digest} does not match its digest: content hashes to sha256:{actual}")]
+    DigestMismatch { digest: String, actual: String },
+    #[error("tag {tag:?} not found in the layout; available tags: {}", list_or_none(available))]
+    UnknownTag { tag: String, available: Vec<String> },
+    #[error("no tag given and the layout holds {count} images; available tags: {}", list_or_none(available))]
+    AmbiguousImage { count: usize, available: Vec<String> },
+    #[error("image index {digest} has no linux/amd64 manifest")]
+    NoMatchingPlatform { digest: String },
+    #[error("image indexes nest more than {MAX_INDEX_DEPTH} deep")]
+    IndexTooDeep,
+    #[error("unsupported media type {media_type:?} for {what}")]
+    UnsupportedMediaType { what: &'static str, media_type: String },
+    #[error("layer {digest}: unsupported media type {media_type:?} (supported: tar, tar+gzip; not zstd)")]
+    UnsupportedLayer { digest: String, media_type: String },
+    #[error("destination {path} must be an existing empty directory")]
+    BadDestination { path: PathBuf },
+    #[error("layer {layer}: refusing entry {entry:?}: {reason}")]
+    UnsafeEntry { layer: String, entry: String, reason: &'static str },
+    #[error("layer {layer}: entry {entry:?}: {source}")]
+    Extract {
+        layer: String,
+        entry: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {layer}: reading the archive: {source}")]
+    Archive {
+        layer: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The image config's `User` is not a valid `user[:group]`.
+    #[error("invalid image user {user:?}: {reason}")]
+    InvalidUser { user: String, reason: &'static str },
+    /// The image config's `User` names a user or group the image does not define (well).
+    #[error("image user {user:?}: {reason}")]
+    UnknownUser { user: String, reason: String },
+    /// A file of the unpacked image that is read on the host (e.g. /etc/passwd) is a symlink or not what
+    /// it should be.
+    #[error("{path} {reason}; refusing to read it")]
+    UnsafeRootfsFile { path: PathBuf, reason: &'static str },
+}
+
+fn list_or_none(tags: &[String]) -> String {
+    if tags.is_empty() {
+        "(none)".to_owned()
+    } else {
+        tags.join(", ")
+    }
+}
+
+/// Maps an I/O error on `path` to [`ImageError::Io`].
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io { path: path.to_owned(), source }
+}
+
+/// Maps a JSON error in `what` to [`ImageError::Json`].
+pub(crate) fn json_err(what: &str) -> impl FnOnce(serde_json::Error) -> ImageError + '_ {
+    move |source| ImageError::Json { what: what.to_owned(), source }
+}
