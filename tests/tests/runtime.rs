@@ -201,6 +201,36 @@ $H --root $LR kill $ID2 TERM 2>&1; echo "@@KILL-EXITED-RC $?"
 $H --root $LR delete --force $ID2; $H --root $LR delete --force $ID2; echo "@@DELETE-GONE-RC $?"
 $H --root $LR delete --force $ID1; echo "@@PAUSE-DELETE-RC $?"
 find $LR/containers $LR/sandboxes -mindepth 1 2>/dev/null | grep -q . || echo "@@LONG-ROOT-CLEAN"
+echo "--- hooks, namespaces, mount names"
+# Host hooks in the runtime spec's order, each with the state on stdin.
+cat > /var/hook.sh <<'EOC'
+#!/bin/sh
+echo "$1 $(cat)" >> /var/hooks.log
+EOC
+chmod +x /var/hook.sh
+hk() { echo "{\"path\":\"/var/hook.sh\",\"args\":[\"hook.sh\",\"$1\"],\"env\":[\"PATH=/usr/bin:/bin\"],\"timeout\":60}"; }
+HOOKS="\"hooks\":{\"prestart\":[$(hk prestart)],\"createRuntime\":[$(hk createRuntime)],\"poststart\":[$(hk poststart)],\"poststop\":[$(hk poststop)]},"
+bundle /var/h1 '["sh","-c","cut -d\" \" -f4,5 /proc/self/mountinfo; exec sleep 300"]'
+sed -i "s#^{\"ociVersion\":\"1.0.2\",#{\"ociVersion\":\"1.0.2\",$HOOKS#" /var/h1/config.json
+$H --root $R run -d --bundle /var/h1 h1 > /var/h1.out 2>&1; echo "@@HOOKS-RUN-RC $?"
+until_ok 60 grep -q ' /mnt' /var/h1.out && grep ' /mnt' /var/h1.out
+$H --root $R delete --force h1; echo "@@HOOKS-DELETE-RC $?"
+until_ok 10 grep -q poststop /var/hooks.log; cut -c1-160 /var/hooks.log
+# A failing prestart hook fails create and leaves nothing running.
+bundle /var/h2 '["sleep","300"]'
+sed -i 's#^{"ociVersion":"1.0.2",#{"ociVersion":"1.0.2","hooks":{"prestart":[{"path":"/bin/false"}]},#' /var/h2/config.json
+$H --root $R create --bundle /var/h2 h2 2>&1; echo "@@HOOK-FAIL-RC $?"
+$H --root $R state h2 >/dev/null 2>&1 || echo "@@HOOK-FAIL-GONE"
+ps -o args | grep -v grep | grep -q husk-vmm && echo "@@HOOK-FAIL-VMM-LEFT"
+[ -e $R/sandboxes/h2 ] && echo "@@HOOK-FAIL-SANDBOX-LEFT"
+bundle /var/h3 '["true"]'
+sed -i 's#^{"ociVersion":"1.0.2",#{"ociVersion":"1.0.2","hooks":{"createContainer":[{"path":"/bin/true"}]},#' /var/h3/config.json
+$H --root $R create --bundle /var/h3 h3 2>&1; echo "@@HOOK-CC-RC $?"
+# Namespace paths are checked even where husk does not join them.
+bundle /var/n1 '["true"]' false '{}' '{"type":"cgroup","path":"/proc/self/ns/ipc"}'
+$H --root $R create --bundle /var/n1 n1 2>&1; echo "@@NS-TYPE-RC $?"
+bundle /var/n2 '["true"]' false '{}' '{"type":"network","path":"/run/netns/no-such-netns"}'
+$H --root $R create --bundle /var/n2 n2 2>&1; echo "@@NS-MISSING-RC $?"
 echo "--- vmm killed"
 bundle /var/b7 '["sleep","300"]'
 $H --root $R run -d --bundle /var/b7 c3 >/dev/null 2>&1; echo "@@C3-RC $?"
@@ -370,6 +400,19 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
             "@@DELETE-GONE-RC 0",
             "@@PAUSE-DELETE-RC 0",
             "@@LONG-ROOT-CLEAN",
+            "@@HOOKS-RUN-RC 0",
+            // The bind source /var/vol keeps its base name in the guest's mountinfo.
+            "/mounts/3/vol /mnt",
+            "@@HOOKS-DELETE-RC 0",
+            "prestart {\"ociVersion\":\"1.0.2-dev\",\"id\":\"h1\",\"status\":\"creating\",\"pid\":",
+            "createRuntime {\"ociVersion\":\"1.0.2-dev\",\"id\":\"h1\",\"status\":\"creating\"",
+            "poststart {\"ociVersion\":\"1.0.2-dev\",\"id\":\"h1\",\"status\":\"running\"",
+            "poststop {\"ociVersion\":\"1.0.2-dev\",\"id\":\"h1\",\"status\":\"stopped\"",
+            "prestart hook /bin/false",
+            "@@HOOK-FAIL-GONE",
+            "createContainer hook /bin/true",
+            "namespace cgroup path /proc/self/ns/ipc: is a namespace of type ipc",
+            "namespace network path /run/netns/no-such-netns: No such file",
             "@@C3-RC 0",
             "@@CRASH-STOPPED",
             "@@CRASH-DELETE-RC 0",
@@ -394,10 +437,19 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
         "@@BADMOUNT-RC 0",
         "@@POD-ORPHAN-RC 0",
         "@@MOUNT-CAUSE-RC 0",
+        "@@HOOK-FAIL-RC 0",
+        "@@HOOK-CC-RC 0",
+        "@@NS-TYPE-RC 0",
+        "@@NS-MISSING-RC 0",
     ] {
         assert!(!oci.contains(rc), "{rc} must fail:\n{oci}");
     }
     assert!(!oci.contains("@@PARTIAL-STATE"), "a failed create left state:\n{oci}");
+    assert!(!oci.contains("@@HOOK-FAIL-"), "a failed prestart hook left something:\n{oci}");
+    // The hooks ran in the spec's order.
+    let at = |n: &str| oci.find(n).unwrap_or_else(|| panic!("{n} missing:\n{oci}"));
+    assert!(at("prestart {") < at("createRuntime {") && at("createRuntime {") < at("poststart {"), "{oci}");
+    assert!(at("poststart {") < at("poststop {"), "{oci}");
 
     let ctrd = section(o, "=== containerd", Some("=== podman"));
     expect(
