@@ -221,8 +221,8 @@ bundle /var/h2 '["sleep","300"]'
 sed -i 's#^{"ociVersion":"1.0.2",#{"ociVersion":"1.0.2","hooks":{"prestart":[{"path":"/bin/false"}]},#' /var/h2/config.json
 $H --root $R create --bundle /var/h2 h2 2>&1; echo "@@HOOK-FAIL-RC $?"
 $H --root $R state h2 >/dev/null 2>&1 || echo "@@HOOK-FAIL-GONE"
-ps -o args | grep -v grep | grep -q husk-vmm && echo "@@HOOK-FAIL-VMM-LEFT"
-[ -e $R/sandboxes/h2 ] && echo "@@HOOK-FAIL-SANDBOX-LEFT"
+ps -o args | grep -v grep | grep -q husk-vmm && echo "@@LEFTOVER-HOOK-VMM"
+[ -e $R/sandboxes/h2 ] && echo "@@LEFTOVER-HOOK-SANDBOX"
 bundle /var/h3 '["true"]'
 sed -i 's#^{"ociVersion":"1.0.2",#{"ociVersion":"1.0.2","hooks":{"createContainer":[{"path":"/bin/true"}]},#' /var/h3/config.json
 $H --root $R create --bundle /var/h3 h3 2>&1; echo "@@HOOK-CC-RC $?"
@@ -445,7 +445,7 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
         assert!(!oci.contains(rc), "{rc} must fail:\n{oci}");
     }
     assert!(!oci.contains("@@PARTIAL-STATE"), "a failed create left state:\n{oci}");
-    assert!(!oci.contains("@@HOOK-FAIL-"), "a failed prestart hook left something:\n{oci}");
+    assert!(!oci.contains("@@LEFTOVER-HOOK"), "a failed prestart hook left something:\n{oci}");
     // The hooks ran in the spec's order.
     let at = |n: &str| oci.find(n).unwrap_or_else(|| panic!("{n} missing:\n{oci}"));
     assert!(at("prestart {") < at("createRuntime {") && at("createRuntime {") < at("poststart {"), "{oci}");

@@ -23,7 +23,7 @@ pub fn stdin_is_tty() -> bool {
 /// Relays `held` through this process's stdio; with `terminal`, stdin must be a terminal.
 /// Hands back the VMM (if this process started it) for the caller to reap after the delete.
 pub async fn relay(rt: &Rt, held: Held, terminal: bool) -> Result<(Outcome, VmProcess), RuntimeError> {
-    let Held { target, guest, vm } = held;
+    let Held { target, guest, vm, .. } = held;
     let rec = rt.state.read_container(&target.container_id)?;
     let srec = rt
         .state

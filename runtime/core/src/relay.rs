@@ -113,7 +113,7 @@ impl Outcome {
 
 /// Copies until EOF; after a write error keeps reading and drops the data, so the guest side
 /// never blocks on a reader that went away.
-fn pump(mut from: impl Read, mut to: impl Write) {
+pub fn pump(mut from: impl Read, mut to: impl Write) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut sink_ok = true;
     loop {

@@ -116,7 +116,7 @@ pub async fn run(rt: &Rt, a: Exec) -> Result<ExitCode, RuntimeError> {
         }
         StdioStrategy::Held { size: foreground::own_terminal_size() }
     };
-    let opts = ExecOpts { process_json, terminal, stdio, ignore_paused: a.ignore_paused };
+    let opts = ExecOpts { process_json, terminal, stdio, ignore_paused: a.ignore_paused, exec_id: None };
     let held = rt.exec(&a.id, opts).await?;
     if !a.detach {
         if let Some(p) = &a.pid_file {

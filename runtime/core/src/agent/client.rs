@@ -273,9 +273,9 @@ impl Agent for GrpcAgent {
         Ok(r.into_inner())
     }
 
-    async fn exec_process(&self, req: pb::ExecProcessRequest) -> AgentResult<()> {
-        self.processes.clone().exec_process(req).await.map_err(AgentError::rpc("ExecProcess"))?;
-        Ok(())
+    async fn exec_process(&self, req: pb::ExecProcessRequest) -> AgentResult<u32> {
+        let r = self.processes.clone().exec_process(req).await.map_err(AgentError::rpc("ExecProcess"))?;
+        Ok(r.into_inner().pid)
     }
 
     async fn signal_process(&self, req: pb::SignalProcessRequest) -> AgentResult<()> {
@@ -290,6 +290,11 @@ impl Agent for GrpcAgent {
 
     async fn resize_tty(&self, req: pb::ResizeTtyRequest) -> AgentResult<()> {
         self.processes.clone().resize_tty(req).await.map_err(AgentError::rpc("ResizeTty"))?;
+        Ok(())
+    }
+
+    async fn close_stdin(&self, p: pb::ProcessRef) -> AgentResult<()> {
+        self.processes.clone().close_stdin(p).await.map_err(AgentError::rpc("CloseStdin"))?;
         Ok(())
     }
 

@@ -128,13 +128,14 @@ impl Agent for Fake {
         self.with(id, |_| Ok(pb::ContainerStatsResponse::default()))
     }
 
-    async fn exec_process(&self, req: pb::ExecProcessRequest) -> AgentResult<()> {
+    async fn exec_process(&self, req: pb::ExecProcessRequest) -> AgentResult<u32> {
         self.with(&req.container_id, |s| match s {
             Status::Running | Status::Paused => Ok(()),
             _ => Err(precondition("not running")),
         })?;
-        self.world().execs.push(req.exec_id);
-        Ok(())
+        let mut w = self.world();
+        w.execs.push(req.exec_id);
+        Ok(1000 + w.execs.len() as u32)
     }
 
     async fn signal_process(&self, req: pb::SignalProcessRequest) -> AgentResult<()> {
@@ -154,6 +155,10 @@ impl Agent for Fake {
     }
 
     async fn resize_tty(&self, _req: pb::ResizeTtyRequest) -> AgentResult<()> {
+        Ok(())
+    }
+
+    async fn close_stdin(&self, _p: pb::ProcessRef) -> AgentResult<()> {
         Ok(())
     }
 

@@ -137,10 +137,13 @@ pub trait Agent: Clone + Send + Sync + 'static {
         &self,
         id: &str,
     ) -> impl Future<Output = AgentResult<pb::ContainerStatsResponse>> + Send;
-    fn exec_process(&self, req: pb::ExecProcessRequest) -> impl Future<Output = AgentResult<()>> + Send;
+    /// Returns the exec's guest PID.
+    fn exec_process(&self, req: pb::ExecProcessRequest) -> impl Future<Output = AgentResult<u32>> + Send;
     fn signal_process(&self, req: pb::SignalProcessRequest) -> impl Future<Output = AgentResult<()>> + Send;
     fn wait_process(&self, p: pb::ProcessRef) -> impl Future<Output = AgentResult<pb::ExitStatus>> + Send;
     fn resize_tty(&self, req: pb::ResizeTtyRequest) -> impl Future<Output = AgentResult<()>> + Send;
+    /// Ends the process's input now (data it has not read is dropped).
+    fn close_stdin(&self, p: pb::ProcessRef) -> impl Future<Output = AgentResult<()>> + Send;
     fn subscribe(&self) -> impl Future<Output = AgentResult<Events>> + Send;
     /// Opens a stdio stream named `name` for a later create or exec request (blocking mode).
     fn open_stdio(&self, name: &str) -> impl Future<Output = AgentResult<UnixStream>> + Send;

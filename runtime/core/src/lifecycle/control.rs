@@ -57,6 +57,68 @@ impl<V: Vms> Runtime<V> {
         })
     }
 
+    /// Signals one process of a container: its init (`exec_id` empty) or an exec.
+    pub async fn signal_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), RuntimeError> {
+        if exec_id.is_empty() {
+            return self.kill(id, signal, all).await;
+        }
+        if !(1..=64).contains(&signal) {
+            return Err(RuntimeError::InvalidArgument(format!("signal {signal} is not 1-64")));
+        }
+        let a = self.live_agent(id).await?;
+        let req =
+            pb::SignalProcessRequest { container_id: id.into(), exec_id: exec_id.into(), signal, all: false };
+        a.signal_process(req).await.map_err(|e| match e.code() {
+            Some(tonic::Code::FailedPrecondition) => {
+                RuntimeError::WrongState(format!("process {exec_id} is not running"))
+            }
+            Some(tonic::Code::NotFound) => RuntimeError::NotFound(format!("{id}/{exec_id}")),
+            _ => e.into(),
+        })
+    }
+
+    /// Resizes a process's terminal.
+    pub async fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), RuntimeError> {
+        let a = self.live_agent(id).await?;
+        let req = pb::ResizeTtyRequest { container_id: id.into(), exec_id: exec_id.into(), rows, cols };
+        Ok(a.resize_tty(req).await?)
+    }
+
+    /// Ends a process's input.
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), RuntimeError> {
+        let a = self.live_agent(id).await?;
+        Ok(a.close_stdin(pb::ProcessRef { container_id: id.into(), exec_id: exec_id.into() }).await?)
+    }
+
+    /// Waits for a process to end, on a connection without call timeouts; how it ended.
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<crate::relay::Outcome, RuntimeError> {
+        let rec = self.state.read_container(id)?;
+        let srec =
+            self.state.read_sandbox(&rec.sandbox_id)?.ok_or_else(|| RuntimeError::NotFound(id.into()))?;
+        let agent = self.vms.connect(&srec, crate::vm::Calls::Long).await?;
+        let s =
+            agent.wait_process(pb::ProcessRef { container_id: id.into(), exec_id: exec_id.into() }).await?;
+        Ok(crate::relay::Outcome::from_status(&s))
+    }
+
+    /// The agent of a container's VM, without taking the container's lock (for calls on one
+    /// process that must not wait behind a long lifecycle call).
+    async fn live_agent(&self, id: &str) -> Result<V::Agent, RuntimeError> {
+        let rec = self.state.read_container(id)?;
+        let srec =
+            self.state.read_sandbox(&rec.sandbox_id)?.ok_or_else(|| RuntimeError::NotFound(id.into()))?;
+        if !self.vms.alive(&srec) {
+            return Err(RuntimeError::WrongState(format!("container {id}: container not running")));
+        }
+        self.vms.connect(&srec, crate::vm::Calls::Bounded).await
+    }
+
     pub async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
         let (_lock, _rec, a, _) = self.locked_live(id, "pause", &[Status::Running]).await?;
         Ok(a.pause_container(id).await?)

@@ -231,6 +231,6 @@ impl<V: Vms> Runtime<V> {
         drop(slock);
         let vm = partial.vm.take().map(|(_, p)| p).unwrap_or_default();
         *partial = Partial::default();
-        Ok(streams.map(|guest| Held { target, guest, vm }))
+        Ok(streams.map(|guest| Held { target, guest_pid, guest, vm }))
     }
 }

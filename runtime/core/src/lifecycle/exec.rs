@@ -18,6 +18,8 @@ pub struct ExecOpts {
     pub stdio: StdioStrategy,
     /// Exec into a paused container too (the process starts frozen with it).
     pub ignore_paused: bool,
+    /// The exec's id in the guest (a caller that names its processes); a fresh one if none.
+    pub exec_id: Option<String>,
 }
 
 impl<V: Vms> Runtime<V> {
@@ -34,7 +36,13 @@ impl<V: Vms> Runtime<V> {
         };
         let srec =
             self.state.read_sandbox(&rec.sandbox_id)?.ok_or_else(|| RuntimeError::NotFound(id.into()))?;
-        let exec_id = new_exec_id();
+        let exec_id = match opts.exec_id {
+            Some(e) => {
+                crate::state::check_id(&e)?;
+                e
+            }
+            None => new_exec_id(),
+        };
         let target = Target { vsock: srec.vsock.clone(), container_id: id.into(), exec_id: exec_id.clone() };
         let (pstdio, relay, streams) = stdio::wire(&agent, &target, opts.terminal, &opts.stdio).await?;
         let req = pb::ExecProcessRequest {
@@ -43,7 +51,7 @@ impl<V: Vms> Runtime<V> {
             oci_process_json: opts.process_json,
             stdio: Some(pstdio),
         };
-        agent.exec_process(req).await?;
+        let guest_pid = agent.exec_process(req).await?;
         let pid = relay.as_ref().map(|r| r.pid).unwrap_or(std::process::id() as i32);
         if let StdioStrategy::Relay { pid_file: Some(p), .. } = &opts.stdio {
             crate::state::write_atomic(p, &pid.to_string())?;
@@ -52,7 +60,7 @@ impl<V: Vms> Runtime<V> {
             r.go()?;
         }
         drop(lock);
-        Ok(streams.map(|guest| Held { target, guest, vm: VmProcess::default() }))
+        Ok(streams.map(|guest| Held { target, guest_pid, guest, vm: VmProcess::default() }))
     }
 }
 

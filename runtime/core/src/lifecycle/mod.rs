@@ -49,6 +49,8 @@ impl CreateOpts {
 #[derive(Debug)]
 pub struct Held {
     pub target: Target,
+    /// The process's PID in the guest.
+    pub guest_pid: u32,
     pub guest: GuestStreams,
     /// The VMM when this call started it, so the caller reaps it after the last delete.
     pub vm: VmProcess,

@@ -68,6 +68,7 @@ fn exec_opts(ignore_paused: bool) -> ExecOpts {
         terminal: false,
         stdio: StdioStrategy::Held { size: None },
         ignore_paused,
+        exec_id: None,
     }
 }
 

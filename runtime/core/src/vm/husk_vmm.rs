@@ -79,7 +79,8 @@ impl HuskVmm {
             tokio::select! {
                 c = &mut connect => break c?,
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                    if process.exited() {
+                    // A caller that reaps every child (a shim) leaves `exited` nothing to see.
+                    if process.exited() || !procinfo::alive(record.vmm_pid, record.vmm_start) {
                         let tail = std::fs::read_to_string(log).unwrap_or_default();
                         let tail: Vec<&str> = tail.lines().rev().take(5).collect();
                         return Err(RuntimeError::Vm(format!(
