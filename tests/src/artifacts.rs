@@ -152,6 +152,8 @@ impl AgentTestKit {
 #[derive(Debug)]
 pub struct RuntimeTestKit {
     pub husk: PathBuf,
+    /// containerd-shim-husk-v2, next to `husk`.
+    pub shim: PathBuf,
     pub vmm: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
@@ -185,6 +187,7 @@ impl RuntimeTestKit {
         }
         Ok(Self {
             husk: bin("husk")?,
+            shim: bin("containerd-shim-husk-v2")?,
             vmm: bin("husk-vmm")?,
             kernel: guest_artifact("vmlinux")?,
             initrd: guest_artifact("agent.cpio")?,
@@ -194,7 +197,7 @@ impl RuntimeTestKit {
     }
 
     pub fn files(&self) -> impl Iterator<Item = &Path> {
-        [&self.husk, &self.vmm, &self.kernel, &self.initrd, &self.busybox]
+        [&self.husk, &self.shim, &self.vmm, &self.kernel, &self.initrd, &self.busybox]
             .into_iter()
             .map(PathBuf::as_path)
             .chain(self.peers.iter().map(PathBuf::as_path))

@@ -38,26 +38,33 @@ version = 2
     runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk.options]
       BinaryName = "@HUSK@"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk-shim]
+    runtime_type = "io.containerd.husk.v2"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk-long]
     runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk-long.options]
       BinaryName = "@HUSK@"
       Root = "@LONGROOT@"
 EOC
-containerd >/var/containerd.log 2>&1 &
+# containerd finds containerd-shim-husk-v2 on its PATH.
+PATH=$PATH:@BINDIR@ containerd >/var/containerd.log 2>&1 &
 ctrd=$!
 until_ok 60 ctr version && echo "@@CONTAINERD-UP"
 @PROBE@ images /var/cri/img @PAUSE@ @BUSYBOX@
 ctr -n k8s.io images import /var/cri/img/pause.tar >/dev/null && ctr -n k8s.io images import /var/cri/img/bb.tar >/dev/null \
     && echo "@@IMAGES-IMPORTED"
 ( while sleep 120; do echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; done ) & watch=$!
-@PROBE@ run /run/containerd/containerd.sock
+echo "=== runc shim with husk"
+@PROBE@ run /run/containerd/containerd.sock husk husk-long
+echo "=== husk shim"
+@PROBE@ run /run/containerd/containerd.sock husk-shim husk-shim
 kill $watch
 echo "--- containerd log (errors)"; grep -iE 'level=(error|warning)|failed' /var/containerd.log | tail -n 30 | cut -c1-600
 kill $ctrd; wait $ctrd
 ps -o pid,args | grep -v grep | grep -q 'husk-vmm' && { echo "@@LEFT-VMM"; ps -o pid,args | grep husk-vmm; }
 grep -E ' /run/containerd/(runc|husk-long-root)' /proc/mounts && echo "@@LEFT-MOUNT"
-for d in /run/containerd/runc/k8s.io @LONGROOT@; do
+ps -o pid,args | grep -v grep | grep -q 'containerd-shim-husk' && { echo "@@LEFT-SHIM"; ps -o pid,args | grep containerd-shim-husk; }
+for d in /run/containerd/runc/k8s.io @LONGROOT@ /run/husk/containerd/k8s.io; do
     find $d/containers $d/sandboxes -mindepth 1 2>/dev/null | grep -q . && { echo "@@LEFT-STATE $d"; find $d | head; }
 done
 echo "@@CLEAN-CHECKED"
@@ -74,7 +81,8 @@ fn kubernetes_pods_through_containerd_cri() {
         .replace("@PROBE@", &d(&probe))
         .replace("@PAUSE@", &d(&pause))
         .replace("@BUSYBOX@", &d(&kit.busybox))
-        .replace("@LONGROOT@", LONG_ROOT);
+        .replace("@LONGROOT@", LONG_ROOT)
+        .replace("@BINDIR@", &d(kit.shim.parent().unwrap_or(Path::new("/"))));
     assert!(LONG_ROOT.len() >= 80);
     let mut job = Job::new(script).timeout(Duration::from_secs(1800));
     job.files.extend(kit.files().map(Path::to_path_buf));
@@ -90,22 +98,35 @@ fn kubernetes_pods_through_containerd_cri() {
     }
     let failed: Vec<&str> = o.lines().filter(|l| l.starts_with("@@") && l.contains(" FAIL ")).collect();
     assert!(failed.is_empty(), "CRI checks failed:\n{}\n\n{o}", failed.join("\n"));
-    for check in [
-        "@@CONTAINERD-UP",
-        "@@IMAGES-WRITTEN",
-        "@@IMAGES-IMPORTED",
-        "@@PAUSE-POD ok",
-        "@@READONLY ok",
-        "@@NGINX-STDIO ok",
-        "@@EXECSYNC-TIMEOUT ok",
-        "@@EXEC-TTY ok",
-        "@@NGINX-LOGS ok",
-        "@@SECCOMP ok",
-        "@@SETUID ok",
-        "@@PROPAGATION ok",
-        "@@PROBE-DONE",
-        "@@CLEAN-CHECKED",
-    ] {
+    for check in ["@@CONTAINERD-UP", "@@IMAGES-WRITTEN", "@@IMAGES-IMPORTED", "@@CLEAN-CHECKED"] {
         assert!(o.contains(check), "expected {check}:\n{o}");
     }
+    // The same checks through the runc shim with husk as its binary, then through husk's shim.
+    let runc_shim = section(o, "=== runc shim with husk", "=== husk shim");
+    let husk_shim = section(o, "=== husk shim", "--- containerd log");
+    for (part, text) in [("runc shim", runc_shim), ("husk shim", husk_shim)] {
+        for check in [
+            "@@PAUSE-POD ok",
+            "@@READONLY ok",
+            "@@NGINX-STDIO ok",
+            "@@EXECSYNC-TIMEOUT ok",
+            "@@EXEC-TTY ok",
+            "@@NGINX-LOGS ok",
+            "@@SECCOMP ok",
+            "@@SETUID ok",
+            "@@PROPAGATION ok",
+            "@@PROBE-DONE",
+        ] {
+            assert!(text.contains(check), "{part}: expected {check}:\n{o}");
+        }
+    }
+    for check in ["@@SHIM-PER-POD ok", "@@SHIM-KILLED ok"] {
+        assert!(husk_shim.contains(check), "husk shim: expected {check}:\n{o}");
+    }
+}
+
+fn section<'a>(o: &'a str, start: &str, end: &str) -> &'a str {
+    let from = o.find(start).unwrap_or(o.len());
+    let to = o[from..].find(end).map(|i| from + i).unwrap_or(o.len());
+    &o[from..to]
 }

@@ -49,7 +49,7 @@ until_ok() { t=$1; shift; i=0; while ! "$@" >/dev/null 2>&1; do i=$((i+1)); [ $i
 leftovers() {
     ps -o pid,args | grep -v grep | grep -q 'husk-vmm' && { echo "@@LEFT-VMM $1"; ps -o pid,args | grep husk-vmm; }
     grep -E ' /run/(husk|husk-oci|containerd/runc)' /proc/mounts && echo "@@LEFT-MOUNT $1"
-    for d in /run/husk /run/husk-oci /run/containerd/runc/default; do
+    for d in /run/husk /run/husk-oci /run/containerd/runc/default /run/husk/containerd/default; do
         find $d/containers $d/sandboxes $d/runs -mindepth 1 2>/dev/null | grep -q . && { echo "@@LEFT-STATE $1 $d"; find $d | head; }
     done
     echo "@@CLEAN-CHECKED $1"
@@ -250,7 +250,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
   address = "/run/ctrd.sock"
 EOC
-containerd --config /var/ctrd/config.toml >/var/ctrd/log 2>&1 &
+# containerd finds containerd-shim-husk-v2 (runtime io.containerd.husk.v2) on its PATH.
+PATH=$PATH:$(dirname $H) containerd --config /var/ctrd/config.toml >/var/ctrd/log 2>&1 &
 ctrd=$!
 C="ctr --address /run/ctrd.sock"
 until_ok 30 $C version && echo "@@CONTAINERD-UP"
@@ -265,6 +266,21 @@ until_ok 30 sh -c "$C task ls | grep -q 't2.*STOPPED'" && echo "@@CTR-STOPPED"
 $C task delete t2; echo "@@CTR-TASK-DELETE-RC $?"
 $C container delete t2; echo "@@CTR-CONTAINER-DELETE-RC $?"
 script -qec "$C run -t --rm --runc-binary $H --env PATH=/bin --rootfs /var/bb t3 sh -c 'tty; exit 0'" /dev/null; echo "@@CTR-TTY-RC $?"
+echo "--- husk shim"
+S="--runtime io.containerd.husk.v2"
+$C run --rm $S --env PATH=/bin --rootfs /var/bb s1 sh -c 'echo hi-from-shim; echo shim-err >&2; exit 5'; echo "@@SHIM-RC $?"
+$C run -d $S --env PATH=/bin --rootfs /var/bb s2 sleep 300; echo "@@SHIM-D-RC $?"
+$C task exec --exec-id e1 s2 sh -c 'echo in-shim-exec; exit 4'; echo "@@SHIM-EXEC-RC $?"
+$C task ps s2 | grep -Eq '^[0-9]+' && echo "@@SHIM-PS"
+$C task metrics s2 > /var/metrics.out 2>&1; echo "@@SHIM-METRICS-RC $?"; head -20 /var/metrics.out
+$C task pause s2 && $C task ls | grep -q 's2.*PAUSED' && echo "@@SHIM-PAUSED"
+$C task resume s2 && $C task ls | grep -q 's2.*RUNNING' && echo "@@SHIM-RESUMED"
+$C task kill -s SIGKILL s2; echo "@@SHIM-KILL-RC $?"
+until_ok 30 sh -c "$C task ls | grep -q 's2.*STOPPED'" && echo "@@SHIM-STOPPED"
+$C task delete s2; echo "@@SHIM-TASK-DELETE-RC $?"
+$C container delete s2; echo "@@SHIM-CONTAINER-DELETE-RC $?"
+script -qec "$C run -t --rm $S --env PATH=/bin --rootfs /var/bb s3 sh -c 'tty; exit 0'" /dev/null; echo "@@SHIM-TTY-RC $?"
+until_ok 20 sh -c "! ps -o args | grep -v grep | grep -q containerd-shim-husk" || { echo "@@LEFT-SHIM"; ps -o pid,args | grep containerd-shim-husk; }
 kill $ctrd; wait $ctrd
 leftovers containerd
 
@@ -468,6 +484,20 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
             "@@CTR-CONTAINER-DELETE-RC 0",
             "/dev/pts/",
             "@@CTR-TTY-RC 0",
+            "hi-from-shim",
+            "shim-err",
+            "@@SHIM-RC 5",
+            "@@SHIM-D-RC 0",
+            "in-shim-exec\n@@SHIM-EXEC-RC 4",
+            "@@SHIM-PS",
+            "@@SHIM-METRICS-RC 0",
+            "@@SHIM-PAUSED",
+            "@@SHIM-RESUMED",
+            "@@SHIM-KILL-RC 0",
+            "@@SHIM-STOPPED",
+            "@@SHIM-TASK-DELETE-RC 0",
+            "@@SHIM-CONTAINER-DELETE-RC 0",
+            "@@SHIM-TTY-RC 0",
             "@@CLEAN-CHECKED containerd",
         ],
         "containerd",

@@ -24,8 +24,16 @@ const PAUSE_IMAGE: &str = "husk.test/pause:1";
 const BB_IMAGE: &str = "husk.test/bb:1";
 /// Handlers configured in the test's containerd config: containerd's defaults, and the same
 /// with a state root of over 80 characters.
-const HANDLER: &str = "husk";
-const HANDLER_LONG_ROOT: &str = "husk-long";
+/// The runtime handlers the checks use: (most checks, checks on the long state root).
+static HANDLERS: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+
+fn handler() -> &'static str {
+    HANDLERS.get().map(|h| h.0.as_str()).unwrap_or("husk")
+}
+
+fn handler_long_root() -> &'static str {
+    HANDLERS.get().map(|h| h.1.as_str()).unwrap_or("husk-long")
+}
 const WORK: &str = "/var/cri";
 
 fn main() {
@@ -34,12 +42,17 @@ fn main() {
         Some("images") if args.len() == 5 => {
             images(Path::new(&args[2]), Path::new(&args[3]), Path::new(&args[4]))
         }
-        Some("run") if args.len() == 3 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(run(&args[2]))),
-        _ => Err(anyhow!("usage: husk-cri-probe images OUTDIR PAUSE BUSYBOX | run SOCKET")),
+        Some("run") if args.len() == 5 => {
+            let _ = HANDLERS.set((args[3].clone(), args[4].clone()));
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(run(&args[2])))
+        }
+        _ => Err(anyhow!(
+            "usage: husk-cri-probe images OUTDIR PAUSE BUSYBOX | run SOCKET HANDLER LONG-ROOT-HANDLER"
+        )),
     };
     if let Err(e) = r {
         println!("@@PROBE-ERROR {e:#}");
@@ -412,13 +425,146 @@ async fn run(socket: &str) -> Result<()> {
     report("SECCOMP", seccomp(&mut rt).await);
     report("SETUID", setuid(&mut rt).await);
     report("PROPAGATION", propagation(&mut rt).await);
+    if handler() == "husk-shim" {
+        report("SHIM-PER-POD", shim_per_pod(&mut rt).await);
+        report("SHIM-KILLED", shim_killed(&mut rt).await);
+    }
     println!("@@PROBE-DONE");
     Ok(())
 }
 
+/// PIDs of the processes on this host whose program name starts with `needle`.
+fn host_pids(needle: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok().map(|pid| (pid, e.path())))
+        .filter(|(_, path)| {
+            let Ok(c) = std::fs::read(path.join("cmdline")) else { return false };
+            let first = c.split(|b| *b == 0).next().unwrap_or_default();
+            String::from_utf8_lossy(first).rsplit('/').next().is_some_and(|n| n.starts_with(needle))
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+fn host_processes(needle: &str) -> usize {
+    host_pids(needle).len()
+}
+
+/// Waits until no shim and no VMM is left.
+async fn none_left() -> Result<()> {
+    for _ in 0..150 {
+        if (host_processes("containerd-shim-husk-v2"), host_processes("husk-vmm")) == (0, 0) {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    bail!("a shim or VMM outlived its pod")
+}
+
+/// A shim killed with SIGKILL under a running pod: containerd sees the container exit, and the
+/// pod's removal (with containerd's `delete` of the dead shim) leaves nothing.
+async fn shim_killed(rt: &mut Rt) -> Result<()> {
+    let pod = run_pod(rt, "shim-killed", handler()).await?;
+    let r = async {
+        let id =
+            start_container(rt, &pod, Ctr { name: "k", cmd: sh("exec sleep 300"), ..Default::default() })
+                .await?;
+        let shims = host_pids("containerd-shim-husk-v2");
+        if shims.len() != 1 {
+            bail!("{} shims for one pod", shims.len());
+        }
+        for p in shims {
+            // SAFETY: kill(2) with a PID read from /proc; no memory is involved.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        for _ in 0..300 {
+            let st = rt
+                .container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false })
+                .await?
+                .into_inner()
+                .status
+                .ok_or_else(|| anyhow!("no status"))?;
+            if st.state == cri::ContainerState::ContainerExited as i32 {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        bail!("the container still runs after its shim was killed")
+    }
+    .await;
+    remove_pod(rt, &pod).await?;
+    r?;
+    none_left().await
+}
+
+/// One shim and one VM for a pod of two containers; none once it is gone. Stats, update,
+/// container status with its exit code.
+async fn shim_per_pod(rt: &mut Rt) -> Result<()> {
+    let pod = run_pod(rt, "two-containers", handler()).await?;
+    let r = async {
+        let a = start_container(rt, &pod, Ctr { name: "a", cmd: sh("exec sleep 300"), ..Default::default() })
+            .await?;
+        let b =
+            start_container(rt, &pod, Ctr { name: "b", cmd: sh("echo b-out; exit 3"), ..Default::default() })
+                .await?;
+        let (shims, vmms) = (host_processes("containerd-shim-husk-v2"), host_processes("husk-vmm"));
+        if (shims, vmms) != (1, 1) {
+            bail!("{shims} shims and {vmms} VMMs for one pod");
+        }
+        wait_log(&pod, "b", &["b-out"]).await?;
+        let mut code = None;
+        for _ in 0..100 {
+            let st = rt
+                .container_status(cri::ContainerStatusRequest { container_id: b.clone(), verbose: false })
+                .await?
+                .into_inner()
+                .status
+                .ok_or_else(|| anyhow!("no status"))?;
+            if st.state == cri::ContainerState::ContainerExited as i32 {
+                if st.finished_at == 0 || st.started_at == 0 {
+                    bail!("exited without timestamps: {st:?}");
+                }
+                code = Some(st.exit_code);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        if code != Some(3) {
+            bail!("container b: exit code {code:?}, not 3");
+        }
+        let stats = rt
+            .container_stats(cri::ContainerStatsRequest { container_id: a.clone() })
+            .await?
+            .into_inner()
+            .stats
+            .ok_or_else(|| anyhow!("no stats"))?;
+        let mem = stats.memory.and_then(|m| m.working_set_bytes).map(|v| v.value).unwrap_or(0);
+        let cpu = stats.cpu.and_then(|c| c.usage_core_nano_seconds).map(|v| v.value).unwrap_or(0);
+        if mem == 0 || cpu == 0 {
+            bail!("stats without numbers: memory {mem}, cpu {cpu}");
+        }
+        rt.update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: a.clone(),
+            linux: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 96 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow!("UpdateContainerResources: {}", s.message()))?;
+        Ok(())
+    }
+    .await;
+    remove_pod(rt, &pod).await?;
+    r?;
+    none_left().await
+}
+
 /// The `FROM scratch` pause image alone, in a pod on the long state root.
 async fn pause_pod(rt: &mut Rt) -> Result<()> {
-    let pod = run_pod(rt, "pause-only", HANDLER_LONG_ROOT).await?;
+    let pod = run_pod(rt, "pause-only", handler_long_root()).await?;
     let st = rt
         .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: pod.id.clone(), verbose: false })
         .await?
@@ -432,7 +578,7 @@ async fn pause_pod(rt: &mut Rt) -> Result<()> {
 }
 
 async fn readonly(rt: &mut Rt) -> Result<()> {
-    let pod = run_pod(rt, "readonly", HANDLER).await?;
+    let pod = run_pod(rt, "readonly", handler()).await?;
     let mounts = vec![cri::Mount {
         container_path: "/data".into(),
         host_path: format!("{WORK}/vol-rw"),
@@ -464,7 +610,7 @@ async fn readonly(rt: &mut Rt) -> Result<()> {
 /// Logs through `/dev/stdout` and `/dev/stderr` links; ExecSync with a timeout; Exec with a
 /// tty and stdin over the streaming URL.
 async fn nginx(rt: &mut Rt) -> Result<()> {
-    let pod = run_pod(rt, "nginx", HANDLER).await?;
+    let pod = run_pod(rt, "nginx", handler()).await?;
     let script = "echo access-line >> /var/log/app/access.log; echo error-line >> /var/log/app/error.log; \
                   echo fd1=$(readlink /proc/self/fd/1); exec sleep 300";
     let r = async {
@@ -513,7 +659,7 @@ async fn nginx(rt: &mut Rt) -> Result<()> {
 
 /// A profile that denies chmod, enforced in the container's process and in an exec.
 async fn seccomp(rt: &mut Rt) -> Result<()> {
-    let pod = run_pod(rt, "seccomp", HANDLER_LONG_ROOT).await?;
+    let pod = run_pod(rt, "seccomp", handler_long_root()).await?;
     let script =
         "touch /tmp/a; chmod 600 /tmp/a && echo init-chmod-allowed || echo init-chmod-denied; exec sleep 300";
     let r = async {
@@ -550,7 +696,7 @@ async fn seccomp(rt: &mut Rt) -> Result<()> {
 async fn setuid(rt: &mut Rt) -> Result<()> {
     let mut results = HashMap::new();
     for (name, nnp) in [("suid-allowed", false), ("suid-denied", true)] {
-        let pod = run_pod(rt, name, HANDLER_LONG_ROOT).await?;
+        let pod = run_pod(rt, name, handler_long_root()).await?;
         let r = async {
             let id = start_container(
                 rt,
@@ -588,7 +734,7 @@ async fn setuid(rt: &mut Rt) -> Result<()> {
 
 /// Bidirectional (`rshared`) and host-to-container (`rslave`) volumes.
 async fn propagation(rt: &mut Rt) -> Result<()> {
-    let pod = run_pod(rt, "propagation", HANDLER).await?;
+    let pod = run_pod(rt, "propagation", handler()).await?;
     let mounts = vec![
         cri::Mount {
             container_path: "/shared".into(),
