@@ -21,7 +21,8 @@ until_ok() { t=$1; shift; i=0; while ! "$@" >/dev/null 2>&1; do i=$((i+1)); [ $i
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "@@NO-CGROUP2"
 # As on a systemd node: volumes with bidirectional propagation need a shared host mount.
 mount --make-rshared / || echo "@@NO-RSHARED"
-mkdir -p /var/lib/containerd /etc/containerd /var/cri
+mkdir -p /var/lib/containerd /etc/containerd /var/cri /etc/husk
+echo '{"memory_mib": 512}' > /etc/husk/pod-512.json
 # What a node has and host-network pods are given copies of.
 echo '127.0.0.1 localhost' > /etc/hosts; echo 'nameserver 127.0.0.53' > /etc/resolv.conf; hostname node
 mount -t tmpfs tmpfs /var/lib/containerd
@@ -40,6 +41,15 @@ version = 2
       BinaryName = "@HUSK@"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk-shim]
     runtime_type = "io.containerd.husk.v2"
+  # husk's config file from the runtime options: a bigger VM; and one that does not exist.
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk-shim-cfg]
+    runtime_type = "io.containerd.husk.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk-shim-cfg.options]
+      ConfigPath = "/etc/husk/pod-512.json"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk-shim-badcfg]
+    runtime_type = "io.containerd.husk.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk-shim-badcfg.options]
+      ConfigPath = "/nonexistent/husk.json"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk-long]
     runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk-long.options]
@@ -120,7 +130,7 @@ fn kubernetes_pods_through_containerd_cri() {
             assert!(text.contains(check), "{part}: expected {check}:\n{o}");
         }
     }
-    for check in ["@@SHIM-PER-POD ok", "@@SHIM-KILLED ok"] {
+    for check in ["@@SHIM-PER-POD ok", "@@SHIM-KILLED ok", "@@SHIM-OPTIONS ok"] {
         assert!(husk_shim.contains(check), "husk shim: expected {check}:\n{o}");
     }
 }

@@ -277,9 +277,21 @@ $C task pause s2 && $C task ls | grep -q 's2.*PAUSED' && echo "@@SHIM-PAUSED"
 $C task resume s2 && $C task ls | grep -q 's2.*RUNNING' && echo "@@SHIM-RESUMED"
 $C task kill -s SIGKILL s2; echo "@@SHIM-KILL-RC $?"
 until_ok 30 sh -c "$C task ls | grep -q 's2.*STOPPED'" && echo "@@SHIM-STOPPED"
+$C task exec --exec-id e2 s2 true 2>&1; echo "@@SHIM-EXEC-STOPPED-RC $?"
 $C task delete s2; echo "@@SHIM-TASK-DELETE-RC $?"
 $C container delete s2; echo "@@SHIM-CONTAINER-DELETE-RC $?"
 script -qec "$C run -t --rm $S --env PATH=/bin --rootfs /var/bb s3 sh -c 'tty; exit 0'" /dev/null; echo "@@SHIM-TTY-RC $?"
+# A containerd restart leaves a running task alone; the restarted containerd reconnects.
+$C run -d $S --env PATH=/bin --rootfs /var/bb s4 sleep 300; echo "@@SHIM-S4-RC $?"
+kill $ctrd; wait $ctrd
+PATH=$PATH:$(dirname $H) containerd --config /var/ctrd/config.toml >>/var/ctrd/log 2>&1 &
+ctrd=$!
+until_ok 30 $C version && $C task ls | grep -q 's4.*RUNNING' && echo "@@SHIM-SURVIVED-RESTART"
+$C task exec --exec-id e3 s4 sh -c 'echo after-restart' ; echo "@@SHIM-EXEC-AFTER-RESTART-RC $?"
+# husk-vmm killed under a task: the task exits.
+kill -9 $(sed -n 's/.*"vmm_pid": \([0-9]*\).*/\1/p' /run/husk/containerd/default/sandboxes/s4/sandbox.json)
+until_ok 30 sh -c "$C task ls | grep -q 's4.*STOPPED'" && echo "@@SHIM-VMM-KILLED-STOPPED"
+$C task delete s4; $C container delete s4; echo "@@SHIM-S4-DELETE-RC $?"
 until_ok 20 sh -c "! ps -o args | grep -v grep | grep -q containerd-shim-husk" || { echo "@@LEFT-SHIM"; ps -o pid,args | grep containerd-shim-husk; }
 kill $ctrd; wait $ctrd
 leftovers containerd
@@ -498,10 +510,17 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
             "@@SHIM-TASK-DELETE-RC 0",
             "@@SHIM-CONTAINER-DELETE-RC 0",
             "@@SHIM-TTY-RC 0",
+            "@@SHIM-S4-RC 0",
+            "@@SHIM-SURVIVED-RESTART",
+            "after-restart\n@@SHIM-EXEC-AFTER-RESTART-RC 0",
+            "@@SHIM-VMM-KILLED-STOPPED",
+            "@@SHIM-S4-DELETE-RC 0",
             "@@CLEAN-CHECKED containerd",
         ],
         "containerd",
     );
+
+    assert!(!ctrd.contains("@@SHIM-EXEC-STOPPED-RC 0"), "an exec into a stopped task must fail:\n{ctrd}");
 
     let podman = section(o, "=== podman", None);
     expect(

@@ -47,9 +47,15 @@ pub use husk_vmm::config::{MAX_MEMORY_MIB, MAX_VCPUS};
 
 impl Config {
     pub fn load() -> Result<Self, RuntimeError> {
+        Self::load_from(None)
+    }
+
+    /// As [`load`](Self::load), with the config file named by the caller (a shim's runtime
+    /// options) instead of `HUSK_CONFIG`; a file named either way must exist.
+    pub fn load_from(file: Option<&Path>) -> Result<Self, RuntimeError> {
         let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
         let mut c = Self::defaults(exe_dir.as_deref());
-        let path = std::env::var_os("HUSK_CONFIG").map(PathBuf::from);
+        let path = file.map(Path::to_path_buf).or_else(|| std::env::var_os("HUSK_CONFIG").map(PathBuf::from));
         let file = path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
         match std::fs::read(&file) {
             Ok(bytes) => {

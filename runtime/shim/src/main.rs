@@ -7,6 +7,7 @@ mod events;
 mod io;
 mod logging;
 mod metrics;
+mod options;
 mod pod;
 mod service;
 mod shim;

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::events::Events;
 use crate::io::{self, Copies, Stdio};
+use crate::options::Options;
 
 pub type Rt = Runtime<HuskVmm>;
 
@@ -77,7 +78,9 @@ pub struct ProcState {
 }
 
 pub struct Pod {
-    pub rt: Arc<Rt>,
+    namespace: String,
+    /// Built at the first Create, from its runtime options.
+    rt: tokio::sync::OnceCell<Arc<Rt>>,
     pub events: Arc<Events>,
     pub exit: Arc<ExitSignal>,
     containers: Mutex<HashMap<String, Container>>,
@@ -114,8 +117,29 @@ fn unmount_rootfs(target: &Path) {
 }
 
 impl Pod {
-    pub fn new(rt: Rt, events: Events, exit: Arc<ExitSignal>) -> Self {
-        Self { rt: Arc::new(rt), events: Arc::new(events), exit, containers: Mutex::new(HashMap::new()) }
+    pub fn new(namespace: String, events: Events, exit: Arc<ExitSignal>) -> Self {
+        Self {
+            namespace,
+            rt: tokio::sync::OnceCell::new(),
+            events: Arc::new(events),
+            exit,
+            containers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The lifecycle, configured by the first Create's options (or husk's defaults).
+    pub async fn rt(&self) -> Result<Arc<Rt>, RuntimeError> {
+        self.rt_with(&Options::default()).await
+    }
+
+    async fn rt_with(&self, opts: &Options) -> Result<Arc<Rt>, RuntimeError> {
+        let rt = self
+            .rt
+            .get_or_try_init(|| async {
+                crate::shim::runtime(&self.namespace, opts.config_path.as_deref()).map(Arc::new)
+            })
+            .await?;
+        Ok(rt.clone())
     }
 
     fn table(&self) -> MutexGuard<'_, HashMap<String, Container>> {
@@ -126,13 +150,14 @@ impl Pod {
     /// exit is recorded and published.
     fn watch_exit(
         &self,
+        rt: Arc<Rt>,
         id: &str,
         exec_id: &str,
         pid: u32,
         mut copies: Copies,
         tx: watch::Sender<Option<Exit>>,
     ) {
-        let (rt, events) = (self.rt.clone(), self.events.clone());
+        let events = self.events.clone();
         let (id, exec_id) = (id.to_string(), exec_id.to_string());
         tokio::spawn(async move {
             let outcome = match rt.wait(&id, &exec_id).await {
@@ -152,12 +177,12 @@ impl Pod {
     }
 
     /// Starts copies and the exit watch of a process the core created with held streams.
-    fn attach(&self, id: &str, exec_id: &str, held: Held, stdio: &Stdio, proc_: &mut Proc) {
+    fn attach(&self, rt: Arc<Rt>, id: &str, exec_id: &str, held: Held, stdio: &Stdio, proc_: &mut Proc) {
         let mut copies = io::start(held.guest, stdio);
         proc_.pid = held.guest_pid;
         proc_.lifeline = copies.lifeline.take();
         if let Some(tx) = proc_.exit_tx.take() {
-            self.watch_exit(id, exec_id, held.guest_pid, copies, tx);
+            self.watch_exit(rt, id, exec_id, held.guest_pid, copies, tx);
         }
     }
 
@@ -167,7 +192,9 @@ impl Pod {
         bundle_dir: &Path,
         rootfs: &[containerd_shim::protos::types::mount::Mount],
         stdio: Stdio,
+        opts: &Options,
     ) -> Result<u32, RuntimeError> {
+        let rt = self.rt_with(opts).await?;
         if self.table().contains_key(id) {
             return Err(RuntimeError::Exists(id.into()));
         }
@@ -185,7 +212,7 @@ impl Pod {
                     "the task's terminal flag and the spec's differ".into(),
                 ));
             }
-            self.rt.create(id, &bundle, CreateOpts::new(StdioStrategy::Held { size: None })).await
+            rt.create(id, &bundle, CreateOpts::new(StdioStrategy::Held { size: None })).await
         }
         .await;
         let held = match created {
@@ -203,7 +230,7 @@ impl Pod {
         let mut init = Proc::new(stdio.clone(), None);
         let vm = std::mem::take(&mut { held.vm });
         let held = Held { vm: VmProcess::default(), ..held };
-        self.attach(id, "", held, &stdio, &mut init);
+        self.attach(rt.clone(), id, "", held, &stdio, &mut init);
         let pid = init.pid;
         let first = self.table().is_empty();
         self.table().insert(
@@ -211,15 +238,15 @@ impl Pod {
             Container { bundle: bundle_dir.to_path_buf(), mounted, init, execs: HashMap::new(), vm },
         );
         if first {
-            self.watch_ooms(id);
+            self.watch_ooms(rt, id);
         }
         self.events.created(id, &bundle_dir.display().to_string(), pid).await;
         Ok(pid)
     }
 
     /// OOM kills in the pod's VM become TaskOOM events.
-    fn watch_ooms(&self, id: &str) {
-        let (rt, events, id) = (self.rt.clone(), self.events.clone(), id.to_string());
+    fn watch_ooms(&self, rt: Arc<Rt>, id: &str) {
+        let (events, id) = (self.events.clone(), id.to_string());
         tokio::spawn(async move {
             let mut stream = match rt.events(&id).await {
                 Ok(s) => s,
@@ -240,7 +267,7 @@ impl Pod {
     pub async fn start(&self, id: &str, exec_id: &str) -> Result<u32, RuntimeError> {
         if exec_id.is_empty() {
             let pid = self.table().get(id).map(|c| c.init.pid).ok_or_else(|| not_found(id.into()))?;
-            self.rt.start(id).await?;
+            self.rt().await?.start(id).await?;
             self.events.started(id, pid).await;
             return Ok(pid);
         }
@@ -261,7 +288,8 @@ impl Pod {
             ignore_paused: false,
             exec_id: Some(exec_id.to_string()),
         };
-        let held = match self.rt.exec(id, opts).await {
+        let rt = self.rt().await?;
+        let held = match rt.exec(id, opts).await {
             Ok(Some(h)) => h,
             Ok(None) => return Err(RuntimeError::Internal("a held exec returned no streams".into())),
             Err(e) => {
@@ -274,7 +302,7 @@ impl Pod {
             let c = t.get_mut(id).ok_or_else(|| not_found(id.into()))?;
             let p = c.execs.get_mut(exec_id).ok_or_else(|| not_found(format!("{id}/{exec_id}")))?;
             let mut proc_ = std::mem::replace(p, Proc::new(stdio.clone(), None));
-            self.attach(id, exec_id, held, &stdio, &mut proc_);
+            self.attach(rt.clone(), id, exec_id, held, &stdio, &mut proc_);
             let pid = proc_.pid;
             *p = proc_;
             pid
@@ -321,7 +349,7 @@ impl Pod {
             return Err(RuntimeError::NotFound(format!("process already finished (exit status {})", e.code)));
         }
         let gid = self.guest_exec_id(id, exec_id)?;
-        self.rt.signal_process(id, &gid, signal, all).await
+        self.rt().await?.signal_process(id, &gid, signal, all).await
     }
 
     pub async fn state(&self, id: &str, exec_id: &str) -> Result<ProcState, RuntimeError> {
@@ -338,8 +366,9 @@ impl Pod {
         let status = match (exit, exec_id.is_empty()) {
             (Some(_), _) => Status::Stopped,
             (None, true) => {
-                let rec = self.rt.state.read_container(id)?;
-                self.rt.status(&rec).await?.0
+                let rt = self.rt().await?;
+                let rec = rt.state.read_container(id)?;
+                rt.status(&rec).await?.0
             }
             (None, false) if started => Status::Running,
             (None, false) => Status::Created,
@@ -387,7 +416,7 @@ impl Pod {
             let c = t.get_mut(id).ok_or_else(|| not_found(id.into()))?;
             std::mem::take(&mut c.vm)
         };
-        self.rt.delete(id, true, vm).await?;
+        self.rt().await?.delete(id, true, vm).await?;
         let c = self.table().remove(id);
         let Some(c) = c else { return Err(not_found(id.into())) };
         if let Some(m) = &c.mounted {
@@ -400,12 +429,12 @@ impl Pod {
 
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), RuntimeError> {
         let gid = self.guest_exec_id(id, exec_id)?;
-        self.rt.close_stdin(id, &gid).await
+        self.rt().await?.close_stdin(id, &gid).await
     }
 
     pub async fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), RuntimeError> {
         let gid = self.guest_exec_id(id, exec_id)?;
-        self.rt.resize(id, &gid, rows, cols).await
+        self.rt().await?.resize(id, &gid, rows, cols).await
     }
 
     pub fn init_pid(&self, id: &str) -> Option<u32> {

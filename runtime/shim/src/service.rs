@@ -61,8 +61,13 @@ impl Task for Service {
         }
         let stdio =
             Stdio { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal };
-        let pid =
-            self.pod.create(&req.id, Path::new(&req.bundle), &req.rootfs, stdio).await.map_err(to_ttrpc)?;
+        let opts =
+            crate::options::parse(req.options.as_ref()).map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
+        let pid = self
+            .pod
+            .create(&req.id, Path::new(&req.bundle), &req.rootfs, stdio, &opts)
+            .await
+            .map_err(to_ttrpc)?;
         Ok(api::CreateTaskResponse { pid, ..Default::default() })
     }
 
@@ -82,7 +87,7 @@ impl Task for Service {
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
-        let procs = self.pod.rt.processes(&req.id).await.map_err(to_ttrpc)?;
+        let procs = self.pod.rt().await.map_err(to_ttrpc)?.processes(&req.id).await.map_err(to_ttrpc)?;
         Ok(api::PidsResponse {
             processes: procs.iter().map(|p| ProcessInfo { pid: p.pid, ..Default::default() }).collect(),
             ..Default::default()
@@ -90,13 +95,13 @@ impl Task for Service {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        self.pod.rt.pause(&req.id).await.map_err(to_ttrpc)?;
+        self.pod.rt().await.map_err(to_ttrpc)?.pause(&req.id).await.map_err(to_ttrpc)?;
         self.pod.events.paused(&req.id).await;
         Ok(api::Empty::new())
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        self.pod.rt.resume(&req.id).await.map_err(to_ttrpc)?;
+        self.pod.rt().await.map_err(to_ttrpc)?.resume(&req.id).await.map_err(to_ttrpc)?;
         self.pod.events.resumed(&req.id).await;
         Ok(api::Empty::new())
     }
@@ -141,7 +146,7 @@ impl Task for Service {
         let value = req.resources.as_ref().map(|a| a.value.clone()).unwrap_or_default();
         serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&value)
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("update {}: resources: {e}", req.id)))?;
-        self.pod.rt.update(&req.id, value).await.map_err(to_ttrpc)?;
+        self.pod.rt().await.map_err(to_ttrpc)?.update(&req.id, value).await.map_err(to_ttrpc)?;
         Ok(api::Empty::new())
     }
 
@@ -155,7 +160,7 @@ impl Task for Service {
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
-        let s = self.pod.rt.stats(&req.id).await.map_err(to_ttrpc)?;
+        let s = self.pod.rt().await.map_err(to_ttrpc)?.stats(&req.id).await.map_err(to_ttrpc)?;
         let any = crate::metrics::to_any(&s).map_err(|e| status(Code::INTERNAL, e))?;
         Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() })
     }

@@ -41,11 +41,12 @@ impl std::fmt::Debug for HuskShim {
     }
 }
 
-/// The lifecycle over this namespace's state directory.
-fn runtime(namespace: &str) -> Result<Rt, RuntimeError> {
+/// The lifecycle over this namespace's state directory, with husk's config from `config`
+/// (the runtime options' ConfigPath) or its usual places.
+pub fn runtime(namespace: &str, config: Option<&Path>) -> Result<Rt, RuntimeError> {
     husk_core::state::check_id(namespace)
         .map_err(|_| RuntimeError::InvalidArgument(format!("containerd namespace {namespace:?}")))?;
-    let cfg = HuskConfig::load()?;
+    let cfg = HuskConfig::load_from(config)?;
     let state = StateDir::new(Path::new(STATE_ROOT).join(namespace))?;
     Ok(Runtime::new(state, cfg.clone(), HuskVmm { cfg }))
 }
@@ -89,7 +90,7 @@ impl Shim for HuskShim {
 
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, Error> {
         // The shim that served this container is gone (killed, say): what it held goes now.
-        let rt = runtime(&self.namespace).map_err(other)?;
+        let rt = runtime(&self.namespace, None).map_err(other)?;
         if let Err(e) = rt.delete(&self.id, true, VmProcess::default()).await {
             eprintln!("husk shim: deleting {}: {e}", self.id);
         }
@@ -114,16 +115,7 @@ impl Shim for HuskShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Service {
         crate::logging::init(self.debug);
-        let rt = match runtime(&self.namespace) {
-            Ok(rt) => rt,
-            Err(e) => {
-                // No task can be served without the configuration: containerd sees the shim fail.
-                tracing::error!("{e}");
-                eprintln!("husk shim: {e}");
-                std::process::exit(1);
-            }
-        };
         let events = Events::new(publisher, self.namespace.clone());
-        Service { pod: Arc::new(Pod::new(rt, events, self.exit.clone())) }
+        Service { pod: Arc::new(Pod::new(self.namespace.clone(), events, self.exit.clone())) }
     }
 }

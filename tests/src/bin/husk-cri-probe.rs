@@ -50,8 +50,17 @@ fn main() {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(run(&args[2])))
         }
+        Some("bench") if args.len() >= 5 => match args[3].parse::<usize>() {
+            Ok(n) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(bench(&args[2], n, &args[4..]))),
+            Err(_) => Err(anyhow!("bench: N must be a number")),
+        },
         _ => Err(anyhow!(
-            "usage: husk-cri-probe images OUTDIR PAUSE BUSYBOX | run SOCKET HANDLER LONG-ROOT-HANDLER"
+            "usage: husk-cri-probe images OUTDIR PAUSE BUSYBOX | run SOCKET HANDLER LONG-ROOT-HANDLER \
+             | bench SOCKET N HANDLER..."
         )),
     };
     if let Err(e) = r {
@@ -428,8 +437,64 @@ async fn run(socket: &str) -> Result<()> {
     if handler() == "husk-shim" {
         report("SHIM-PER-POD", shim_per_pod(&mut rt).await);
         report("SHIM-KILLED", shim_killed(&mut rt).await);
+        report("SHIM-OPTIONS", shim_options(&mut rt).await);
     }
     println!("@@PROBE-DONE");
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+            })
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// For each handler, N times: a pod ready (RunPodSandbox, then CreateContainer and
+/// StartContainer of a `sleep`) and an ExecSync round trip; medians as `BENCH` lines, and the
+/// host memory of a running pod's shim and VMM.
+async fn bench(socket: &str, n: usize, handlers: &[String]) -> Result<()> {
+    let mut rt = connect(socket).await?;
+    for h in handlers {
+        let (mut ready, mut exec) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let t = std::time::Instant::now();
+            let pod = run_pod(&mut rt, &format!("bench-{i}"), h).await?;
+            let r = async {
+                let c = Ctr { name: "s", cmd: sh("exec sleep 300"), ..Default::default() };
+                let id = start_container(&mut rt, &pod, c).await?;
+                ready.push(t.elapsed().as_secs_f64() * 1000.0);
+                let t = std::time::Instant::now();
+                let out = exec_sync(&mut rt, &id, vec!["true".into()], 60).await?;
+                if out.exit_code != 0 {
+                    bail!("ExecSync true: exit {}", out.exit_code);
+                }
+                exec.push(t.elapsed().as_secs_f64() * 1000.0);
+                if i == 0 {
+                    let shim = host_pids("containerd-shim").iter().map(|p| rss_kib(*p)).max().unwrap_or(0);
+                    let vmm: u64 = host_pids("husk-vmm").iter().map(|p| rss_kib(*p)).sum();
+                    println!("BENCH {h}-shim-rss-kib {shim}");
+                    println!("BENCH {h}-vmm-rss-kib {vmm}");
+                }
+                Ok(())
+            }
+            .await;
+            remove_pod(&mut rt, &pod).await?;
+            r?;
+        }
+        println!("BENCH {h}-pod-ready-ms {:.1}", median(ready));
+        println!("BENCH {h}-execsync-ms {:.1}", median(exec));
+    }
     Ok(())
 }
 
@@ -449,6 +514,36 @@ fn host_pids(needle: &str) -> Vec<i32> {
 
 fn host_processes(needle: &str) -> usize {
     host_pids(needle).len()
+}
+
+/// husk's config file named by the runtime options (ConfigPath) shapes the pod's VM; a
+/// missing one is a clear error.
+async fn shim_options(rt: &mut Rt) -> Result<()> {
+    let pod = run_pod(rt, "options", "husk-shim-cfg").await?;
+    let r = async {
+        let id =
+            start_container(rt, &pod, Ctr { name: "m", cmd: sh("exec sleep 300"), ..Default::default() })
+                .await?;
+        let out =
+            exec_sync(rt, &id, sh("sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo"), 60).await?;
+        let kib: u64 = stdout(&out).trim().parse().map_err(|_| anyhow!("MemTotal: {:?}", stdout(&out)))?;
+        if kib < 400 << 10 {
+            bail!("the VM has {kib} KiB: ConfigPath's memory_mib 512 was not applied");
+        }
+        Ok(())
+    }
+    .await;
+    remove_pod(rt, &pod).await?;
+    r?;
+    match run_pod(rt, "bad-options", "husk-shim-badcfg").await {
+        Ok(p) => {
+            remove_pod(rt, &p).await?;
+            bail!("a pod started with a missing ConfigPath")
+        }
+        Err(e) if format!("{e:#}").contains("/nonexistent/husk.json") => {}
+        Err(e) => bail!("the error does not name the missing config: {e:#}"),
+    }
+    none_left().await
 }
 
 /// Waits until no shim and no VMM is left.
