@@ -115,6 +115,10 @@ pub struct Job {
     pub mem_mib: u32,
     /// L1 vCPUs (nested mode only).
     pub cpus: u32,
+    /// Nested mode: a job that prints nothing for this long (jobs with a watchdog print every
+    /// 120 s) is taken as a stalled L1 (nested TCG now and then stops with its vCPU idle) and
+    /// run once more from a fresh boot; a second stall is an error.
+    pub stall_after: Option<Duration>,
 }
 
 impl Default for Job {
@@ -125,6 +129,7 @@ impl Default for Job {
             timeout: DEFAULT_TIMEOUT,
             mem_mib: DEFAULT_MEM_MIB,
             cpus: DEFAULT_CPUS,
+            stall_after: None,
         }
     }
 }
@@ -198,7 +203,16 @@ pub fn run_job(job: &Job) -> Result<JobOutput, TestHostError> {
     }
     match kvm_mode() {
         KvmMode::Direct => run_direct(job),
-        KvmMode::Nested => run_nested(job),
+        KvmMode::Nested => match run_nested(job) {
+            Err(TestHostError::Stalled { after, output_tail, .. }) => {
+                eprintln!(
+                    "test host: no output for {after:?}, L1 stalled (a nested-TCG fault); running the job \
+                     again from a fresh boot. Output so far:\n{output_tail}"
+                );
+                run_nested(job)
+            }
+            r => r,
+        },
         KvmMode::Unavailable(reason) => Err(TestHostError::Unavailable(reason)),
     }
 }
@@ -350,13 +364,31 @@ fn run_nested(job: &Job) -> Result<JobOutput, TestHostError> {
         .map_err(TestHostError::io(format!("spawning {}", qemu.display())))?;
 
     let mut trailer_at: Option<Instant> = None;
+    let (mut out_len, mut grew_at, mut stalled) = (0u64, Instant::now(), false);
     let status = wait_with_timeout(&mut child, job.timeout, |now| {
         // A wedged power-off must not turn a finished job into a timeout.
         if trailer_at.is_none() && has_trailer(&out_path) {
             trailer_at = Some(now);
         }
+        if let Some(limit) = job.stall_after {
+            let len = fs::metadata(&out_path).map(|m| m.len()).unwrap_or(0);
+            if len != out_len {
+                (out_len, grew_at) = (len, now);
+            } else if trailer_at.is_none() && now.duration_since(grew_at) > limit {
+                stalled = true;
+                return true;
+            }
+        }
         trailer_at.is_some_and(|t| now.duration_since(t) > POWEROFF_GRACE)
     })?;
+    if stalled {
+        let output = String::from_utf8_lossy(&fs::read(&out_path).unwrap_or_default()).into_owned();
+        return Err(TestHostError::Stalled {
+            after: job.stall_after.unwrap_or_default(),
+            console_tail: tail(&fs::read_to_string(&console_path).unwrap_or_default(), 20),
+            output_tail: tail(&output, 30),
+        });
+    }
 
     let console = String::from_utf8_lossy(&fs::read(&console_path).unwrap_or_default()).replace('\r', "");
     let raw = fs::read(&out_path).unwrap_or_default();

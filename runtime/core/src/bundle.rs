@@ -64,7 +64,7 @@ impl Bundle {
             }
         }
         for ns in spec.linux().as_ref().and_then(|l| l.namespaces().as_ref()).into_iter().flatten() {
-            namespaces::validate(ns)?;
+            namespaces::precheck(ns)?;
         }
         hooks::check(spec.hooks().as_ref())?;
         Ok(Self { dir, spec, rootfs })
@@ -217,14 +217,17 @@ fn to_guest_inner(
                 .into_iter()
                 .map(|mut ns| {
                     let guest = namespaces::guest_path(&ns, peers);
+                    if guest.is_none() {
+                        namespaces::validate(&ns)?;
+                    }
                     if ns.path().is_some() && guest.is_none() {
                         // A host namespace (a CNI netns file, say): the guest gets its own.
                         tracing::debug!("container {cid}: {:?} namespace path dropped", ns.typ());
                     }
                     ns.set_path(guest);
-                    ns
+                    Ok(ns)
                 })
-                .collect();
+                .collect::<Result<_, RuntimeError>>()?;
             linux.set_namespaces(Some(mapped));
         }
         spec.set_linux(Some(linux));

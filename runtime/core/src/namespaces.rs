@@ -34,6 +34,37 @@ fn spec_name(t: LinuxNamespaceType) -> String {
         .unwrap_or_else(|| format!("{t:?}"))
 }
 
+/// The name of a namespace type under `/proc/<pid>/ns/`.
+fn proc_name(t: LinuxNamespaceType) -> &'static str {
+    match t {
+        LinuxNamespaceType::Mount => "mnt",
+        LinuxNamespaceType::Cgroup => "cgroup",
+        LinuxNamespaceType::Uts => "uts",
+        LinuxNamespaceType::Ipc => "ipc",
+        LinuxNamespaceType::User => "user",
+        LinuxNamespaceType::Pid => "pid",
+        LinuxNamespaceType::Network => "net",
+        LinuxNamespaceType::Time => "time",
+    }
+}
+
+/// What can be checked before the pod's peers are known: a `/proc/<pid>/ns/<kind>` path may
+/// name a pod peer by a PID only the client knows (a shim's guest PIDs), so it is checked by
+/// kind now and as a file only if it turns out not to be a peer's (see [`validate`]); every
+/// other path is checked as a file now.
+pub fn precheck(ns: &LinuxNamespace) -> Result<(), RuntimeError> {
+    let Some(path) = ns.path() else { return Ok(()) };
+    match proc_ns_path(path) {
+        Some((_, kind)) if kind == proc_name(ns.typ()) => Ok(()),
+        Some((_, kind)) => Err(RuntimeError::Namespace {
+            kind: spec_name(ns.typ()),
+            path: path.clone(),
+            reason: format!("is a namespace of type {kind}"),
+        }),
+        None => validate(ns),
+    }
+}
+
 /// Checks that `ns.path`, if any, exists and is a namespace of `ns.typ`.
 pub fn validate(ns: &LinuxNamespace) -> Result<(), RuntimeError> {
     let Some(path) = ns.path() else { return Ok(()) };
@@ -119,5 +150,10 @@ mod tests {
         assert!(e.contains("No such file"), "{e}");
         assert!(validate(&ns("uts", "/etc/hostname")).is_err());
         assert!(validate(&ns("uts", "proc/self/ns/uts")).is_err());
+        // A peer's path by a PID only the client knows: checked by kind first, as a file later.
+        assert!(precheck(&ns("pid", "/proc/999999/ns/pid")).is_ok());
+        let e = precheck(&ns("pid", "/proc/999999/ns/ipc")).expect_err("kind").to_string();
+        assert!(e.contains("of type ipc"), "{e}");
+        assert!(precheck(&ns("cgroup", "/proc/self/ns/ipc")).is_err());
     }
 }

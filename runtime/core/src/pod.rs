@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 
+use oci_spec::runtime::LinuxNamespaceType;
+
 use crate::error::RuntimeError;
 
 /// (container-type key, sandbox-id key) for containerd's CRI plugin and for CRI-O.
@@ -31,6 +33,27 @@ impl Role {
     pub fn starts_vm(&self) -> bool {
         !matches!(self, Role::PodMember(_))
     }
+}
+
+/// A pod's containers must have their own PID and IPC namespaces (or a pod peer's): a spec
+/// without one asks for the host's (`hostPID`, `hostIPC`), which a VM cannot share; refused
+/// rather than given the VM's instead.
+pub fn check_namespaces(spec: &oci_spec::runtime::Spec, role: &Role) -> Result<(), RuntimeError> {
+    if *role == Role::Standalone {
+        return Ok(());
+    }
+    let nss = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
+    for (typ, what) in [
+        (LinuxNamespaceType::Pid, "the host's PID namespace (hostPID, PID mode NODE)"),
+        (LinuxNamespaceType::Ipc, "the host's IPC namespace (hostIPC)"),
+    ] {
+        if !nss.iter().any(|n| n.typ() == typ) {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "the pod asks for {what}: a sandbox VM cannot share the host's"
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub fn role(annotations: &HashMap<String, String>, container_id: &str) -> Result<Role, RuntimeError> {
@@ -78,5 +101,21 @@ mod tests {
         assert!(role(&ann(&[("io.kubernetes.cri.container-type", "weird")]), "c").is_err());
         assert_eq!(Role::PodMember("p".into()).sandbox_id("c"), "p");
         assert_eq!(Role::Standalone.sandbox_id("c"), "c");
+    }
+
+    #[test]
+    fn pods_cannot_have_the_hosts_pid_or_ipc_namespace() {
+        let spec = |nss: serde_json::Value| -> oci_spec::runtime::Spec {
+            serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": nss}}))
+                .expect("spec")
+        };
+        let pod = Role::PodSandbox("p".into());
+        let both = spec(serde_json::json!([{"type": "pid"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}]));
+        assert!(check_namespaces(&both, &pod).is_ok());
+        let e = check_namespaces(&spec(serde_json::json!([{"type": "ipc"}])), &pod).expect_err("hostPID");
+        assert!(e.to_string().contains("hostPID"), "{e}");
+        let e = check_namespaces(&spec(serde_json::json!([{"type": "pid"}])), &pod).expect_err("hostIPC");
+        assert!(e.to_string().contains("hostIPC"), "{e}");
+        assert!(check_namespaces(&spec(serde_json::json!([])), &Role::Standalone).is_ok());
     }
 }

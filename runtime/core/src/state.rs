@@ -51,6 +51,10 @@ pub struct ContainerRecord {
     pub relay_start: u64,
     /// The init process's PID inside the guest.
     pub guest_pid: u32,
+    /// The PID clients know the container by, when not `relay_pid` (a shim reports guest
+    /// PIDs); pod peers name namespaces by it.
+    #[serde(default)]
+    pub client_pid: Option<i32>,
     /// Host mounts made for this container under the sandbox's share, innermost last.
     pub host_mounts: Vec<PathBuf>,
     /// Hooks still to run on the host: the bundle may be gone when they are due.
@@ -265,6 +269,7 @@ mod tests {
             relay_pid: 1,
             relay_start: 2,
             guest_pid: 3,
+            client_pid: None,
             host_mounts: vec![],
             poststart: vec![],
             poststop: vec![],

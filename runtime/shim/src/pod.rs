@@ -212,7 +212,10 @@ impl Pod {
                     "the task's terminal flag and the spec's differ".into(),
                 ));
             }
-            rt.create(id, &bundle, CreateOpts::new(StdioStrategy::Held { size: None })).await
+            let mut opts = CreateOpts::new(StdioStrategy::Held { size: None });
+            // containerd is told guest PIDs, and names pod peers' namespaces by them.
+            opts.clients_see_guest_pids = true;
+            rt.create(id, &bundle, opts).await
         }
         .await;
         let held = match created {

@@ -236,7 +236,10 @@ struct Pod {
 }
 
 async fn run_pod(rt: &mut Rt, name: &str, handler: &str) -> Result<Pod> {
-    let config = sandbox_config(name);
+    run_pod_with(rt, sandbox_config(name), handler).await
+}
+
+async fn run_pod_with(rt: &mut Rt, config: cri::PodSandboxConfig, handler: &str) -> Result<Pod> {
     let r = rt
         .run_pod_sandbox(cri::RunPodSandboxRequest {
             config: Some(config.clone()),
@@ -434,6 +437,7 @@ async fn run(socket: &str) -> Result<()> {
     report("SECCOMP", seccomp(&mut rt).await);
     report("SETUID", setuid(&mut rt).await);
     report("PROPAGATION", propagation(&mut rt).await);
+    report("PID-MODES", pid_modes(&mut rt).await);
     if handler() == "husk-shim" {
         report("SHIM-PER-POD", shim_per_pod(&mut rt).await);
         report("SHIM-KILLED", shim_killed(&mut rt).await);
@@ -514,6 +518,50 @@ fn host_pids(needle: &str) -> Vec<i32> {
 
 fn host_processes(needle: &str) -> usize {
     host_pids(needle).len()
+}
+
+/// A pod whose PID namespace mode is `mode`.
+fn pid_mode_config(name: &str, mode: cri::NamespaceMode) -> cri::PodSandboxConfig {
+    let mut c = sandbox_config(name);
+    if let Some(ns) =
+        c.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut())
+    {
+        ns.pid = mode as i32;
+    }
+    c
+}
+
+/// PID namespace modes: POD (the pod's containers see each other's processes), CONTAINER (each
+/// sees its own); NODE is refused with a clear error (a VM cannot share the host's).
+async fn pid_modes(rt: &mut Rt) -> Result<()> {
+    for (mode, name, expect) in
+        [(cri::NamespaceMode::Pod, "pid-pod", 1), (cri::NamespaceMode::Container, "pid-ctr", 0)]
+    {
+        let pod = run_pod_with(rt, pid_mode_config(name, mode), handler()).await?;
+        let r = async {
+            start_container(rt, &pod, Ctr { name: "a", cmd: sh("exec sleep 301"), ..Default::default() })
+                .await?;
+            let b =
+                start_container(rt, &pod, Ctr { name: "b", cmd: sh("exec sleep 302"), ..Default::default() })
+                    .await?;
+            let seen = count_procs(rt, &b, "sleep 301").await?;
+            if seen != expect {
+                bail!("PID mode {mode:?}: container b sees {seen} of a's processes, not {expect}");
+            }
+            Ok(())
+        }
+        .await;
+        remove_pod(rt, &pod).await?;
+        r?;
+    }
+    match run_pod_with(rt, pid_mode_config("pid-node", cri::NamespaceMode::Node), handler()).await {
+        Ok(p) => {
+            remove_pod(rt, &p).await?;
+            bail!("a pod with the host's PID namespace started")
+        }
+        Err(e) if format!("{e:#}").contains("hostPID") => Ok(()),
+        Err(e) => bail!("hostPID refused without saying why: {e:#}"),
+    }
 }
 
 /// husk's config file named by the runtime options (ConfigPath) shapes the pod's VM; a

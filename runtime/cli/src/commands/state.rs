@@ -51,6 +51,7 @@ mod tests {
             relay_pid: 42,
             relay_start: 1,
             guest_pid: 1,
+            client_pid: None,
             host_mounts: vec![],
             poststart: vec![],
             poststop: vec![],

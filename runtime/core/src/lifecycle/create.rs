@@ -88,6 +88,7 @@ impl<V: Vms> Runtime<V> {
     ) -> Result<Option<Held>, RuntimeError> {
         opts.stdio.check(bundle.terminal())?;
         let role = pod::role(&bundle.annotations(), id)?;
+        pod::check_namespaces(&bundle.spec, &role)?;
         let lock = self.state.reserve_container_async(id).await?;
         let mut partial = Partial::default();
         match self.create_reserved(id, bundle, &role, opts, &mut partial).await {
@@ -154,7 +155,7 @@ impl<V: Vms> Runtime<V> {
             .containers
             .iter()
             .filter_map(|c| self.state.read_container(c).ok())
-            .map(|c| (c.relay_pid, c.guest_pid))
+            .map(|c| (c.client_pid.unwrap_or(c.relay_pid), c.guest_pid))
             .collect();
         let shared = share::shared_dir(&self.state, &sid);
         partial.share_dir = Some(shared.join(id));
@@ -193,6 +194,7 @@ impl<V: Vms> Runtime<V> {
             relay_pid,
             relay_start,
             guest_pid,
+            client_pid: opts.clients_see_guest_pids.then_some(guest_pid as i32),
             host_mounts: guest.host_mounts,
             poststart: bundle.hooks(HostHook::Poststart),
             poststop: bundle.hooks(HostHook::Poststop),

@@ -37,11 +37,21 @@ pub struct CreateOpts {
     pub rootfs_share: Option<(String, String)>,
     pub memory_mib: Option<u32>,
     pub vcpus: Option<u32>,
+    /// The caller reports guest PIDs to its clients (a shim), so pod peers' namespace paths
+    /// name those.
+    pub clients_see_guest_pids: bool,
 }
 
 impl CreateOpts {
     pub fn new(stdio: StdioStrategy) -> Self {
-        Self { stdio, extra_shares: Vec::new(), rootfs_share: None, memory_mib: None, vcpus: None }
+        Self {
+            stdio,
+            extra_shares: Vec::new(),
+            rootfs_share: None,
+            memory_mib: None,
+            vcpus: None,
+            clients_see_guest_pids: false,
+        }
     }
 }
 
