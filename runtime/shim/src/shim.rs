@@ -85,7 +85,10 @@ impl Shim for HuskShim {
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
         let cwd = std::env::current_dir().map_err(other)?;
         let group = grouping(&cwd, &opts.id);
-        spawn(opts, &group, Vec::new()).await
+        let address = spawn(opts, &group, Vec::new()).await?;
+        // containerd reads it back from the bundle to reconnect after a restart of its own.
+        std::fs::write(cwd.join("address"), &address).map_err(other)?;
+        Ok(address)
     }
 
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, Error> {
