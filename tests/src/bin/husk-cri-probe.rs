@@ -473,7 +473,10 @@ async fn bench(socket: &str, n: usize, handlers: &[String]) -> Result<()> {
         let (mut ready, mut exec) = (Vec::new(), Vec::new());
         for i in 0..n {
             let t = std::time::Instant::now();
-            let pod = run_pod(&mut rt, &format!("bench-{i}"), h).await?;
+            // Host-network pods share the node's UTS namespace: runc refuses a hostname there.
+            let mut config = sandbox_config(&format!("bench-{i}"));
+            config.hostname.clear();
+            let pod = run_pod_with(&mut rt, config, h).await?;
             let r = async {
                 let c = Ctr { name: "s", cmd: sh("exec sleep 300"), ..Default::default() };
                 let id = start_container(&mut rt, &pod, c).await?;
