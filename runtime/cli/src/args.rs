@@ -253,6 +253,7 @@ pub struct OciRun {
     pub pid_file: Option<PathBuf>,
     pub detach: bool,
     pub keep: bool,
+    pub preserve_fds: u32,
 }
 
 /// Where a sandbox run's root file system comes from.
@@ -342,12 +343,6 @@ impl Run {
             ],
             "OCI run (they are for husk run --rootfs/--image)",
         )?;
-        if self.preserve_fds > 0 {
-            return Err(format!(
-                "--preserve-fds {}: host file descriptors cannot be passed into a sandbox VM",
-                self.preserve_fds
-            ));
-        }
         let id = match self.args.as_slice() {
             [id] => id.clone(),
             _ => return Err("run needs exactly one container id (or --rootfs/--image and a command)".into()),
@@ -359,6 +354,7 @@ impl Run {
             pid_file: self.pid_file,
             detach: self.detach,
             keep: self.keep,
+            preserve_fds: self.preserve_fds,
         }))
     }
 }

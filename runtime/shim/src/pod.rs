@@ -96,6 +96,29 @@ fn not_found(what: String) -> RuntimeError {
     RuntimeError::NotFound(what)
 }
 
+/// Process `exec_id` of container `id` (its init when `exec_id` is empty).
+fn proc_ref<'a>(
+    t: &'a HashMap<String, Container>,
+    id: &str,
+    exec_id: &str,
+) -> Result<&'a Proc, RuntimeError> {
+    let c = t.get(id).ok_or_else(|| not_found(id.into()))?;
+    if exec_id.is_empty() {
+        return Ok(&c.init);
+    }
+    c.execs.get(exec_id).ok_or_else(|| not_found(format!("{id}/{exec_id}")))
+}
+
+/// Exec `exec_id` of container `id`.
+fn exec_mut<'a>(
+    t: &'a mut HashMap<String, Container>,
+    id: &str,
+    exec_id: &str,
+) -> Result<&'a mut Proc, RuntimeError> {
+    let c = t.get_mut(id).ok_or_else(|| not_found(id.into()))?;
+    c.execs.get_mut(exec_id).ok_or_else(|| not_found(format!("{id}/{exec_id}")))
+}
+
 /// Mounts containerd's rootfs mounts (the snapshotter's overlay or binds) on `target`.
 fn mount_rootfs(
     mounts: &[containerd_shim::protos::types::mount::Mount],
@@ -231,8 +254,8 @@ impl Pod {
             }
         };
         let mut init = Proc::new(stdio.clone(), None);
-        let vm = std::mem::take(&mut { held.vm });
-        let held = Held { vm: VmProcess::default(), ..held };
+        let Held { target, guest_pid, guest, vm } = held;
+        let held = Held { target, guest_pid, guest, vm: VmProcess::default() };
         self.attach(rt.clone(), id, "", held, &stdio, &mut init);
         let pid = init.pid;
         let first = self.table().is_empty();
@@ -276,8 +299,7 @@ impl Pod {
         }
         let (spec, stdio) = {
             let mut t = self.table();
-            let c = t.get_mut(id).ok_or_else(|| not_found(id.into()))?;
-            let p = c.execs.get_mut(exec_id).ok_or_else(|| not_found(format!("{id}/{exec_id}")))?;
+            let p = exec_mut(&mut t, id, exec_id)?;
             let spec = p
                 .pending
                 .take()
@@ -292,23 +314,14 @@ impl Pod {
             exec_id: Some(exec_id.to_string()),
         };
         let rt = self.rt().await?;
-        let held = match rt.exec(id, opts).await {
-            Ok(Some(h)) => h,
-            Ok(None) => return Err(RuntimeError::Internal("a held exec returned no streams".into())),
-            Err(e) => {
-                // Not started: the exec may be retried, as with runc.
-                return Err(e);
-            }
+        let Some(held) = rt.exec(id, opts).await? else {
+            return Err(RuntimeError::Internal("a held exec returned no streams".into()));
         };
         let pid = {
             let mut t = self.table();
-            let c = t.get_mut(id).ok_or_else(|| not_found(id.into()))?;
-            let p = c.execs.get_mut(exec_id).ok_or_else(|| not_found(format!("{id}/{exec_id}")))?;
-            let mut proc_ = std::mem::replace(p, Proc::new(stdio.clone(), None));
-            self.attach(rt.clone(), id, exec_id, held, &stdio, &mut proc_);
-            let pid = proc_.pid;
-            *p = proc_;
-            pid
+            let p = exec_mut(&mut t, id, exec_id)?;
+            self.attach(rt.clone(), id, exec_id, held, &stdio, p);
+            p.pid
         };
         self.events.exec_started(id, exec_id, pid).await;
         Ok(pid)
@@ -334,37 +347,27 @@ impl Pod {
         Ok(())
     }
 
-    /// The guest's name of a process (containerd's exec ids are used in the guest as they are),
-    /// checked to be one this shim knows.
-    fn guest_exec_id(&self, id: &str, exec_id: &str) -> Result<String, RuntimeError> {
-        if exec_id.is_empty() {
-            return Ok(String::new());
-        }
-        let t = self.table();
-        let c = t.get(id).ok_or_else(|| not_found(id.into()))?;
-        c.execs.get(exec_id).map(|_| exec_id.to_string()).ok_or_else(|| not_found(format!("{id}/{exec_id}")))
+    /// Checks that this shim knows the process (containerd's exec ids are the guest's too).
+    fn known(&self, id: &str, exec_id: &str) -> Result<(), RuntimeError> {
+        proc_ref(&self.table(), id, exec_id).map(drop)
     }
 
     pub async fn kill(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), RuntimeError> {
         let signal =
             i32::try_from(signal).map_err(|_| RuntimeError::InvalidArgument(format!("signal {signal}")))?;
-        if let Some(e) = self.state(id, exec_id).await?.exit {
+        // An exit already seen needs no call to the guest.
+        if let Some(e) = proc_ref(&self.table(), id, exec_id)?.exited() {
             return Err(RuntimeError::NotFound(format!("process already finished (exit status {})", e.code)));
         }
-        let gid = self.guest_exec_id(id, exec_id)?;
-        self.rt().await?.signal_process(id, &gid, signal, all).await
+        self.rt().await?.signal_process(id, exec_id, signal, all).await
     }
 
     pub async fn state(&self, id: &str, exec_id: &str) -> Result<ProcState, RuntimeError> {
         let (pid, stdio, exit, bundle, started) = {
             let t = self.table();
-            let c = t.get(id).ok_or_else(|| not_found(id.into()))?;
-            let p = if exec_id.is_empty() {
-                &c.init
-            } else {
-                c.execs.get(exec_id).ok_or_else(|| not_found(format!("{id}/{exec_id}")))?
-            };
-            (p.pid, p.stdio.clone(), p.exited(), c.bundle.clone(), p.pending.is_none())
+            let p = proc_ref(&t, id, exec_id)?;
+            let bundle = t.get(id).map(|c| c.bundle.clone()).unwrap_or_default();
+            (p.pid, p.stdio.clone(), p.exited(), bundle, p.pending.is_none())
         };
         let status = match (exit, exec_id.is_empty()) {
             (Some(_), _) => Status::Stopped,
@@ -381,16 +384,7 @@ impl Pod {
 
     /// Waits for the process's exit.
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Exit, RuntimeError> {
-        let mut rx = {
-            let t = self.table();
-            let c = t.get(id).ok_or_else(|| not_found(id.into()))?;
-            let p = if exec_id.is_empty() {
-                &c.init
-            } else {
-                c.execs.get(exec_id).ok_or_else(|| not_found(format!("{id}/{exec_id}")))?
-            };
-            p.exit.clone()
-        };
+        let mut rx = proc_ref(&self.table(), id, exec_id)?.exit.clone();
         loop {
             if let Some(e) = *rx.borrow_and_update() {
                 return Ok(e);
@@ -405,12 +399,14 @@ impl Pod {
     pub async fn delete(&self, id: &str, exec_id: &str) -> Result<(u32, Exit), RuntimeError> {
         if !exec_id.is_empty() {
             let mut t = self.table();
-            let c = t.get_mut(id).ok_or_else(|| not_found(id.into()))?;
-            let p = c.execs.get(exec_id).ok_or_else(|| not_found(format!("{id}/{exec_id}")))?;
+            let p = exec_mut(&mut t, id, exec_id)?;
             if p.exited().is_none() && p.pending.is_none() {
                 return Err(RuntimeError::WrongState(format!("exec {exec_id} is still running")));
             }
-            let p = c.execs.remove(exec_id).ok_or_else(|| not_found(format!("{id}/{exec_id}")))?;
+            let p = t
+                .get_mut(id)
+                .and_then(|c| c.execs.remove(exec_id))
+                .ok_or_else(|| not_found(format!("{id}/{exec_id}")))?;
             let exit = p.exited().unwrap_or(Exit { code: 0, at: SystemTime::now() });
             return Ok((p.pid, exit));
         }
@@ -431,13 +427,13 @@ impl Pod {
     }
 
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), RuntimeError> {
-        let gid = self.guest_exec_id(id, exec_id)?;
-        self.rt().await?.close_stdin(id, &gid).await
+        self.known(id, exec_id)?;
+        self.rt().await?.close_stdin(id, exec_id).await
     }
 
     pub async fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), RuntimeError> {
-        let gid = self.guest_exec_id(id, exec_id)?;
-        self.rt().await?.resize(id, &gid, rows, cols).await
+        self.known(id, exec_id)?;
+        self.rt().await?.resize(id, exec_id, rows, cols).await
     }
 
     pub fn init_pid(&self, id: &str) -> Option<u32> {

@@ -4,11 +4,12 @@ use husk_core::bundle::Bundle;
 use husk_core::stdio::StdioStrategy;
 use husk_core::{CreateOpts, RuntimeError};
 
-use super::{ExitCode, Rt};
+use super::{refuse_preserve_fds, ExitCode, Rt};
 use crate::args::OciRun;
 use crate::foreground;
 
 pub async fn run(rt: &Rt, a: OciRun) -> Result<ExitCode, RuntimeError> {
+    refuse_preserve_fds(a.preserve_fds)?;
     let bundle = Bundle::load(&a.bundle)?;
     let terminal = bundle.terminal();
     let stdio = if a.detach {
