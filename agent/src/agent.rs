@@ -192,12 +192,18 @@ impl Agent {
 
     // ---- sandbox ----------------------------------------------------------------------------
 
-    pub fn create_sandbox(&self, req: husk_proto::CreateSandboxRequest) -> Result<(), AgentError> {
+    pub async fn create_sandbox(&self, req: husk_proto::CreateSandboxRequest) -> Result<(), AgentError> {
         if !req.hostname.is_empty() {
             check_hostname(&req.hostname)?;
         }
         for s in &req.shares {
             validate::name("share tag", &s.tag)?;
+        }
+        let (ifaces, routes) = crate::network::check(&req.interfaces, &req.routes)?;
+        if !self.cfg.guest && !ifaces.is_empty() {
+            return Err(AgentError::FailedPrecondition(
+                "host mode does not configure the host's network".into(),
+            ));
         }
         if self.cfg.guest {
             if !req.hostname.is_empty() {
@@ -222,6 +228,9 @@ impl Agent {
                 )));
             }
             lock(&self.shares).insert(s.tag.clone());
+        }
+        if self.cfg.guest {
+            crate::network::configure(&ifaces, &routes).await?;
         }
         Ok(())
     }

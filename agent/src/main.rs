@@ -14,6 +14,7 @@ mod fdio;
 mod init;
 mod lifeline;
 mod listener;
+mod network;
 mod oci;
 mod oom;
 mod pipes;

@@ -25,7 +25,7 @@ fn ok<T>(v: T) -> Reply<T> {
 impl pb::sandbox_server::Sandbox for Service {
     async fn create_sandbox(&self, r: Request<pb::CreateSandboxRequest>) -> Reply<pb::Empty> {
         tracing::debug!("rpc create_sandbox");
-        self.0.create_sandbox(r.into_inner())?;
+        self.0.create_sandbox(r.into_inner()).await?;
         ok(pb::Empty {})
     }
     async fn destroy_sandbox(&self, _: Request<pb::Empty>) -> Reply<pb::Empty> {

@@ -1,6 +1,6 @@
 //! Runs one test-host job by hand, for debugging and timing:
 //! `cargo run -p husk-tests --example testhost-run -- [--cpus N] [--mem MIB] [--timeout SECS]
-//! [--qemu] SCRIPT [FILE...]`. Prints the script's output, timings and the exit code.
+//! [--qemu] [--net] SCRIPT [FILE...]` (`--net`: load the networking modules in L1). Prints the script's output, timings and the exit code.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
             "--mem" => job.mem_mib = value("--mem")?.parse()?,
             "--timeout" => job.timeout = Duration::from_secs(value("--timeout")?.parse()?),
             "--qemu" => qemu = true,
+            "--net" => job.net = true,
             _ if script.is_none() => script = Some(a),
             _ => job.files.push(PathBuf::from(a)),
         }

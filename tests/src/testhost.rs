@@ -119,6 +119,9 @@ pub struct Job {
     /// 120 s) is taken as a stalled L1 (nested TCG now and then stops with its vCPU idle) and
     /// run once more from a fresh boot; a second stall is an error.
     pub stall_after: Option<Duration>,
+    /// Nested mode: load the networking modules (bridge, veth, tun, tc, netfilter; see
+    /// `prepare-l1.sh`) before the script runs. A direct host is expected to autoload them.
+    pub net: bool,
 }
 
 impl Default for Job {
@@ -130,6 +133,7 @@ impl Default for Job {
             mem_mib: DEFAULT_MEM_MIB,
             cpus: DEFAULT_CPUS,
             stall_after: None,
+            net: false,
         }
     }
 }
@@ -262,7 +266,7 @@ const END: &str = "@@\n";
 /// How long QEMU may take to power off after the trailer before it is killed.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
 
-fn init_script(busybox: &str) -> String {
+fn init_script(busybox: &str, net: bool) -> String {
     let mut modules = String::new();
     for (m, args) in KVM_MODULES {
         modules.push_str(&format!(
@@ -271,6 +275,11 @@ fn init_script(busybox: &str) -> String {
     }
     for m in EXTRA_MODULES {
         modules.push_str(&format!("[ -f /husk/modules/{m}.ko ] && insmod /husk/modules/{m}.ko\n"));
+    }
+    if net {
+        modules.push_str(
+            "for m in $(cat /husk/modules/net/order); do insmod /husk/modules/net/$m.ko || fail \"insmod $m.ko failed\"; done\n",
+        );
     }
     format!(
         r#"#!{busybox} sh
@@ -329,9 +338,22 @@ fn run_nested(job: &Job) -> Result<JobOutput, TestHostError> {
             initramfs.host_file_at(&format!("husk/modules/{m}.ko"), &assets.module(m), 0o644)?;
         }
     }
+    if job.net {
+        let dir = assets.dir.join("modules/net");
+        let order = fs::read_to_string(dir.join("order"))
+            .map_err(TestHostError::io(format!("reading {}/order", dir.display())))?;
+        initramfs.host_file_at("husk/modules/net/order", &dir.join("order"), 0o644)?;
+        for m in order.split_whitespace() {
+            initramfs.host_file_at(
+                &format!("husk/modules/net/{m}.ko"),
+                &dir.join(format!("{m}.ko")),
+                0o644,
+            )?;
+        }
+    }
     initramfs.data("husk/job.sh", 0o755, job.script.as_bytes())?;
     let busybox = initramfs.add_busybox()?;
-    initramfs.data("init", 0o755, init_script(&busybox.to_string_lossy()))?;
+    initramfs.data("init", 0o755, init_script(&busybox.to_string_lossy(), job.net))?;
     let initrd = tmp.path().join("initrd.cpio");
     initramfs.write(&initrd)?;
 

@@ -6,8 +6,10 @@
 # The kernel package is downloaded and unpacked, never installed, so the host's own kernel and
 # /boot stay untouched. Idempotent: a second run only checks the cached files.
 #
-# Output: the asset directory on stdout (vmlinuz + modules/{irqbypass,kvm,kvm-amd}.ko, and
-# modules/overlay.ko where overlayfs is a module).
+# Output: the asset directory on stdout (vmlinuz + modules/{irqbypass,kvm,kvm-amd}.ko,
+# modules/overlay.ko where overlayfs is a module, and modules/net/: what pod networking tests
+# load (bridge, veth, tun, tc ingress and mirred, netfilter for CNI's NAT and port maps) with
+# their dependencies, and `order`, the load order).
 # Everything else goes to stderr.
 set -eu
 
@@ -32,7 +34,7 @@ fi
 current="$base/current"
 if [ -f "$current" ] && [ ! /var/lib/apt/lists -nt "$current" ]; then
     dir="$base/$(cat "$current")"
-    if [ -f "$dir/.complete-2" ]; then
+    if [ -f "$dir/.complete-3" ]; then
         echo "$dir"
         exit 0
     fi
@@ -59,7 +61,7 @@ ver=$(apt-cache show "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1)
 [ -n "$ver" ] || { log "no version for $pkg"; exit 1; }
 
 dir="$base/$pkg-$ver"
-if [ -f "$dir/.complete-2" ]; then
+if [ -f "$dir/.complete-3" ]; then
     echo "$pkg-$ver" >"$current"
     echo "$dir"
     exit 0
@@ -108,11 +110,32 @@ for m in fs/overlayfs/overlay; do
         xz -dc "$mods/$m.ko.xz" >"$work/out/modules/$name.ko"
     fi
 done
+# Networking modules, each after what it depends on (the `depends=` of its .modinfo; the
+# extracted package has no modules.dep and busybox has no modprobe).
+net_modules="bridge veth tun sch_ingress act_mirred cls_u32 cls_flower
+    nf_tables nft_compat nft_chain_nat nft_nat nft_masq nft_ct nf_nat nf_conntrack
+    x_tables ip_tables iptable_nat iptable_filter ip6_tables ip6table_nat
+    xt_nat xt_MASQUERADE xt_conntrack xt_comment xt_mark xt_multiport xt_addrtype xt_tcpudp"
+mkdir -p "$work/out/modules/net"
+: >"$work/out/modules/net/order"
+add_net() {
+    # dash's `local`: the recursion would clobber the caller's f and d otherwise.
+    local f d
+    grep -qx "$1" "$work/out/modules/net/order" && return 0
+    f=$(find "$mods" -name "$1.ko" | head -n 1)
+    [ -n "$f" ] || { log "module $1 not in $pkg (built in?)"; return 0; }
+    for d in $(tr '\0' '\n' <"$f" | sed -n 's/^depends=//p' | head -n 1 | tr ',' ' '); do
+        add_net "$d"
+    done
+    cp "$f" "$work/out/modules/net/$1.ko"
+    echo "$1" >>"$work/out/modules/net/order"
+}
+for m in $net_modules; do add_net "$m"; done
 echo "$pkg $ver" >"$work/out/version"
 
 rm -rf "$dir"
 mv "$work/out" "$dir"
-touch "$dir/.complete-2"
+touch "$dir/.complete-3"
 echo "$pkg-$ver" >"$current"
 log "ready"
 echo "$dir"

@@ -48,6 +48,18 @@ pub enum BuildError {
     Queue(virtio_queue::Error),
     #[error("virtio-fs share {tag:?}: {source}")]
     FsShare { tag: String, source: std::io::Error },
+    #[error("virtio-net: {0}")]
+    Tap(#[from] crate::devices::virtio::net::tap::TapError),
+}
+
+/// A random locally administered unicast MAC (02:xx:...).
+fn random_mac() -> [u8; 6] {
+    let mut m = [0u8; 6];
+    // SAFETY: getrandom writes at most `m.len()` bytes into `m`; on failure `m` stays zero
+    // apart from the fixed bits below, which is still a valid address.
+    unsafe { libc::getrandom(m.as_mut_ptr().cast(), m.len(), 0) };
+    m[0] = (m[0] & 0xfe) | 0x02;
+    m
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
@@ -152,6 +164,11 @@ pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     }
     if let Some(v) = &cfg.vsock {
         placer.add(&vm, &mem, &mut mmio, Box::new(Vsock::new(v.guest_cid, v.uds_path.clone())))?;
+    }
+    for n in &cfg.net {
+        let tap = crate::devices::virtio::net::tap::Tap::open(&n.tap)?;
+        let mac = n.mac.map(|m| m.0).unwrap_or_else(random_mac);
+        placer.add(&vm, &mem, &mut mmio, Box::new(crate::devices::virtio::net::Net::new(tap, mac, n.mtu)))?;
     }
 
     let cmdline = cfg.cmdline.clone();

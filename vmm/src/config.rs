@@ -45,6 +45,10 @@ pub enum ConfigError {
     VsockCid(u64),
     #[error("vsock socket {path}: {reason}")]
     VsockPath { path: PathBuf, reason: String },
+    #[error("net {spec:?}: {reason} (expected tap=NAME[,mac=MAC][,mtu=N])")]
+    NetSpec { spec: String, reason: String },
+    #[error("net device {tap:?}: {reason}")]
+    Net { tap: String, reason: String },
 }
 
 /// Where the guest's 16550 console goes.
@@ -227,6 +231,109 @@ impl FsShareConfig {
     }
 }
 
+/// Smallest and largest MTU a guest interface can be given (Linux's IPv4 minimum; what the
+/// config field holds).
+pub const MIN_MTU: u16 = 68;
+
+/// A MAC address, written `aa:bb:cc:dd:ee:ff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("MAC {s:?} is not six hex pairs separated by ':'");
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in out.iter_mut() {
+            let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Self(out))
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A virtio-net device on a tap in husk-vmm's network namespace (created if absent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub tap: String,
+    /// The guest interface's MAC; a random locally administered one when absent.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+    /// Offered to the guest (VIRTIO_NET_F_MTU) when set.
+    #[serde(default)]
+    pub mtu: Option<u16>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = ConfigError;
+    /// `tap=NAME[,mac=MAC][,mtu=N]`
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |reason: String| ConfigError::NetSpec { spec: s.to_string(), reason };
+        let (mut tap, mut mac, mut mtu) = (None, None, None);
+        for part in s.split(',') {
+            let Some((key, value)) = part.split_once('=') else {
+                return Err(bad(format!("{part:?} is not KEY=VALUE")));
+            };
+            let repeated = match key {
+                "tap" => tap.replace(value.to_string()).is_some(),
+                "mac" => mac.replace(value.parse::<MacAddr>().map_err(bad)?).is_some(),
+                "mtu" => {
+                    mtu.replace(value.parse::<u16>().map_err(|_| bad(format!("mtu={value:?}")))?).is_some()
+                }
+                _ => return Err(bad(format!("unknown option {key:?}"))),
+            };
+            if repeated {
+                return Err(bad(format!("{key} given twice")));
+            }
+        }
+        Ok(Self { tap: tap.ok_or_else(|| bad("tap= is missing".into()))?, mac, mtu })
+    }
+}
+
+impl NetConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |reason: String| ConfigError::Net { tap: self.tap.clone(), reason };
+        crate::devices::virtio::net::tap::check_name(&self.tap).map_err(|e| err(e.to_string()))?;
+        if let Some(m) = self.mac {
+            if m.0[0] & 1 != 0 {
+                return Err(err(format!("MAC {m} is a multicast address")));
+            }
+            if m.0 == [0; 6] {
+                return Err(err("MAC 00:00:00:00:00:00 is no address".into()));
+            }
+        }
+        if let Some(mtu) = self.mtu.filter(|m| *m < MIN_MTU) {
+            return Err(err(format!("mtu {mtu} is below {MIN_MTU}")));
+        }
+        Ok(())
+    }
+}
+
 fn default_memory() -> u64 {
     DEFAULT_MEMORY_MIB
 }
@@ -266,6 +373,9 @@ pub struct VmConfig {
     pub fs: Vec<FsShareConfig>,
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// virtio-net devices, one per tap, in guest interface order (eth0 first).
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
 }
 
 impl VmConfig {
@@ -280,6 +390,7 @@ impl VmConfig {
             rng: true,
             fs: Vec::new(),
             vsock: None,
+            net: Vec::new(),
         }
     }
 
@@ -320,6 +431,12 @@ impl VmConfig {
         }
         if let Some(v) = &self.vsock {
             v.validate()?;
+        }
+        for (i, n) in self.net.iter().enumerate() {
+            n.validate()?;
+            if self.net[..i].iter().any(|o| o.tap == n.tap) {
+                return Err(ConfigError::Net { tap: n.tap.clone(), reason: "tap used twice".into() });
+            }
         }
         Ok(())
     }
@@ -400,6 +517,45 @@ mod tests {
         let cfg = VmConfig::new(empty.clone());
         assert!(cfg.validate().unwrap_err().to_string().contains("empty"));
         std::fs::remove_file(empty).unwrap();
+    }
+
+    #[test]
+    fn net_parse_and_validate() {
+        let n: NetConfig = "tap=tap0,mac=02:00:0a:d5:07:02,mtu=1450".parse().unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, Some(MacAddr([2, 0, 0x0a, 0xd5, 7, 2])));
+        assert_eq!(n.mtu, Some(1450));
+        n.validate().unwrap();
+        let json = serde_json::to_string(&n).unwrap();
+        assert!(json.contains("\"02:00:0a:d5:07:02\""), "{json}");
+        assert_eq!(serde_json::from_str::<NetConfig>(&json).unwrap(), n);
+        for bad in [
+            "",
+            "tap0",
+            "mac=02:00:00:00:00:01",
+            "tap=a,tap=b",
+            "tap=a,mac=02:00",
+            "tap=a,mtu=x",
+            "tap=a,x=1",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
+        for bad in [
+            "tap=a-name-too-long-16",
+            "tap=a/b",
+            "tap=a,mac=01:00:5e:00:00:01",
+            "tap=a,mac=00:00:00:00:00:00",
+            "tap=a,mtu=67",
+        ] {
+            let n: NetConfig = bad.parse().unwrap();
+            assert!(n.validate().is_err(), "{bad}");
+        }
+        let k = tmp_file("kernel-net", b"x");
+        let mut cfg = VmConfig::new(k.clone());
+        cfg.net = vec!["tap=t0".parse().unwrap(), "tap=t0".parse().unwrap()];
+        assert!(cfg.validate().unwrap_err().to_string().contains("tap used twice"));
+        assert!(VmConfig::from_json(r#"{"kernel":"/k","net":[{"tap":"t0","mac":"zz"}]}"#).is_err());
+        std::fs::remove_file(k).unwrap();
     }
 
     #[test]

@@ -22,7 +22,7 @@ const EXIT_SETUP_FAILED: u8 = 1;
 )]
 struct Cli {
     /// JSON VM config (same field names as the flags below); excludes the other flags.
-    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "vcpus", "serial", "no_rng", "vsock", "fs"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "vcpus", "serial", "no_rng", "vsock", "fs", "net"])]
     config: Option<PathBuf>,
     /// Guest kernel: ELF vmlinux with a PVH entry, or bzImage.
     #[arg(long, required_unless_present = "config")]
@@ -52,6 +52,10 @@ struct Cli {
     /// `mount -t virtiofs TAG DIR`.
     #[arg(long, value_name = "tag=TAG,path=DIR[,ro][,cache=never|auto|always]")]
     fs: Vec<String>,
+    /// A virtio-net device on a tap in this process's network namespace (repeatable; created
+    /// when no such interface exists).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC][,mtu=N]")]
+    net: Vec<String>,
 }
 
 fn config_from(cli: Cli) -> anyhow::Result<VmConfig> {
@@ -69,6 +73,7 @@ fn config_from(cli: Cli) -> anyhow::Result<VmConfig> {
         rng: !cli.no_rng,
         vsock: cli.vsock.as_deref().map(str::parse).transpose()?,
         fs: cli.fs.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
+        net: cli.net.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
     })
 }
 

@@ -12,6 +12,10 @@ use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, Spec};
 use crate::error::RuntimeError;
 use crate::{hooks, mounts, namespaces, share};
 
+/// The guest network namespace a pod's network namespace becomes: the VM's own, where the
+/// pod's interfaces are set up (see `network`).
+pub const GUEST_POD_NETNS: &str = "/proc/1/ns/net";
+
 /// Largest config.json read.
 const MAX_CONFIG: u64 = 4 << 20;
 
@@ -216,13 +220,19 @@ fn to_guest_inner(
             let mapped: Vec<LinuxNamespace> = nss
                 .into_iter()
                 .map(|mut ns| {
-                    let guest = namespaces::guest_path(&ns, peers);
+                    let mut guest = namespaces::guest_path(&ns, peers);
                     if guest.is_none() {
                         namespaces::validate(&ns)?;
                     }
                     if ns.path().is_some() && guest.is_none() {
-                        // A host namespace (a CNI netns file, say): the guest gets its own.
-                        tracing::debug!("container {cid}: {:?} namespace path dropped", ns.typ());
+                        if ns.typ() == LinuxNamespaceType::Network {
+                            // The pod's network namespace (CNI's) is wired to the VM, whose
+                            // own namespace (the agent's, PID 1) has its interfaces.
+                            guest = Some(PathBuf::from(GUEST_POD_NETNS));
+                        } else {
+                            // Another host namespace: the guest gets its own.
+                            tracing::debug!("container {cid}: {:?} namespace path dropped", ns.typ());
+                        }
                     }
                     ns.set_path(guest);
                     Ok(ns)
@@ -249,6 +259,47 @@ mod tests {
         );
         assert_eq!(mount_rel(0, Path::new("/")), Path::new("mounts/0/root"));
         assert_eq!(mount_rel(1, Path::new("/data/.hidden")), Path::new("mounts/1/.hidden"));
+    }
+
+    #[test]
+    fn a_pod_network_namespace_becomes_the_vms_own() {
+        let d = std::env::temp_dir().join(format!("husk-bundle-ns-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("rootfs")).expect("mkdir");
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "linux": {"namespaces": [
+                {"type": "network", "path": "/proc/self/ns/net"},
+                {"type": "uts", "path": "/proc/self/ns/uts"},
+                {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "pid"},
+            ]},
+        }))
+        .expect("spec");
+        let b = Bundle::from_spec(d.clone(), spec).expect("bundle");
+        let peers = HashMap::from([(42, 7u32)]);
+        let g = to_guest(&b, "c1", &d.join("shared"), &peers, false).expect("guest spec");
+        let out: oci_spec::runtime::Spec = serde_json::from_slice(&g.spec_json).expect("json");
+        let paths: Vec<(LinuxNamespaceType, Option<PathBuf>)> = out
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| (n.typ(), n.path().clone()))
+            .collect();
+        assert_eq!(
+            paths,
+            vec![
+                (LinuxNamespaceType::Network, Some(PathBuf::from(GUEST_POD_NETNS))),
+                (LinuxNamespaceType::Uts, None),
+                (LinuxNamespaceType::Ipc, Some(PathBuf::from("/proc/7/ns/ipc"))),
+                (LinuxNamespaceType::Pid, None),
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

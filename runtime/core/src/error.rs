@@ -53,6 +53,8 @@ pub enum RuntimeError {
     Vm(String),
     #[error("agent: {0}")]
     Agent(#[from] AgentError),
+    #[error("pod network: {0}")]
+    Network(#[from] crate::network::NetError),
     #[error("internal error: {0}")]
     Internal(String),
 }

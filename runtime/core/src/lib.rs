@@ -12,6 +12,7 @@ pub mod hooks;
 pub mod lifecycle;
 pub mod mounts;
 pub mod namespaces;
+pub mod network;
 pub mod pod;
 pub mod procinfo;
 pub mod relay;

@@ -35,9 +35,9 @@ impl Role {
     }
 }
 
-/// A pod's containers must have their own PID and IPC namespaces (or a pod peer's): a spec
-/// without one asks for the host's (`hostPID`, `hostIPC`), which a VM cannot share; refused
-/// rather than given the VM's instead.
+/// A pod's containers must have their own PID, IPC and network namespaces (or a pod peer's): a
+/// spec without one asks for the host's (`hostPID`, `hostIPC`, `hostNetwork`), which a VM
+/// cannot share; refused rather than given the VM's instead.
 pub fn check_namespaces(spec: &oci_spec::runtime::Spec, role: &Role) -> Result<(), RuntimeError> {
     if *role == Role::Standalone {
         return Ok(());
@@ -46,6 +46,7 @@ pub fn check_namespaces(spec: &oci_spec::runtime::Spec, role: &Role) -> Result<(
     for (typ, what) in [
         (LinuxNamespaceType::Pid, "the host's PID namespace (hostPID, PID mode NODE)"),
         (LinuxNamespaceType::Ipc, "the host's IPC namespace (hostIPC)"),
+        (LinuxNamespaceType::Network, "the host's network (hostNetwork)"),
     ] {
         if !nss.iter().any(|n| n.typ() == typ) {
             return Err(RuntimeError::InvalidArgument(format!(
@@ -104,18 +105,25 @@ mod tests {
     }
 
     #[test]
-    fn pods_cannot_have_the_hosts_pid_or_ipc_namespace() {
+    fn pods_cannot_have_the_hosts_pid_ipc_or_network_namespace() {
         let spec = |nss: serde_json::Value| -> oci_spec::runtime::Spec {
             serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": nss}}))
                 .expect("spec")
         };
         let pod = Role::PodSandbox("p".into());
-        let both = spec(serde_json::json!([{"type": "pid"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}]));
-        assert!(check_namespaces(&both, &pod).is_ok());
-        let e = check_namespaces(&spec(serde_json::json!([{"type": "ipc"}])), &pod).expect_err("hostPID");
+        let all = spec(serde_json::json!([
+            {"type": "pid"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}, {"type": "network", "path": "/run/netns/p"}
+        ]));
+        assert!(check_namespaces(&all, &pod).is_ok());
+        let e = check_namespaces(&spec(serde_json::json!([{"type": "ipc"}, {"type": "network"}])), &pod)
+            .expect_err("hostPID");
         assert!(e.to_string().contains("hostPID"), "{e}");
-        let e = check_namespaces(&spec(serde_json::json!([{"type": "pid"}])), &pod).expect_err("hostIPC");
+        let e = check_namespaces(&spec(serde_json::json!([{"type": "pid"}, {"type": "network"}])), &pod)
+            .expect_err("hostIPC");
         assert!(e.to_string().contains("hostIPC"), "{e}");
+        let e = check_namespaces(&spec(serde_json::json!([{"type": "pid"}, {"type": "ipc"}])), &pod)
+            .expect_err("hostNetwork");
+        assert!(e.to_string().contains("hostNetwork"), "{e}");
         assert!(check_namespaces(&spec(serde_json::json!([])), &Role::Standalone).is_ok());
     }
 }

@@ -72,6 +72,14 @@ pub struct SandboxRecord {
     pub vmm_start: u64,
     pub vsock: PathBuf,
     pub containers: Vec<String>,
+    /// The VM's size, what later containers of the pod must fit in (0: not recorded).
+    #[serde(default)]
+    pub memory_mib: u32,
+    #[serde(default)]
+    pub vcpus: u32,
+    /// The pod namespace's taps and redirects, undone when the VM goes.
+    #[serde(default)]
+    pub network: Option<crate::network::Wired>,
 }
 
 /// An exclusive lock on a container or sandbox, held until dropped.

@@ -12,9 +12,17 @@ use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::context::Context;
 use containerd_shim::publisher::RemotePublisher;
 
+/// Where events go.
+enum Sink {
+    Remote(RemotePublisher),
+    /// Unit tests: what would have been published, as (topic, container id, exit status).
+    #[cfg(test)]
+    Recorded(std::sync::Mutex<Vec<(String, String, Option<u32>)>>),
+}
+
 /// Events of one shim, in one containerd namespace.
 pub struct Events {
-    publisher: RemotePublisher,
+    sink: Sink,
     namespace: String,
 }
 
@@ -34,23 +42,48 @@ pub fn timestamp(t: SystemTime) -> Timestamp {
 
 impl Events {
     pub fn new(publisher: RemotePublisher, namespace: String) -> Self {
-        Self { publisher, namespace }
+        Self { sink: Sink::Remote(publisher), namespace }
     }
 
-    async fn publish(&self, topic: &str, ev: Box<dyn MessageDyn>) {
-        if let Err(e) = self.publisher.publish(Context::default(), topic, &self.namespace, ev).await {
-            tracing::warn!("publishing {topic}: {e}");
+    #[cfg(test)]
+    pub fn recorded() -> Self {
+        Self { sink: Sink::Recorded(Default::default()), namespace: "test".into() }
+    }
+
+    /// What was published (tests).
+    #[cfg(test)]
+    pub fn seen(&self) -> Vec<(String, String, Option<u32>)> {
+        match &self.sink {
+            Sink::Recorded(v) => v.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            Sink::Remote(_) => Vec::new(),
         }
+    }
+
+    async fn publish(&self, topic: &str, id: &str, code: Option<u32>, ev: Box<dyn MessageDyn>) {
+        match &self.sink {
+            Sink::Remote(p) => {
+                if let Err(e) = p.publish(Context::default(), topic, &self.namespace, ev).await {
+                    tracing::warn!("publishing {topic}: {e}");
+                }
+            }
+            #[cfg(test)]
+            Sink::Recorded(v) => {
+                let _ = ev;
+                v.lock().unwrap_or_else(|p| p.into_inner()).push((topic.into(), id.into(), code));
+            }
+        }
+        #[cfg(not(test))]
+        let _ = (id, code);
     }
 
     pub async fn created(&self, id: &str, bundle: &str, pid: u32) {
         let ev = TaskCreate { container_id: id.into(), bundle: bundle.into(), pid, ..Default::default() };
-        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev)).await;
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, id, None, Box::new(ev)).await;
     }
 
     pub async fn started(&self, id: &str, pid: u32) {
         let ev = TaskStart { container_id: id.into(), pid, ..Default::default() };
-        self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev)).await;
+        self.publish(topics::TASK_START_EVENT_TOPIC, id, None, Box::new(ev)).await;
     }
 
     pub async fn exited(&self, id: &str, exec_id: &str, pid: u32, code: u32, at: SystemTime) {
@@ -62,33 +95,34 @@ impl Events {
             exited_at: MessageField::some(timestamp(at)),
             ..Default::default()
         };
-        self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
+        let key = if exec_id.is_empty() { id.to_string() } else { format!("{id}/{exec_id}") };
+        self.publish(topics::TASK_EXIT_EVENT_TOPIC, &key, Some(code), Box::new(ev)).await;
     }
 
     pub async fn oom(&self, id: &str) {
         let ev = TaskOOM { container_id: id.into(), ..Default::default() };
-        self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev)).await;
+        self.publish(topics::TASK_OOM_EVENT_TOPIC, id, None, Box::new(ev)).await;
     }
 
     pub async fn exec_added(&self, id: &str, exec_id: &str) {
         let ev = TaskExecAdded { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
-        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(ev)).await;
+        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, id, None, Box::new(ev)).await;
     }
 
     pub async fn exec_started(&self, id: &str, exec_id: &str, pid: u32) {
         let ev =
             TaskExecStarted { container_id: id.into(), exec_id: exec_id.into(), pid, ..Default::default() };
-        self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev)).await;
+        self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, id, None, Box::new(ev)).await;
     }
 
     pub async fn paused(&self, id: &str) {
         let ev = TaskPaused { container_id: id.into(), ..Default::default() };
-        self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(ev)).await;
+        self.publish(topics::TASK_PAUSED_EVENT_TOPIC, id, None, Box::new(ev)).await;
     }
 
     pub async fn resumed(&self, id: &str) {
         let ev = TaskResumed { container_id: id.into(), ..Default::default() };
-        self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev)).await;
+        self.publish(topics::TASK_RESUMED_EVENT_TOPIC, id, None, Box::new(ev)).await;
     }
 
     pub async fn deleted(&self, id: &str, pid: u32, code: u32, at: SystemTime) {
@@ -100,6 +134,6 @@ impl Events {
             exited_at: MessageField::some(timestamp(at)),
             ..Default::default()
         };
-        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev)).await;
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, id, Some(code), Box::new(ev)).await;
     }
 }

@@ -13,7 +13,7 @@ use husk_core::bundle::Bundle;
 use husk_core::relay::Outcome;
 use husk_core::stdio::StdioStrategy;
 use husk_core::vm::husk_vmm::HuskVmm;
-use husk_core::vm::VmProcess;
+use husk_core::vm::{VmProcess, Vms};
 use husk_core::{CreateOpts, ExecOpts, Held, Runtime, RuntimeError};
 use husk_proto as pb;
 use tokio::sync::watch;
@@ -22,7 +22,9 @@ use crate::events::Events;
 use crate::io::{self, Copies, Stdio};
 use crate::options::Options;
 
-pub type Rt = Runtime<HuskVmm>;
+/// Builds the pod's lifecycle from the config file the runtime options name (or husk's usual
+/// places): over husk-vmm in the shim, over a fake in unit tests.
+pub type MakeRuntime<V> = Box<dyn Fn(Option<&Path>) -> Result<Runtime<V>, RuntimeError> + Send + Sync>;
 
 /// How long output may keep draining after a process has exited.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -77,16 +79,16 @@ pub struct ProcState {
     pub bundle: PathBuf,
 }
 
-pub struct Pod {
-    namespace: String,
+pub struct Pod<V: Vms = HuskVmm> {
+    make_rt: MakeRuntime<V>,
     /// Built at the first Create, from its runtime options.
-    rt: tokio::sync::OnceCell<Arc<Rt>>,
+    rt: tokio::sync::OnceCell<Arc<Runtime<V>>>,
     pub events: Arc<Events>,
     pub exit: Arc<ExitSignal>,
     containers: Mutex<HashMap<String, Container>>,
 }
 
-impl std::fmt::Debug for Pod {
+impl<V: Vms> std::fmt::Debug for Pod<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pod").field("containers", &self.table().len()).finish_non_exhaustive()
     }
@@ -139,10 +141,10 @@ fn unmount_rootfs(target: &Path) {
     }
 }
 
-impl Pod {
-    pub fn new(namespace: String, events: Events, exit: Arc<ExitSignal>) -> Self {
+impl<V: Vms> Pod<V> {
+    pub fn new(make_rt: MakeRuntime<V>, events: Events, exit: Arc<ExitSignal>) -> Self {
         Self {
-            namespace,
+            make_rt,
             rt: tokio::sync::OnceCell::new(),
             events: Arc::new(events),
             exit,
@@ -151,16 +153,14 @@ impl Pod {
     }
 
     /// The lifecycle, configured by the first Create's options (or husk's defaults).
-    pub async fn rt(&self) -> Result<Arc<Rt>, RuntimeError> {
+    pub async fn rt(&self) -> Result<Arc<Runtime<V>>, RuntimeError> {
         self.rt_with(&Options::default()).await
     }
 
-    async fn rt_with(&self, opts: &Options) -> Result<Arc<Rt>, RuntimeError> {
+    async fn rt_with(&self, opts: &Options) -> Result<Arc<Runtime<V>>, RuntimeError> {
         let rt = self
             .rt
-            .get_or_try_init(|| async {
-                crate::shim::runtime(&self.namespace, opts.config_path.as_deref()).map(Arc::new)
-            })
+            .get_or_try_init(|| async { (self.make_rt)(opts.config_path.as_deref()).map(Arc::new) })
             .await?;
         Ok(rt.clone())
     }
@@ -173,7 +173,7 @@ impl Pod {
     /// exit is recorded and published.
     fn watch_exit(
         &self,
-        rt: Arc<Rt>,
+        rt: Arc<Runtime<V>>,
         id: &str,
         exec_id: &str,
         pid: u32,
@@ -200,7 +200,15 @@ impl Pod {
     }
 
     /// Starts copies and the exit watch of a process the core created with held streams.
-    fn attach(&self, rt: Arc<Rt>, id: &str, exec_id: &str, held: Held, stdio: &Stdio, proc_: &mut Proc) {
+    fn attach(
+        &self,
+        rt: Arc<Runtime<V>>,
+        id: &str,
+        exec_id: &str,
+        held: Held,
+        stdio: &Stdio,
+        proc_: &mut Proc,
+    ) {
         let mut copies = io::start(held.guest, stdio);
         proc_.pid = held.guest_pid;
         proc_.lifeline = copies.lifeline.take();
@@ -271,7 +279,7 @@ impl Pod {
     }
 
     /// OOM kills in the pod's VM become TaskOOM events.
-    fn watch_ooms(&self, rt: Arc<Rt>, id: &str) {
+    fn watch_ooms(&self, rt: Arc<Runtime<V>>, id: &str) {
         let (events, id) = (self.events.clone(), id.to_string());
         tokio::spawn(async move {
             let mut stream = match rt.events(&id).await {
@@ -314,8 +322,18 @@ impl Pod {
             exec_id: Some(exec_id.to_string()),
         };
         let rt = self.rt().await?;
-        let Some(held) = rt.exec(id, opts).await? else {
-            return Err(RuntimeError::Internal("a held exec returned no streams".into()));
+        let spec = opts.process_json.clone();
+        let held = match rt.exec(id, opts).await {
+            Ok(Some(h)) => h,
+            r => {
+                // It never ran: it stays deletable (and startable) as before this call.
+                if let Ok(p) = exec_mut(&mut self.table(), id, exec_id) {
+                    p.pending = Some(spec);
+                }
+                return Err(r
+                    .err()
+                    .unwrap_or_else(|| RuntimeError::Internal("a held exec returned no streams".into())));
+            }
         };
         let pid = {
             let mut t = self.table();
@@ -442,5 +460,216 @@ impl Pod {
 
     pub fn is_empty(&self) -> bool {
         self.table().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim::protos::topics;
+    use husk_core::agent::fake::{process_key, Fake};
+    use husk_core::config::Config;
+    use husk_core::state::StateDir;
+    use husk_proto as pb;
+
+    /// Pod containers bind their rootfs into the VM share: that needs root. In strict mode (CI)
+    /// a missing prerequisite fails instead of skipping.
+    fn root_or_skip() -> bool {
+        // SAFETY: geteuid has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return true;
+        }
+        assert!(
+            std::env::var_os("HUSK_TESTS_STRICT").is_none(),
+            "the shim's pod tests need root (bind mounts)"
+        );
+        eprintln!("skipped: the shim's pod tests need root (bind mounts)");
+        false
+    }
+
+    struct Fixture {
+        dir: PathBuf,
+        pod: Pod<Fake>,
+        fake: Fake,
+    }
+
+    impl Fixture {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("husk-shim-pod-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            let fake = Fake::default();
+            let (state, f) = (dir.join("state"), fake.clone());
+            let make: MakeRuntime<Fake> = Box::new(move |_config: Option<&Path>| {
+                Ok(Runtime::new(StateDir::new(state.clone())?, Config::load()?, f.clone()))
+            });
+            let pod = Pod::new(make, Events::recorded(), Arc::new(ExitSignal::default()));
+            Self { dir, pod, fake }
+        }
+
+        /// A bundle for container `id` with these annotations.
+        fn bundle(&self, id: &str, annotations: serde_json::Value) -> PathBuf {
+            let b = self.dir.join("bundles").join(id);
+            std::fs::create_dir_all(b.join("rootfs")).expect("rootfs");
+            let spec = serde_json::json!({
+                "ociVersion": "1.0.2",
+                "process": {"args": ["sleep", "300"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+                "root": {"path": "rootfs"},
+                "annotations": annotations,
+                "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "network"}, {"type": "mount"}]},
+            });
+            std::fs::write(b.join("config.json"), spec.to_string()).expect("config.json");
+            b
+        }
+
+        async fn create(&self, id: &str, annotations: serde_json::Value) -> Result<u32, RuntimeError> {
+            let b = self.bundle(id, annotations);
+            self.pod.create(id, &b, &[], Stdio::default(), &Options::default()).await
+        }
+
+        fn topics(&self) -> Vec<(String, String, Option<u32>)> {
+            self.pod.events.seen()
+        }
+
+        /// Nothing of the pod is left: no container known, no VM, no state, no mount.
+        fn assert_gone(&self) {
+            assert!(self.pod.is_empty(), "the pod still has containers");
+            let w = self.fake.world();
+            assert!(w.running_vms.is_empty(), "a VM still runs");
+            let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+            assert!(
+                !mounts.contains(&self.dir.display().to_string()),
+                "a mount is left under {}",
+                self.dir.display()
+            );
+            let left: Vec<_> = ["containers", "sandboxes"]
+                .iter()
+                .flat_map(|d| std::fs::read_dir(self.dir.join("state").join(d)).into_iter().flatten())
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            assert!(left.is_empty(), "state left: {left:?}");
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = husk_core::mounts::unmount_under(&self.dir);
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn exec_spec() -> Vec<u8> {
+        br#"{"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#.to_vec()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_container_and_its_exec_live_and_go_with_their_events() {
+        if !root_or_skip() {
+            return;
+        }
+        let f = Fixture::new("lives");
+        let pid = f.create("c1", serde_json::json!({})).await.expect("create");
+        assert_eq!(f.pod.state("c1", "").await.expect("state").status, Status::Created);
+        assert_eq!(f.pod.start("c1", "").await.expect("start"), pid);
+        assert_eq!(f.pod.state("c1", "").await.expect("state").status, Status::Running);
+
+        f.pod.exec("c1", "e1", exec_spec(), Stdio::default()).await.expect("exec");
+        assert_eq!(f.pod.state("c1", "e1").await.expect("state").status, Status::Created);
+        f.pod.start("c1", "e1").await.expect("start exec");
+        // An exec that ends by itself: its exit is seen by Wait and State.
+        f.fake
+            .world()
+            .exits
+            .insert(process_key("c1", "e1"), pb::ExitStatus { exit_code: 3, ..Default::default() });
+        assert_eq!(f.pod.wait("c1", "e1").await.expect("wait").code, 3);
+        assert_eq!(f.pod.state("c1", "e1").await.expect("state").status, Status::Stopped);
+        assert_eq!(f.pod.delete("c1", "e1").await.expect("delete exec").1.code, 3);
+
+        // SIGTERM reaches the guest; SIGKILL ends the init, and a second kill is answered from
+        // the exit the shim saw.
+        f.pod.kill("c1", "", libc::SIGTERM as u32, false).await.expect("term");
+        f.pod.kill("c1", "", libc::SIGKILL as u32, false).await.expect("kill");
+        assert_eq!(f.pod.wait("c1", "").await.expect("wait").code, 137);
+        let e = f.pod.kill("c1", "", libc::SIGKILL as u32, false).await.expect_err("already finished");
+        assert!(e.to_string().contains("already finished"), "{e}");
+        let sigs: Vec<i32> = f.fake.world().signals.iter().map(|(_, s)| *s).collect();
+        assert_eq!(sigs, [libc::SIGTERM, libc::SIGKILL]);
+
+        let (_, exit) = f.pod.delete("c1", "").await.expect("delete");
+        assert_eq!(exit.code, 137);
+        assert_eq!(f.fake.world().power_offs, 1, "the last container's delete powers the VM off");
+        let want = [
+            (topics::TASK_CREATE_EVENT_TOPIC, "c1", None),
+            (topics::TASK_START_EVENT_TOPIC, "c1", None),
+            (topics::TASK_EXEC_ADDED_EVENT_TOPIC, "c1", None),
+            (topics::TASK_EXEC_STARTED_EVENT_TOPIC, "c1", None),
+            (topics::TASK_EXIT_EVENT_TOPIC, "c1/e1", Some(3)),
+            (topics::TASK_EXIT_EVENT_TOPIC, "c1", Some(137)),
+            (topics::TASK_DELETE_EVENT_TOPIC, "c1", Some(137)),
+        ];
+        let want: Vec<_> = want.iter().map(|(t, i, c)| (t.to_string(), i.to_string(), *c)).collect();
+        assert_eq!(f.topics(), want);
+        f.assert_gone();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_requests_get_clear_errors_and_leave_nothing() {
+        if !root_or_skip() {
+            return;
+        }
+        let f = Fixture::new("bad");
+        // A pod member whose sandbox is gone.
+        let member = serde_json::json!({
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-id": "gone",
+        });
+        let e = f.create("m1", member).await.expect_err("no sandbox");
+        assert!(e.to_string().contains("sandbox gone does not exist"), "{e}");
+        f.assert_gone();
+
+        f.create("c1", serde_json::json!({})).await.expect("create");
+        f.pod.start("c1", "").await.expect("start");
+        // A signal that is no signal, a process that does not exist, a second exec of one id.
+        let e = f.pod.kill("c1", "", 1 << 31, false).await.expect_err("bad signal");
+        assert!(matches!(e, RuntimeError::InvalidArgument(_)), "{e}");
+        assert!(f.pod.kill("c1", "nope", 9, false).await.is_err());
+        assert!(matches!(f.pod.state("nope", "").await, Err(RuntimeError::NotFound(_))));
+        f.pod.exec("c1", "e1", exec_spec(), Stdio::default()).await.expect("exec");
+        assert!(matches!(
+            f.pod.exec("c1", "e1", exec_spec(), Stdio::default()).await,
+            Err(RuntimeError::Exists(_))
+        ));
+        // An exec into a task that has stopped.
+        f.pod.kill("c1", "", libc::SIGKILL as u32, false).await.expect("kill");
+        f.pod.wait("c1", "").await.expect("wait");
+        let e = f.pod.start("c1", "e1").await.expect_err("exec into a stopped task");
+        assert!(e.to_string().contains("stopped container"), "{e}");
+        f.pod.delete("c1", "e1").await.expect("delete the exec that never ran");
+        f.pod.delete("c1", "").await.expect("delete");
+        f.assert_gone();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pod_is_one_vm_until_its_last_container_goes() {
+        if !root_or_skip() {
+            return;
+        }
+        let f = Fixture::new("pod");
+        let sb = serde_json::json!({"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "p1"});
+        let member = serde_json::json!({"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "p1"});
+        f.create("p1", sb).await.expect("sandbox");
+        f.pod.start("p1", "").await.expect("start sandbox");
+        f.create("m1", member).await.expect("member");
+        f.pod.start("m1", "").await.expect("start member");
+        assert_eq!(f.fake.world().boots, 1);
+        f.pod.kill("m1", "", libc::SIGKILL as u32, false).await.expect("kill member");
+        f.pod.wait("m1", "").await.expect("wait member");
+        f.pod.delete("m1", "").await.expect("delete member");
+        assert_eq!(f.fake.world().power_offs, 0, "the VM stays for the sandbox");
+        f.pod.kill("p1", "", libc::SIGKILL as u32, false).await.expect("kill sandbox");
+        f.pod.delete("p1", "").await.expect("delete sandbox");
+        assert_eq!(f.fake.world().power_offs, 1);
+        f.assert_gone();
     }
 }

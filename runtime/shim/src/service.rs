@@ -11,15 +11,23 @@ use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::{Task, TtrpcContext, TtrpcResult};
 use husk_core::agent::Status;
+use husk_core::vm::husk_vmm::HuskVmm;
+use husk_core::vm::Vms;
 
 use crate::errors::{status, to_ttrpc};
 use crate::events::timestamp;
 use crate::io::Stdio;
 use crate::pod::Pod;
 
-#[derive(Debug, Clone)]
-pub struct Service {
-    pub pod: Arc<Pod>,
+#[derive(Debug)]
+pub struct Service<V: Vms = HuskVmm> {
+    pub pod: Arc<Pod<V>>,
+}
+
+impl<V: Vms> Clone for Service<V> {
+    fn clone(&self) -> Self {
+        Self { pod: self.pod.clone() }
+    }
 }
 
 fn task_status(s: Status) -> TaskStatus {
@@ -32,7 +40,7 @@ fn task_status(s: Status) -> TaskStatus {
 }
 
 #[async_trait]
-impl Task for Service {
+impl<V: Vms> Task for Service<V> {
     async fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
         let s = self.pod.state(&req.id, &req.exec_id).await.map_err(to_ttrpc)?;
         Ok(api::StateResponse {

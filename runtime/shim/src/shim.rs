@@ -18,7 +18,7 @@ use husk_core::vm::VmProcess;
 use husk_core::{Runtime, RuntimeError};
 
 use crate::events::{timestamp, Events};
-use crate::pod::{Pod, Rt};
+use crate::pod::Pod;
 use crate::service::Service;
 
 /// Where the shims keep husk's state, one directory per containerd namespace.
@@ -43,7 +43,7 @@ impl std::fmt::Debug for HuskShim {
 
 /// The lifecycle over this namespace's state directory, with husk's config from `config`
 /// (the runtime options' ConfigPath) or its usual places.
-pub fn runtime(namespace: &str, config: Option<&Path>) -> Result<Rt, RuntimeError> {
+pub fn runtime(namespace: &str, config: Option<&Path>) -> Result<Runtime<HuskVmm>, RuntimeError> {
     husk_core::state::check_id(namespace)
         .map_err(|_| RuntimeError::InvalidArgument(format!("containerd namespace {namespace:?}")))?;
     let cfg = HuskConfig::load_from(config)?;
@@ -119,6 +119,8 @@ impl Shim for HuskShim {
     async fn create_task_service(&self, publisher: RemotePublisher) -> Service {
         crate::logging::init(self.debug);
         let events = Events::new(publisher, self.namespace.clone());
-        Service { pod: Arc::new(Pod::new(self.namespace.clone(), events, self.exit.clone())) }
+        let ns = self.namespace.clone();
+        let make = Box::new(move |config: Option<&Path>| runtime(&ns, config));
+        Service { pod: Arc::new(Pod::new(make, events, self.exit.clone())) }
     }
 }

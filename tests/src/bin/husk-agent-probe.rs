@@ -761,6 +761,7 @@ async fn main() -> Result<()> {
             hostname: "husk-sandbox".into(),
             shares: vec![share],
             unix_time_ns,
+            ..Default::default()
         })
         .await
         .context("create sandbox")?;

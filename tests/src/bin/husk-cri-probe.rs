@@ -35,6 +35,8 @@ fn handler_long_root() -> &'static str {
     HANDLERS.get().map(|h| h.1.as_str()).unwrap_or("husk-long")
 }
 const WORK: &str = "/var/cri";
+/// The private subnet of the test's CNI bridge (tests/cri.rs), as a prefix of its addresses.
+const POD_SUBNET_PREFIX: &str = "10.213.7.";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -215,9 +217,10 @@ fn sandbox_config(name: &str) -> cri::PodSandboxConfig {
         log_directory: format!("/var/log/pods/husk-test_{name}_{uid}"),
         linux: Some(cri::LinuxPodSandboxConfig {
             security_context: Some(cri::LinuxSandboxSecurityContext {
-                // Pod networking is CNI's (a later test); these pods use the node's.
+                // The pod's own network namespace, which CNI (a bridge on the test's private
+                // subnet) fills; the node's is refused by husk.
                 namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Node as i32,
+                    network: cri::NamespaceMode::Pod as i32,
                     pid: cri::NamespaceMode::Container as i32,
                     ipc: cri::NamespaceMode::Pod as i32,
                     ..Default::default()
@@ -269,6 +272,7 @@ struct Ctr {
     seccomp: Option<String>,
     run_as: Option<i64>,
     no_new_privs: bool,
+    memory_limit: i64,
 }
 
 fn sh(script: &str) -> Vec<String> {
@@ -304,7 +308,13 @@ async fn start_container(rt: &mut Rt, pod: &Pod, c: Ctr) -> Result<String> {
         command: c.cmd,
         log_path: format!("{}/0.log", c.name),
         mounts: c.mounts,
-        linux: Some(cri::LinuxContainerConfig { security_context: Some(sc), ..Default::default() }),
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(sc),
+            resources: (c.memory_limit > 0).then(|| cri::LinuxContainerResources {
+                memory_limit_in_bytes: c.memory_limit,
+                ..Default::default()
+            }),
+        }),
         ..Default::default()
     };
     let id = rt
@@ -438,6 +448,8 @@ async fn run(socket: &str) -> Result<()> {
     report("SETUID", setuid(&mut rt).await);
     report("PROPAGATION", propagation(&mut rt).await);
     report("PID-MODES", pid_modes(&mut rt).await);
+    report("VM-SIZE", vm_size(&mut rt).await);
+    report("POD-NET", pod_network(&mut rt).await);
     if handler() == "husk-shim" {
         report("SHIM-PER-POD", shim_per_pod(&mut rt).await);
         report("SHIM-KILLED", shim_killed(&mut rt).await);
@@ -473,10 +485,7 @@ async fn bench(socket: &str, n: usize, handlers: &[String]) -> Result<()> {
         let (mut ready, mut exec) = (Vec::new(), Vec::new());
         for i in 0..n {
             let t = std::time::Instant::now();
-            // Host-network pods share the node's UTS namespace: runc refuses a hostname there.
-            let mut config = sandbox_config(&format!("bench-{i}"));
-            config.hostname.clear();
-            let pod = run_pod_with(&mut rt, config, h).await?;
+            let pod = run_pod(&mut rt, &format!("bench-{i}"), h).await?;
             let r = async {
                 let c = Ctr { name: "s", cmd: sh("exec sleep 300"), ..Default::default() };
                 let id = start_container(&mut rt, &pod, c).await?;
@@ -562,9 +571,234 @@ async fn pid_modes(rt: &mut Rt) -> Result<()> {
             remove_pod(rt, &p).await?;
             bail!("a pod with the host's PID namespace started")
         }
-        Err(e) if format!("{e:#}").contains("hostPID") => Ok(()),
+        Err(e) if format!("{e:#}").contains("hostPID") => {}
         Err(e) => bail!("hostPID refused without saying why: {e:#}"),
     }
+    let mut host_net = sandbox_config("net-node");
+    host_net.hostname.clear();
+    if let Some(ns) = host_net
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+    {
+        ns.network = cri::NamespaceMode::Node as i32;
+    }
+    match run_pod_with(rt, host_net, handler()).await {
+        Ok(p) => {
+            remove_pod(rt, &p).await?;
+            bail!("a pod with the host's network started")
+        }
+        Err(e) if format!("{e:#}").contains("hostNetwork") => Ok(()),
+        Err(e) => bail!("hostNetwork refused without saying why: {e:#}"),
+    }
+}
+
+/// The node's address on the test's CNI bridge (its gateway), where the probe serves HTTP.
+const NODE_ADDR: &str = "10.213.7.1";
+const NODE_PORT: u16 = 8089;
+/// Bytes each way in the pod network check.
+const BLOB: usize = 4 << 20;
+
+fn blob() -> Vec<u8> {
+    (0..BLOB).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+}
+
+/// A one-file HTTP server on the node's bridge address: GET of anything returns the blob.
+fn serve_blob() -> Result<()> {
+    let l = std::net::TcpListener::bind((NODE_ADDR, NODE_PORT)).context("binding the node's HTTP server")?;
+    std::thread::spawn(move || {
+        let body = blob();
+        for c in l.incoming().flatten() {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut req = [0u8; 1024];
+                let _ = std::io::Read::read(&mut c, &mut req);
+                let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                let _ = c.write_all(head.as_bytes()).and_then(|_| c.write_all(&body));
+            });
+        }
+    });
+    Ok(())
+}
+
+/// `GET /path` from `ip:80` with a plain socket; the body.
+fn http_get(ip: &str, path: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(&format!("{ip}:80").parse()?, Duration::from_secs(30))?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all)?;
+    let at = all.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header end"))?;
+    Ok(all.split_off(at + 4))
+}
+
+async fn pod_ip(rt: &mut Rt, pod: &Pod) -> Result<String> {
+    let st = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: pod.id.clone(), verbose: false })
+        .await?
+        .into_inner();
+    st.status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .filter(|ip| !ip.is_empty())
+        .ok_or_else(|| anyhow!("the pod has no IP"))
+}
+
+/// Pod networking from CNI, in the VM: the node reaches a pod's server at the pod's CNI
+/// address, the pod reaches the node, two pods reach each other, 4 MiB each way arrive intact,
+/// and the request's DNS config is the container's resolv.conf.
+async fn pod_network(rt: &mut Rt) -> Result<()> {
+    serve_blob()?;
+    let mut config = sandbox_config("net-a");
+    config.dns_config = Some(cri::DnsConfig {
+        servers: vec!["10.213.7.53".into()],
+        searches: vec!["husk.test".into()],
+        options: vec!["ndots:2".into()],
+    });
+    let a = run_pod_with(rt, config, handler()).await?;
+    let b = run_pod(rt, "net-b", handler()).await;
+    let r = async {
+        let b = b.as_ref().map_err(|e| anyhow!("{e:#}"))?;
+        let script = format!(
+            "mkdir -p /tmp/www && echo hello-from-pod > /tmp/www/index.html && \
+             head -c {BLOB} /dev/urandom > /tmp/www/blob && exec httpd -f -p 80 -h /tmp/www"
+        );
+        let srv =
+            start_container(rt, &a, Ctr { name: "srv", cmd: sh(&script), ..Default::default() }).await?;
+        let cli =
+            start_container(rt, b, Ctr { name: "cli", cmd: sh("exec sleep 300"), ..Default::default() })
+                .await?;
+        let (ip_a, ip_b) = (pod_ip(rt, &a).await?, pod_ip(rt, b).await?);
+        if ip_a == ip_b {
+            bail!("both pods have {ip_a}");
+        }
+        // The node → pod A, at its CNI address (the server may still be starting).
+        let mut page = Vec::new();
+        for _ in 0..150 {
+            match http_get(&ip_a, "/") {
+                Ok(p) => {
+                    page = p;
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        if !String::from_utf8_lossy(&page).contains("hello-from-pod") {
+            let last = http_get(&ip_a, "/").err().map(|e| format!("{e:#}")).unwrap_or_default();
+            let inside = exec_sync(rt, &srv, sh("ip addr; ip route; netstat -ltn; ps"), 60).await?;
+            let arp = std::fs::read_to_string("/proc/net/arp").unwrap_or_default();
+            bail!(
+                "the node did not reach pod A's server at {ip_a} ({last}); in the pod: {} {}; node ARP: {arp}",
+                stdout(&inside),
+                String::from_utf8_lossy(&inside.stderr)
+            );
+        }
+        let want = exec_sync(rt, &srv, sh("sha256sum /tmp/www/blob"), 120).await?;
+        let got = http_get(&ip_a, "/blob")?;
+        let got_sum = hex(Sha256::digest(&got));
+        if !stdout(&want).starts_with(&got_sum) || got.len() != BLOB {
+            bail!("pod → node: {} bytes, sha256 {got_sum}, the pod has {}", got.len(), stdout(&want).trim());
+        }
+        // Pod B → the node, and pod B → pod A.
+        let out = exec_sync(
+            rt,
+            &cli,
+            sh(&format!("wget -q -O - http://{NODE_ADDR}:{NODE_PORT}/blob | sha256sum")),
+            120,
+        )
+        .await?;
+        if !stdout(&out).starts_with(&hex(Sha256::digest(blob()))) {
+            bail!(
+                "node → pod B: sha256 {} (exit {}, {})",
+                stdout(&out).trim(),
+                out.exit_code,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = exec_sync(rt, &cli, sh(&format!("wget -q -O - http://{ip_a}/")), 60).await?;
+        if !stdout(&out).contains("hello-from-pod") {
+            bail!(
+                "pod B ({ip_b}) did not reach pod A ({ip_a}): exit {} {}",
+                out.exit_code,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // The guest's interface has the pod's address; the DNS config is the container's.
+        let out = exec_sync(rt, &srv, sh("ip -o addr show eth0; cat /etc/resolv.conf"), 60).await?;
+        let text = stdout(&out);
+        if !text.contains(&format!("inet {ip_a}/")) {
+            bail!("the guest's eth0 does not have the pod's address {ip_a}: {text}");
+        }
+        if !text.contains("nameserver 10.213.7.53") || !text.contains("search husk.test") {
+            bail!("the request's DNS config is not the container's resolv.conf: {text}");
+        }
+        Ok(())
+    }
+    .await;
+    remove_pod(rt, &a).await?;
+    if let Ok(b) = &b {
+        remove_pod(rt, b).await?;
+    }
+    r
+}
+
+/// The guest's memory in KiB, as a container of the VM sees it.
+async fn guest_mem_kib(rt: &mut Rt, id: &str) -> Result<u64> {
+    let out = exec_sync(rt, id, sh("sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo"), 60).await?;
+    stdout(&out).trim().parse().map_err(|_| anyhow!("MemTotal: {:?}", stdout(&out)))
+}
+
+/// The pod's VM is sized from what the pod declares: its resources (containerd's sandbox
+/// annotations) or husk's annotation; a container bigger than the VM is refused by name.
+async fn vm_size(rt: &mut Rt) -> Result<()> {
+    const MIB: i64 = 1 << 20;
+    let mut config = sandbox_config("sized");
+    if let Some(l) = config.linux.as_mut() {
+        l.resources =
+            Some(cri::LinuxContainerResources { memory_limit_in_bytes: 600 * MIB, ..Default::default() });
+    }
+    let pod = run_pod_with(rt, config, handler()).await?;
+    let r = async {
+        let id = start_container(
+            rt,
+            &pod,
+            Ctr { name: "m", cmd: sh("exec sleep 300"), memory_limit: 500 * MIB, ..Default::default() },
+        )
+        .await?;
+        let kib = guest_mem_kib(rt, &id).await?;
+        if kib < 600 << 10 {
+            bail!("a pod declaring 600 MiB got a VM of {kib} KiB");
+        }
+        let big =
+            Ctr { name: "big", cmd: sh("exec sleep 300"), memory_limit: 2048 * MIB, ..Default::default() };
+        match start_container(rt, &pod, big).await {
+            Ok(_) => bail!("a container asking for 2 GiB started in a VM of {kib} KiB"),
+            Err(e) if format!("{e:#}").contains("more than its VM can give") => Ok(()),
+            Err(e) => bail!("a container bigger than its VM failed without saying why: {e:#}"),
+        }
+    }
+    .await;
+    remove_pod(rt, &pod).await?;
+    r?;
+    let mut config = sandbox_config("annotated");
+    config.annotations.insert("io.husk.vm.memory-mib".into(), "400".into());
+    let pod = run_pod_with(rt, config, handler()).await?;
+    let r = async {
+        let id =
+            start_container(rt, &pod, Ctr { name: "a", cmd: sh("exec sleep 300"), ..Default::default() })
+                .await?;
+        let kib = guest_mem_kib(rt, &id).await?;
+        if !(300 << 10..=400 << 10).contains(&kib) {
+            bail!("a pod annotated with 400 MiB got a VM of {kib} KiB");
+        }
+        Ok(())
+    }
+    .await;
+    remove_pod(rt, &pod).await?;
+    r
 }
 
 /// husk's config file named by the runtime options (ConfigPath) shapes the pod's VM; a
@@ -575,9 +809,7 @@ async fn shim_options(rt: &mut Rt) -> Result<()> {
         let id =
             start_container(rt, &pod, Ctr { name: "m", cmd: sh("exec sleep 300"), ..Default::default() })
                 .await?;
-        let out =
-            exec_sync(rt, &id, sh("sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo"), 60).await?;
-        let kib: u64 = stdout(&out).trim().parse().map_err(|_| anyhow!("MemTotal: {:?}", stdout(&out)))?;
+        let kib = guest_mem_kib(rt, &id).await?;
         if kib < 400 << 10 {
             bail!("the VM has {kib} KiB: ConfigPath's memory_mib 512 was not applied");
         }
@@ -593,6 +825,14 @@ async fn shim_options(rt: &mut Rt) -> Result<()> {
         }
         Err(e) if format!("{e:#}").contains("/nonexistent/husk.json") => {}
         Err(e) => bail!("the error does not name the missing config: {e:#}"),
+    }
+    match run_pod(rt, "no-kernel", "husk-shim-nokernel").await {
+        Ok(p) => {
+            remove_pod(rt, &p).await?;
+            bail!("a pod started without a guest kernel")
+        }
+        Err(e) if format!("{e:#}").contains("/nonexistent/vmlinux") => {}
+        Err(e) => bail!("the error does not name the missing kernel: {e:#}"),
     }
     none_left().await
 }
@@ -715,10 +955,15 @@ async fn pause_pod(rt: &mut Rt) -> Result<()> {
         .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: pod.id.clone(), verbose: false })
         .await?
         .into_inner();
-    let state = st.status.map(|s| s.state).unwrap_or(-1);
+    let state = st.status.as_ref().map(|s| s.state).unwrap_or(-1);
+    let ip = st.status.and_then(|s| s.network).map(|n| n.ip).unwrap_or_default();
     remove_pod(rt, &pod).await?;
     if state != cri::PodSandboxState::SandboxReady as i32 {
         bail!("pod state {state}, not ready");
+    }
+    // CNI's bridge and host-local gave the pod's namespace its address.
+    if !ip.starts_with(POD_SUBNET_PREFIX) {
+        bail!("pod IP {ip:?} is not from the test's CNI subnet {POD_SUBNET_PREFIX}0/24");
     }
     Ok(())
 }

@@ -30,6 +30,20 @@ pub struct World {
     pub boots: usize,
     pub power_offs: usize,
     pub execs: Vec<String>,
+    /// How processes ended, by `container` or `container/exec`; a wait returns once its
+    /// process is here (a SIGKILL puts it here, a test may too).
+    pub exits: HashMap<String, pb::ExitStatus>,
+    /// Signals delivered, as (process key, signal).
+    pub signals: Vec<(String, i32)>,
+}
+
+/// The key of a process in [`World::exits`].
+pub fn process_key(container_id: &str, exec_id: &str) -> String {
+    if exec_id.is_empty() {
+        container_id.to_string()
+    } else {
+        format!("{container_id}/{exec_id}")
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -139,19 +153,39 @@ impl Agent for Fake {
     }
 
     async fn signal_process(&self, req: pb::SignalProcessRequest) -> AgentResult<()> {
+        let key = process_key(&req.container_id, &req.exec_id);
         self.with(&req.container_id, |s| match s {
             Status::Stopped => Err(precondition("not running")),
             _ => {
-                if req.signal == libc::SIGKILL {
+                if req.signal == libc::SIGKILL && req.exec_id.is_empty() {
                     *s = Status::Stopped;
                 }
                 Ok(())
             }
-        })
+        })?;
+        let mut w = self.world();
+        w.signals.push((key.clone(), req.signal));
+        if req.signal == libc::SIGKILL {
+            w.exits.insert(key, pb::ExitStatus { exit_code: 0, signal: libc::SIGKILL, core_dumped: false });
+        }
+        Ok(())
     }
 
-    async fn wait_process(&self, _p: pb::ProcessRef) -> AgentResult<pb::ExitStatus> {
-        Ok(pb::ExitStatus::default())
+    async fn wait_process(&self, p: pb::ProcessRef) -> AgentResult<pb::ExitStatus> {
+        let key = process_key(&p.container_id, &p.exec_id);
+        loop {
+            {
+                let w = self.world();
+                if let Some(s) = w.exits.get(&key) {
+                    return Ok(*s);
+                }
+                // A container (and its execs) removed or its VM gone ends like a SIGKILL.
+                if !w.containers.contains_key(&p.container_id) {
+                    return Ok(pb::ExitStatus { exit_code: 0, signal: libc::SIGKILL, core_dumped: false });
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
     }
 
     async fn resize_tty(&self, _req: pb::ResizeTtyRequest) -> AgentResult<()> {
@@ -179,12 +213,7 @@ impl Agent for Fake {
 impl Vms for Fake {
     type Agent = Fake;
 
-    async fn boot(
-        &self,
-        state: &StateDir,
-        sid: &str,
-        _shape: &VmShape,
-    ) -> Result<Booted<Fake>, RuntimeError> {
+    async fn boot(&self, state: &StateDir, sid: &str, shape: &VmShape) -> Result<Booted<Fake>, RuntimeError> {
         self.step(Step::Boot)?;
         let dir = state.sandbox_dir(sid);
         std::fs::create_dir_all(dir.join("shared")).map_err(RuntimeError::io("fake boot"))?;
@@ -197,6 +226,9 @@ impl Vms for Fake {
             vmm_start: 0,
             vsock: dir.join("vsock.sock"),
             containers: Vec::new(),
+            memory_mib: shape.memory_mib,
+            vcpus: shape.vcpus,
+            network: shape.network.clone(),
         };
         Ok(Booted { record, process: VmProcess::default(), agent: self.clone() })
     }

@@ -2,7 +2,8 @@
 //! against the real agent in a VM ([`client::GrpcAgent`]) or a fake one in unit tests.
 
 pub mod client;
-#[cfg(test)]
+/// A fake agent and VM backend, for unit tests here and in the front ends (feature `fake`).
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
 
 use std::future::Future;

@@ -131,7 +131,12 @@ impl<V: Vms> Runtime<V> {
 
     /// Applies `linux.resources` JSON (already checked by the caller's parser).
     pub async fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<(), RuntimeError> {
-        let (_lock, _rec, a, _) = self.locked_live(id, "update", &LIVE).await?;
+        let res: oci_spec::runtime::LinuxResources = serde_json::from_slice(&resources_json)
+            .map_err(|e| RuntimeError::InvalidArgument(format!("update {id}: resources: {e}")))?;
+        let (_lock, rec, a, _) = self.locked_live(id, "update", &LIVE).await?;
+        if let Some(vm) = self.state.read_sandbox(&rec.sandbox_id)? {
+            super::shape::check_fits(id, Some(&res), &vm)?;
+        }
         Ok(a.update_container(id, resources_json).await?)
     }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use husk_proto as pb;
 
-use super::shape::vm_shape;
+use super::shape::{check_fits, vm_shape};
 use super::{CreateOpts, Held, Runtime, OCI_VERSION};
 use crate::agent::Agent;
 use crate::bundle::{self, Bundle, HostHook};
@@ -52,6 +52,27 @@ impl<A: Agent> Partial<A> {
             }
         }
     }
+}
+
+/// The pod's network namespace (a path in the spec: CNI's), wired to taps for the VM. A
+/// namespace without a path is the VM's own, with loopback only.
+async fn wire_network(bundle: &Bundle) -> Result<Option<crate::network::Wired>, RuntimeError> {
+    let nss = bundle.spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
+    let Some(path) = nss
+        .iter()
+        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        .and_then(|n| n.path().clone())
+    else {
+        return Ok(None);
+    };
+    // A pod peer's namespace (`/proc/<pid>/ns/net`) is its VM's already.
+    if crate::namespaces::proc_ns_path(&path).is_some() {
+        return Ok(None);
+    }
+    let wired = tokio::task::spawn_blocking(move || crate::network::wire(&path))
+        .await
+        .map_err(|e| RuntimeError::Internal(format!("wiring the network: {e}")))??;
+    Ok(Some(wired))
 }
 
 pub fn now_rfc3339() -> String {
@@ -126,11 +147,15 @@ impl<V: Vms> Runtime<V> {
                     mounts::unmount_under(&shared)?;
                     let _ = std::fs::remove_dir_all(&shared);
                 }
-                let shape = vm_shape(&self.cfg, bundle, &opts);
+                let mut shape = vm_shape(&self.cfg, bundle, &opts)?;
+                shape.network = wire_network(bundle).await?;
                 let booted = match self.vms.boot(&self.state, &sid, &shape).await {
                     Ok(b) => b,
                     Err(e) => {
-                        // The VM never came up: its directory goes too.
+                        // The VM never came up: its directory and its taps go too.
+                        if let Some(w) = shape.network {
+                            let _ = tokio::task::spawn_blocking(move || crate::network::unwire(&w)).await;
+                        }
                         let _ = share::remove_files(&self.state, &sid);
                         return Err(e);
                     }
@@ -140,6 +165,8 @@ impl<V: Vms> Runtime<V> {
                 (booted.record, booted.agent)
             }
             (false, Some(rec)) => {
+                let res = bundle.spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+                check_fits(id, res, &rec)?;
                 let agent = self.vms.connect(&rec, Calls::Bounded).await?;
                 (rec, agent)
             }

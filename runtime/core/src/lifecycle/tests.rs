@@ -31,7 +31,7 @@ impl Fixture {
             "ociVersion": "1.0.2",
             "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
             "root": {"path": "rootfs"},
-            "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}]},
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "network"}, {"type": "mount"}]},
         });
         if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
             s.extend(e.clone());
@@ -188,6 +188,38 @@ async fn a_pod_member_needs_its_sandbox() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_member_bigger_than_the_pods_vm_is_refused() {
+    let f = Fixture::new("too-big");
+    // The pod declares 200 MiB: its VM gets that plus the guest's share.
+    let sb = json!({"annotations": {
+        "io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod2",
+        "io.kubernetes.cri.sandbox-memory": (200u64 << 20).to_string(),
+    }});
+    let held = f.rt.create("pod2", &f.bundle(sb), Fixture::opts()).await.expect("sandbox").expect("held");
+    let member = |mib: u64| {
+        json!({
+            "annotations": {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "pod2"},
+            "linux": {
+                "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "network"}, {"type": "mount"}],
+                "resources": {"memory": {"limit": mib << 20}},
+            },
+        })
+    };
+    let e = f.rt.create("big", &f.bundle(member(300)), Fixture::opts()).await.expect_err("too big");
+    assert!(e.to_string().contains("300 MiB"), "{e}");
+    assert!(!f.rt.state.container_dir("big").exists());
+    f.rt.create("fits", &f.bundle(member(200)), Fixture::opts()).await.expect("fits");
+    f.rt.start("fits").await.expect("start");
+    // An update beyond the VM is refused the same way.
+    let e = f.rt.update("fits", br#"{"memory": {"limit": 1073741824}}"#.to_vec()).await.expect_err("update");
+    assert!(e.to_string().contains("1024 MiB"), "{e}");
+    f.rt.update("fits", br#"{"memory": {"limit": 104857600}}"#.to_vec()).await.expect("update within");
+    f.rt.delete("fits", true, VmProcess::default()).await.expect("delete member");
+    f.rt.delete("pod2", true, held.vm).await.expect("delete sandbox");
+    f.assert_gone("pod2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_concurrent_deletes_of_one_container_both_succeed() {
     let f = Fixture::new("deletes");
     f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create");
@@ -218,7 +250,7 @@ fn vm_memory_follows_the_limit_but_not_past_the_host() {
     let cfg = &f.rt.cfg;
     let shape = |limit: i64| {
         let b = f.bundle(json!({"linux": {"resources": {"memory": {"limit": limit}}}}));
-        shape::vm_shape(cfg, &b, &Fixture::opts()).memory_mib
+        shape::vm_shape(cfg, &b, &Fixture::opts()).expect("shape").memory_mib
     };
     assert_eq!(shape(1 << 30), (1024 + 128).max(cfg.memory_mib));
     assert!(u64::from(shape(i64::MAX)) <= shape::host_memory_mib().max(cfg.memory_mib.into()));

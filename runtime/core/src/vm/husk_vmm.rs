@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use husk_proto as pb;
-use husk_vmm::config::{FsCache, FsShareConfig, SerialConfig, VmConfig, VsockConfig};
+use husk_vmm::config::{FsCache, FsShareConfig, MacAddr, NetConfig, SerialConfig, VmConfig, VsockConfig};
 
 use super::{Booted, Calls, VmProcess, VmShape, Vms};
 use crate::agent::{Agent, GrpcAgent};
@@ -61,6 +61,18 @@ fn vm_config(cfg: &Config, dir: &Path, shape: &VmShape, vsock_arg: &Path) -> VmC
         rng: true,
         fs,
         vsock: Some(VsockConfig { uds_path: vsock_arg.to_path_buf(), guest_cid: 3 }),
+        // The taps wired to the pod's interfaces, with their MACs: husk-vmm runs in that
+        // namespace (see `boot`).
+        net: shape
+            .network
+            .iter()
+            .flat_map(|w| &w.links)
+            .map(|l| NetConfig {
+                tap: l.tap.clone(),
+                mac: Some(MacAddr(l.mac)),
+                mtu: u16::try_from(l.mtu).ok(),
+            })
+            .collect(),
     }
 }
 
@@ -97,11 +109,14 @@ impl HuskVmm {
             shape.extra_shares.iter().map(|s| pb::Share { tag: s.tag.clone(), read_only: s.read_only }),
         );
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        let (interfaces, routes) = shape.network.as_ref().map(|w| w.to_proto()).unwrap_or_default();
         agent
             .create_sandbox(pb::CreateSandboxRequest {
                 hostname: shape.hostname.clone(),
                 shares,
                 unix_time_ns: now,
+                interfaces,
+                routes,
             })
             .await?;
         Ok(agent)
@@ -141,6 +156,15 @@ impl Vms for HuskVmm {
         std::fs::write(&config_path, json)
             .map_err(RuntimeError::io(format!("writing {}", config_path.display())))?;
 
+        // husk-vmm runs in the pod's network namespace, where its taps are.
+        let netns = match &shape.network {
+            Some(w) => Some(
+                std::fs::File::open(&w.netns)
+                    .map_err(RuntimeError::io(format!("opening network namespace {}", w.netns.display())))?,
+            ),
+            None => None,
+        };
+        let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
         let mut cmd = Command::new(&cfg.vmm);
         cmd.arg("--config").arg(&config_path);
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
@@ -150,6 +174,11 @@ impl Vms for HuskVmm {
             cmd.pre_exec(move || {
                 // Its own session: a caller's Ctrl-C or hang-up must not take the sandbox down.
                 libc::setsid();
+                if let Some(fd) = netns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 procinfo::cloexec_from_3();
                 if let Some(fd) = vsock_dir_fd {
                     let ok = if fd == VSOCK_DIR_FD {
@@ -166,6 +195,7 @@ impl Vms for HuskVmm {
         }
         let spawned = cmd.spawn();
         drop(vsock_dir);
+        drop(netns);
         let child = spawned.map_err(RuntimeError::io(format!("starting {}", cfg.vmm.display())))?;
         let pid = child.id() as i32;
         let mut process = VmProcess::new(child);
@@ -175,6 +205,9 @@ impl Vms for HuskVmm {
             vmm_start: procinfo::start_time(pid).unwrap_or(0),
             vsock: vsock.clone(),
             containers: Vec::new(),
+            memory_mib: shape.memory_mib,
+            vcpus: shape.vcpus,
+            network: shape.network.clone(),
         };
         match self.wait_for_agent(&mut process, &record, shape, &log_path).await {
             Ok(agent) => Ok(Booted { record, process, agent }),
@@ -221,6 +254,9 @@ impl Vms for HuskVmm {
             }
         }
         process.reap().await;
+        if let Some(w) = rec.network.clone() {
+            let _ = tokio::task::spawn_blocking(move || crate::network::unwire(&w)).await;
+        }
     }
 }
 
@@ -241,6 +277,18 @@ mod tests {
                 path: "/img/with,comma".into(),
                 read_only: true,
             }],
+            network: Some(crate::network::Wired {
+                netns: "/run/netns/p".into(),
+                links: vec![crate::network::Link {
+                    name: "eth0".into(),
+                    index: 2,
+                    tap: "husk-tap0".into(),
+                    mac: [2, 0, 10, 213, 7, 5],
+                    mtu: 1450,
+                    addresses: vec![("10.213.7.5".parse().expect("ip"), 24)],
+                }],
+                routes: Vec::new(),
+            }),
         };
         let c = vm_config(&cfg, dir, &shape, Path::new("/proc/self/fd/3/vsock.sock"));
         let text = serde_json::to_string(&c).expect("json");
@@ -250,5 +298,7 @@ mod tests {
         assert_eq!(back.fs[0].path, dir.join("shared"));
         assert!(back.fs[1].read_only);
         assert_eq!((back.memory_mib, back.vcpus), (256, 2));
+        assert_eq!(back.net.len(), 1);
+        assert_eq!((back.net[0].tap.as_str(), back.net[0].mtu), ("husk-tap0", Some(1450)));
     }
 }

@@ -26,6 +26,8 @@ pub struct VmShape {
     pub vcpus: u32,
     pub hostname: String,
     pub extra_shares: Vec<ExtraShare>,
+    /// The pod's network namespace, wired to taps the VMM opens there.
+    pub network: Option<crate::network::Wired>,
 }
 
 /// The VMM process this process started, while it lives (so a long-lived caller such as

@@ -8,6 +8,7 @@ pub mod device;
 pub mod fs;
 pub mod interrupt;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 
@@ -19,6 +20,7 @@ pub use mmio::MmioTransport;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// Device IDs (spec 5).
+pub const TYPE_NET: u32 = 1;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
 pub const TYPE_FS: u32 = 26;
