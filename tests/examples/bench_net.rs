@@ -19,8 +19,8 @@ head -c 67108864 /dev/urandom > /www/blob; echo ok > /www/small
 httpd -p 80 -h /www
 up() { cut -d' ' -f1 /proc/uptime; }
 i=0; until wget -q -O /dev/null http://10.213.9.1:8080/small; do i=$((i+1)); [ $i -gt 300 ] && break; sleep 0.2; done
-t0=$(up); wget -q -O /dev/null http://10.213.9.1:8080/blob; t1=$(up)
-echo "BENCH-T vm_in $t0 $t1"
+t0=$(up); wget -q -O /www/in http://10.213.9.1:8080/blob; t1=$(up)
+[ "$(wc -c < /www/in | tr -d ' ')" = 67108864 ] && echo "BENCH-T vm_in $t0 $t1"; rm -f /www/in
 echo "GUEST-DONE"
 while :; do sleep 60; done
 "#;
@@ -54,32 +54,38 @@ fn main() -> anyhow::Result<()> {
         r#"
 up() {{ cut -d' ' -f1 /proc/uptime; }}
 mkdir -p /srv/www; head -c 67108864 /dev/urandom > /srv/www/blob; echo ok > /srv/www/small
-# The peer: a netns on a veth pair, as runc pods get.
-ip netns add b1 && ip link add va type veth peer name vb && ip link set vb netns b1
-ip addr add 10.213.10.1/24 dev va && ip link set va up
-ip netns exec b1 ip addr add 10.213.10.2/24 dev vb; ip netns exec b1 ip link set vb up; ip netns exec b1 ip link set lo up
+# The peer: a netns on a veth pair, as runc pods get (iproute2's ip, not busybox's).
+IP=/usr/bin/ip
+$IP netns add b1 && $IP link add va type veth peer name vb netns b1
+$IP addr add 10.213.10.1/24 dev va && $IP link set va up
+$IP -n b1 addr add 10.213.10.2/24 dev vb; $IP -n b1 link set vb up; $IP -n b1 link set lo up
+B1="nsenter --net=/run/netns/b1"
 busybox httpd -p 10.213.10.1:8081 -h /srv/www
-ip netns exec b1 busybox httpd -p 10.213.10.2:80 -h /srv/www
+$B1 busybox httpd -p 10.213.10.2:80 -h /srv/www
 sleep 1
-t0=$(up); wget -q -O /dev/null http://10.213.10.2/blob; t1=$(up); echo "BENCH-T veth_out $t0 $t1"
-t0=$(up); ip netns exec b1 busybox wget -q -O /dev/null http://10.213.10.1:8081/blob; t1=$(up); echo "BENCH-T veth_in $t0 $t1"
-t0=$(up); n=0; while [ $n -lt {rr} ]; do wget -q -O /dev/null http://10.213.10.2/small; n=$((n+1)); done; t1=$(up); echo "BENCH-T veth_rr $t0 $t1"
+# size FILE: a transfer counts only when every byte arrived.
+size() {{ wc -c < $1 | tr -d ' '; }}
+t0=$(up); wget -q -O /tmp/o http://10.213.10.2/blob; t1=$(up); [ "$(size /tmp/o)" = 67108864 ] && echo "BENCH-T veth_out $t0 $t1"
+t0=$(up); $B1 busybox wget -q -O /tmp/i http://10.213.10.1:8081/blob; t1=$(up); [ "$(size /tmp/i)" = 67108864 ] && echo "BENCH-T veth_in $t0 $t1"
+rm -f /tmp/o /tmp/i
+t0=$(up); n=0; ok=0; while [ $n -lt {rr} ]; do wget -q -O /tmp/s http://10.213.10.2/small && ok=$((ok+1)); n=$((n+1)); done; t1=$(up); [ $ok = {rr} ] && echo "BENCH-T veth_rr $t0 $t1"
 # The guest on a tap.
 {v} --kernel {k} --initramfs {i} --memory 512 --net tap=husk-b0 \
     --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet" </dev/null >/tmp/vm.out 2>&1 &
 vm=$!
 n=0; until [ -e /sys/class/net/husk-b0 ]; do n=$((n+1)); [ $n -gt 300 ] && break; sleep 0.1; done
-ip addr add 10.213.9.1/24 dev husk-b0; ip link set husk-b0 up
+$IP addr add 10.213.9.1/24 dev husk-b0; $IP link set husk-b0 up
 busybox httpd -p 10.213.9.1:8080 -h /srv/www
 n=0; until grep -q GUEST-DONE /tmp/vm.out; do n=$((n+1)); [ $n -gt 1200 ] && break; sleep 0.5; done
-t0=$(up); wget -q -O /dev/null http://10.213.9.2/blob; t1=$(up); echo "BENCH-T vm_out $t0 $t1"
-t0=$(up); n=0; while [ $n -lt {rr} ]; do wget -q -O /dev/null http://10.213.9.2/small; n=$((n+1)); done; t1=$(up); echo "BENCH-T vm_rr $t0 $t1"
+t0=$(up); wget -q -O /tmp/o http://10.213.9.2/blob; t1=$(up); [ "$(size /tmp/o)" = 67108864 ] && echo "BENCH-T vm_out $t0 $t1"
+rm -f /tmp/o
+t0=$(up); n=0; ok=0; while [ $n -lt {rr} ]; do wget -q -O /tmp/s http://10.213.9.2/small && ok=$((ok+1)); n=$((n+1)); done; t1=$(up); [ $ok = {rr} ] && echo "BENCH-T vm_rr $t0 $t1"
 cat /tmp/vm.out
 kill $vm; wait $vm
 "#
     );
     let mut job = Job::new(script).timeout(Duration::from_secs(1800)).file(&vmm).file(&kernel).file(&initrd);
-    job = job.binary("ip")?;
+    job = job.file("/usr/bin/ip");
     job.net = true;
     job.mem_mib = 3072;
     let out = run_job(&job)?;
