@@ -148,17 +148,19 @@ wait $a; ra=$?; wait $b; rb=$?; echo "@@SAME-DELETE-RC $((ra + rb))"
 $H --root $R state c4 >/dev/null 2>&1 || echo "@@SAME-DELETE-GONE"
 echo "--- pod"
 CRI='"io.kubernetes.cri.container-type"'
-bundle /var/pod-sb '["sleep","300"]' false "{$CRI:\"sandbox\",\"io.kubernetes.cri.sandbox-id\":\"podsb\"}"
+bundle /var/pod-sb '["sleep","300"]' false "{$CRI:\"sandbox\",\"io.kubernetes.cri.sandbox-id\":\"podsb\"}" \
+    '{"type":"ipc"},{"type":"network"}'
 $H --root $R run -d --bundle /var/pod-sb --pid-file /var/podsb.pid podsb >/dev/null 2>&1; echo "@@POD-SB-RC $?"
 bundle /var/pod-c '["sleep","300"]' false "{$CRI:\"container\",\"io.kubernetes.cri.sandbox-id\":\"podsb\"}" \
-    "{\"type\":\"ipc\",\"path\":\"/proc/$(cat /var/podsb.pid)/ns/ipc\"}"
+    "{\"type\":\"ipc\",\"path\":\"/proc/$(cat /var/podsb.pid)/ns/ipc\"},{\"type\":\"network\",\"path\":\"/proc/$(cat /var/podsb.pid)/ns/net\"}"
 $H --root $R run -d --bundle /var/pod-c podc >/dev/null 2>&1; echo "@@POD-C-RC $?"
 [ "$(ls $R/sandboxes)" = podsb ] && echo "@@POD-ONE-VM"
 sb_ipc=$($H --root $R exec podsb readlink /proc/self/ns/ipc)
 c_ipc=$($H --root $R exec podc readlink /proc/self/ns/ipc)
 [ -n "$sb_ipc" ] && [ "$sb_ipc" = "$c_ipc" ] && echo "@@POD-SHARED-IPC"
 $H --root $R delete --force podc; $H --root $R delete --force podsb; echo "@@POD-DELETE-RC $?"
-bundle /var/pod-o '["true"]' false "{$CRI:\"container\",\"io.kubernetes.cri.sandbox-id\":\"nosuch\"}"
+bundle /var/pod-o '["true"]' false "{$CRI:\"container\",\"io.kubernetes.cri.sandbox-id\":\"nosuch\"}" \
+    '{"type":"ipc"},{"type":"network"}'
 $H --root $R create --bundle /var/pod-o podo 2>&1; echo "@@POD-ORPHAN-RC $?"
 echo "--- kubernetes-shaped"
 # A state root of over 80 characters and 64-hex ids, as containerd's CRI gives them.
