@@ -186,26 +186,16 @@ async fn configure_with(h: &Handle, ifaces: &[Iface], routes: &[Route]) -> Resul
     }
     for r in routes {
         let Some(&idx) = index.get(&r.device) else { continue };
-        let msg = match (r.destination, r.gateway) {
-            (IpAddr::V4(d), g) => {
-                let mut b = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-                    .destination_prefix(d, r.prefix_len)
-                    .output_interface(idx);
-                if let Some(IpAddr::V4(g)) = g {
-                    b = b.gateway(g);
-                }
-                b.build()
-            }
-            (IpAddr::V6(d), g) => {
-                let mut b = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
-                    .destination_prefix(d, r.prefix_len)
-                    .output_interface(idx);
-                if let Some(IpAddr::V6(g)) = g {
-                    b = b.gateway(g);
-                }
-                b.build()
-            }
-        };
+        // check() made sure the gateway is of the destination's family.
+        let bad = |e| AgentError::InvalidArgument(format!("route {}: {e}", r.destination));
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(r.destination, r.prefix_len)
+            .map_err(bad)?
+            .output_interface(idx);
+        if let Some(g) = r.gateway {
+            b = b.gateway(g).map_err(bad)?;
+        }
+        let msg = b.build();
         match h.route().add(msg).execute().await {
             Ok(()) => {}
             // The subnet route the kernel adds with an address may be in the list too.

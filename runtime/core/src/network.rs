@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use futures_util::stream::TryStreamExt;
@@ -48,6 +48,8 @@ pub enum NetError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tap(#[from] husk_vmm::devices::virtio::net::tap::TapError),
     #[error("{0}")]
     Unsupported(String),
 }
@@ -151,35 +153,7 @@ fn in_netns<T: Send + 'static>(
 /// Makes a persistent tap named `name` (in the calling thread's namespace), with virtio-net
 /// headers as husk-vmm will open it.
 fn create_tap(name: &str) -> Result<(), NetError> {
-    let io = |what: &str| {
-        let what = format!("tap {name}: {what}");
-        move |source| NetError::Io { what, source }
-    };
-    // SAFETY: a NUL-terminated path and plain flags; the result is checked.
-    let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if raw < 0 {
-        return Err(io("opening /dev/net/tun")(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `raw` was just opened here and is owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; libc::IFNAMSIZ],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
-    let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: 0, _pad: [0; 22] };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    req.flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-    // SAFETY: TUNSETIFF reads an ifreq; `req` has its layout and outlives the call.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
-        return Err(io("TUNSETIFF")(std::io::Error::last_os_error()));
-    }
-    // SAFETY: TUNSETPERSIST takes its argument by value.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
-        return Err(io("TUNSETPERSIST")(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    Ok(husk_vmm::devices::virtio::net::tap::Tap::open(name)?.persist()?)
 }
 
 fn link_name(l: &rtnetlink::packet_route::link::LinkMessage) -> Option<String> {

@@ -68,8 +68,12 @@ impl Events {
             }
             #[cfg(test)]
             Sink::Recorded(v) => {
-                let _ = ev;
-                v.lock().unwrap_or_else(|p| p.into_inner()).push((topic.into(), id.into(), code));
+                // An exec's exit is recorded as `container/exec`.
+                let key = match ev.downcast_ref::<TaskExit>() {
+                    Some(e) if e.id != e.container_id => format!("{}/{}", e.container_id, e.id),
+                    _ => id.to_string(),
+                };
+                v.lock().unwrap_or_else(|p| p.into_inner()).push((topic.into(), key, code));
             }
         }
         #[cfg(not(test))]
@@ -95,8 +99,7 @@ impl Events {
             exited_at: MessageField::some(timestamp(at)),
             ..Default::default()
         };
-        let key = if exec_id.is_empty() { id.to_string() } else { format!("{id}/{exec_id}") };
-        self.publish(topics::TASK_EXIT_EVENT_TOPIC, &key, Some(code), Box::new(ev)).await;
+        self.publish(topics::TASK_EXIT_EVENT_TOPIC, id, Some(code), Box::new(ev)).await;
     }
 
     pub async fn oom(&self, id: &str) {

@@ -184,6 +184,8 @@ struct RxChain {
     head: u16,
     bufs: Vec<(GuestAddress, usize)>,
     bad: bool,
+    /// Bytes of the frame placed in it.
+    written: u32,
 }
 
 /// Places one frame in the driver's buffers: one chain, or with mergeable RX buffers as many
@@ -234,9 +236,7 @@ fn deliver(
     let count = chains.len() as u16;
     frame[10..12].copy_from_slice(&count.to_le_bytes());
     let mut off = 0usize;
-    let mut used = Vec::with_capacity(chains.len());
-    for c in chains.iter() {
-        let mut len = 0usize;
+    for c in chains.iter_mut() {
         for &(addr, cap) in &c.bufs {
             let n = cap.min(frame.len() - off);
             if n == 0 {
@@ -247,12 +247,11 @@ fn deliver(
                 return give_back_empty(queue, mem, chains);
             }
             off += n;
-            len += n;
+            c.written += n as u32;
         }
-        used.push((c.head, len as u32));
     }
-    for (head, len) in used {
-        if let Err(e) = queue.add_used(mem, head, len) {
+    for c in chains.iter() {
+        if let Err(e) = queue.add_used(mem, c.head, c.written) {
             tracing::debug!("virtio-net: RX add_used: {e}");
             return Delivery::Dropped;
         }

@@ -100,6 +100,16 @@ impl Tap {
         Ok(())
     }
 
+    /// Makes the tap outlive this descriptor, so another process can open it by name later
+    /// (the runtime makes the taps, husk-vmm opens them).
+    pub fn persist(&self) -> Result<(), TapError> {
+        // SAFETY: TUNSETPERSIST takes its argument by value.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+            return Err(self.setup_error("making it persistent"));
+        }
+        Ok(())
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
