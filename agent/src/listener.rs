@@ -3,7 +3,9 @@
 //! In a VM the agent listens on vsock ports [`AGENT_PORT`] and [`STDIO_PORT`]. In host mode it
 //! listens on one Unix socket that speaks the VMM's hybrid-vsock handshake (`CONNECT <port>\n`,
 //! answered `OK <port>\n`), so a host client dials both the same way. Both handshakes, and the
-//! stdio stream's `STDIO <name>\n`, are [`husk_proto::handshake`] lines.
+//! stdio stream's `STDIO <name>\n` (or `FORWARD <tcp port>\n`, a stream joined to a TCP
+//! connection to the guest's loopback: the pod's port forwarding), are
+//! [`husk_proto::handshake`] lines.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -24,6 +26,14 @@ use crate::stdio::StdioRegistry;
 
 /// How long a peer may take to send its handshake line.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a forwarded connection may take to reach the guest's loopback.
+const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most forwarded connections at once: each holds two sockets and a copy task.
+const MAX_FORWARDS: usize = 256;
+
+static FORWARDS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_FORWARDS);
 
 /// Why a handshake line did not arrive or did not parse.
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +170,7 @@ pub async fn serve(
                         Ok(AGENT_PORT) => {
                             let _ = grpc.send(Ok(conn)).await;
                         }
-                        Ok(STDIO_PORT) => handle_stdio(conn, stdio).await,
+                        Ok(STDIO_PORT) => handle_stream(conn, stdio).await,
                         Ok(port) => tracing::debug!("connection for unknown port {port} dropped"),
                         Err(e) => tracing::debug!("bad handshake: {e}"),
                     }
@@ -171,14 +181,14 @@ pub async fn serve(
 }
 
 fn spawn_stdio(conn: Conn, stdio: Arc<StdioRegistry>) {
-    tokio::spawn(handle_stdio(conn, stdio));
+    tokio::spawn(handle_stream(conn, stdio));
 }
 
 /// Reads `CONNECT <port>\n` and answers `OK <port>\n` (or `ERR <why>\n`).
 async fn unix_handshake(conn: &mut Conn) -> Result<u32, ReadError> {
     let port = match read_request(conn).await {
         Ok(Request::Connect(port)) => Ok(port),
-        Ok(Request::Stdio(_)) => Err(ReadError::Unexpected("CONNECT <port>")),
+        Ok(Request::Stdio(_) | Request::Forward(_)) => Err(ReadError::Unexpected("CONNECT <port>")),
         Err(e) => Err(e),
     };
     match port {
@@ -193,17 +203,53 @@ async fn unix_handshake(conn: &mut Conn) -> Result<u32, ReadError> {
     }
 }
 
-/// Reads `STDIO <name>\n`, parks the stream under that name and answers `OK\n` (or
-/// `ERR <why>\n` and closes).
-async fn handle_stdio(mut conn: Conn, stdio: Arc<StdioRegistry>) {
-    let name = match read_request(&mut conn).await {
-        Ok(Request::Stdio(name)) => name,
-        Ok(Request::Connect(_)) => return refuse(&mut conn, &ReadError::Unexpected("STDIO <name>")).await,
+/// Reads the stream's request: `STDIO <name>\n` parks it under that name, `FORWARD <port>\n`
+/// joins it to the guest's `127.0.0.1:<port>`; either is answered `OK\n` (or `ERR <why>\n`
+/// and closed).
+async fn handle_stream(mut conn: Conn, stdio: Arc<StdioRegistry>) {
+    match read_request(&mut conn).await {
+        Ok(Request::Stdio(name)) => park_stdio(conn, name, &stdio),
+        Ok(Request::Forward(port)) => forward(conn, port).await,
+        Ok(Request::Connect(_)) => {
+            refuse(&mut conn, &ReadError::Unexpected("STDIO <name> or FORWARD <port>")).await
+        }
         Err(e) => {
-            tracing::debug!("stdio handshake: {e}");
-            return refuse(&mut conn, &e).await;
+            tracing::debug!("stream handshake: {e}");
+            refuse(&mut conn, &e).await
+        }
+    }
+}
+
+/// Joins `conn` to a new TCP connection to the guest's `127.0.0.1:port` until both sides end.
+/// The pod's network namespace is the guest's own, so this is the pod's loopback.
+async fn forward(mut conn: Conn, port: u16) {
+    let dialled = async {
+        let permit =
+            FORWARDS.try_acquire().map_err(|_| format!("more than {MAX_FORWARDS} forwarded connections"))?;
+        let dial = tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port));
+        match tokio::time::timeout(FORWARD_CONNECT_TIMEOUT, dial).await {
+            Ok(Ok(tcp)) => Ok((permit, tcp)),
+            Ok(Err(e)) => Err(format!("127.0.0.1:{port}: {e}")),
+            Err(_) => Err(format!("127.0.0.1:{port}: no answer within {FORWARD_CONNECT_TIMEOUT:?}")),
         }
     };
+    let (_permit, mut tcp) = match dialled.await {
+        Ok(d) => d,
+        Err(reason) => {
+            let _ = conn.write_all(&Reply::Err(reason).encode()).await;
+            return;
+        }
+    };
+    if conn.write_all(&Reply::Ok(None).encode()).await.is_err() {
+        return;
+    }
+    if let Err(e) = tokio::io::copy_bidirectional(&mut conn, &mut tcp).await {
+        tracing::debug!("forward to port {port}: {e}");
+    }
+}
+
+/// Parks a stdio stream under `name` and answers `OK\n` (or `ERR <why>\n`).
+fn park_stdio(conn: Conn, name: String, stdio: &StdioRegistry) {
     let fd = match conn.into_blocking_fd() {
         Ok(fd) => fd,
         Err(e) => {
@@ -304,6 +350,28 @@ mod tests {
             let got = exchange(&path, bad, 2).await;
             assert!(matches!(got.as_slice(), [Reply::Ok(Some(_)), Reply::Err(_)]), "{bad:?}: {got:?}");
         }
+
+        // FORWARD joins the stream to the loopback port; a port nobody listens on is refused.
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = tcp.local_addr().expect("addr").port();
+        let echo = tokio::spawn(async move {
+            let (mut c, _) = tcp.accept().await.expect("accept");
+            let mut buf = [0u8; 5];
+            c.read_exact(&mut buf).await.expect("read");
+            c.write_all(&buf).await.expect("echo");
+        });
+        let mut s = UnixStream::connect(&path).await.expect("connect");
+        s.write_all(format!("CONNECT 1025\nFORWARD {port}\nhello").as_bytes()).await.expect("write");
+        let mut got = vec![0u8; "OK 1025\nOK\nhello".len()];
+        s.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, b"OK 1025\nOK\nhello");
+        echo.await.expect("echo task");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let gone = closed.local_addr().expect("addr").port();
+        drop(closed);
+        let got = exchange(&path, format!("CONNECT 1025\nFORWARD {gone}\n").as_bytes(), 2).await;
+        assert!(matches!(got.as_slice(), [Reply::Ok(Some(_)), Reply::Err(_)]), "{got:?}");
+
         server.abort();
         let _ = std::fs::remove_dir_all(dir);
     }

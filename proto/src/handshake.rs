@@ -5,6 +5,8 @@
 //! - `CONNECT <port>\n` to the VMM's socket (or the agent's host-mode socket) asks for a stream
 //!   to guest `<port>`; answered `OK <port>\n` (from the VMM: the host-side local port).
 //! - `STDIO <name>\n` opens a stream to [`crate::STDIO_PORT`]; answered `OK\n`.
+//! - `FORWARD <tcp port>\n` on a stream to [`crate::STDIO_PORT`] asks the agent to connect to
+//!   the guest's `127.0.0.1:<tcp port>` and join the two; answered `OK\n` once connected.
 //! - Any refusal is `ERR <reason>\n`.
 //!
 //! A line is at most [`MAX_LINE`] bytes before its `\n`. Readers take it byte by byte
@@ -35,10 +37,12 @@ pub enum HandshakeError {
     Unterminated,
     #[error("empty handshake line")]
     Empty,
-    #[error("expected CONNECT <port> or STDIO <name>, got {0:?}")]
+    #[error("expected CONNECT <port>, STDIO <name> or FORWARD <tcp port>, got {0:?}")]
     UnknownRequest(String),
     #[error("port {0:?} is not a decimal u32")]
     BadPort(String),
+    #[error("TCP port {0:?} is not a decimal in 1-65535")]
+    BadTcpPort(String),
     #[error("stdio stream name {0:?} is not 1-64 characters of [A-Za-z0-9_.-] not starting with '.'")]
     BadStdioName(String),
     #[error("expected OK, OK <port> or ERR <reason>, got {0:?}")]
@@ -52,6 +56,8 @@ pub enum Request {
     Connect(u32),
     /// `STDIO <name>`: park this stream under `<name>` (see [`is_valid_stdio_name`]).
     Stdio(String),
+    /// `FORWARD <tcp port>`: join this stream to a TCP connection to the guest's loopback.
+    Forward(u16),
 }
 
 impl Request {
@@ -61,6 +67,7 @@ impl Request {
         match self {
             Request::Connect(port) => format!("CONNECT {port}\n"),
             Request::Stdio(name) => format!("STDIO {name}\n"),
+            Request::Forward(port) => format!("FORWARD {port}\n"),
         }
         .into_bytes()
     }
@@ -71,6 +78,7 @@ impl Request {
         match split_keyword(line) {
             (b"CONNECT", arg) => parse_port(arg.unwrap_or_default()).map(Request::Connect),
             (b"STDIO", arg) => parse_stdio_name(arg.unwrap_or_default()).map(Request::Stdio),
+            (b"FORWARD", arg) => parse_tcp_port(arg.unwrap_or_default()).map(Request::Forward),
             _ => Err(HandshakeError::UnknownRequest(excerpt(line))),
         }
     }
@@ -172,6 +180,13 @@ fn parse_port(arg: &[u8]) -> Result<u32, HandshakeError> {
         .ok_or_else(|| HandshakeError::BadPort(excerpt(arg)))
 }
 
+/// A TCP port as [`parse_port`] reads it, 1-65535.
+fn parse_tcp_port(arg: &[u8]) -> Result<u16, HandshakeError> {
+    let bad = || HandshakeError::BadTcpPort(excerpt(arg));
+    let port = parse_port(arg).map_err(|_| bad())?;
+    u16::try_from(port).ok().filter(|p| *p != 0).ok_or_else(bad)
+}
+
 fn parse_stdio_name(arg: &[u8]) -> Result<String, HandshakeError> {
     match std::str::from_utf8(arg) {
         Ok(name) if is_valid_stdio_name(name) => Ok(name.to_string()),
@@ -231,6 +246,11 @@ mod tests {
         }
         assert_eq!(Request::Connect(1024).encode(), b"CONNECT 1024\n");
         assert_eq!(Request::Stdio("s1".into()).encode(), b"STDIO s1\n");
+        for port in [1, 80, 65535] {
+            let r = Request::Forward(port);
+            assert_eq!(Request::parse_line(body(&r.encode())), Ok(r));
+        }
+        assert_eq!(Request::Forward(8080).encode(), b"FORWARD 8080\n");
     }
 
     #[test]
@@ -253,6 +273,7 @@ mod tests {
         // Each line with an error of the kind it must give.
         let (unknown, port, name) =
             (&UnknownRequest(String::new()), &BadPort(String::new()), &BadStdioName(String::new()));
+        let tcp = &BadTcpPort(String::new());
         let cases: &[(&[u8], &HandshakeError)] = &[
             (b"", &Empty),
             (b"HELLO", unknown),
@@ -283,6 +304,13 @@ mod tests {
             ("STDIO é".as_bytes(), name),
             (b"STDIO \xff", name),
             (long_name.as_bytes(), name),
+            (b"FORWARD", tcp),
+            (b"FORWARD 0", tcp),
+            (b"FORWARD 65536", tcp),
+            (b"FORWARD 080", tcp),
+            (b"FORWARD -1", tcp),
+            (b"FORWARD 80 81", tcp),
+            (b"forward 80", unknown),
             (&[b'C'; MAX_LINE + 1], &TooLong),
         ];
         for (line, want) in cases {

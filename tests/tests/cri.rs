@@ -34,7 +34,8 @@ cat > /etc/cni/net.d/10-husk-test.conflist <<EON
 {"cniVersion": "1.0.0", "name": "husk-test", "plugins": [
   {"type": "bridge", "bridge": "husk-test0", "isGateway": true, "ipMasq": false,
    "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.213.7.0/24", "gateway": "10.213.7.1"}]],
-            "routes": [{"dst": "0.0.0.0/0"}]}}]}
+            "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}]}
 EON
 cat > /etc/containerd/config.toml <<EOC
 version = 2
@@ -99,6 +100,8 @@ done
 ls /sys/class/net | grep -q '^veth' && { echo "@@LEFT-VETH"; ls /sys/class/net; }
 ls /var/run/netns 2>/dev/null | grep -q . && { echo "@@LEFT-NETNS"; ls /var/run/netns; }
 ls /var/lib/cni/networks/husk-test 2>/dev/null | grep -q '^10\.' && { echo "@@LEFT-LEASE"; ls /var/lib/cni/networks/husk-test; }
+# portmap's per-pod chains went with CNI DEL.
+iptables-save -t nat | grep -q 'CNI-DN-' && { echo "@@LEFT-PORTMAP"; iptables-save -t nat; }
 echo "@@CLEAN-CHECKED"
 "##;
 
@@ -129,11 +132,15 @@ fn run_part(part: &str, handlers: &str) -> Option<String> {
     let mut job = Job::new(script).timeout(Duration::from_secs(1200));
     job.files.extend(kit.files().map(Path::to_path_buf));
     job.files.extend([probe, pause, PathBuf::from("/usr/bin/mount")]);
-    // CNI: the plugins containerd runs for each pod (loopback always), and the modules the
-    // bridge needs.
+    // CNI: the plugins containerd runs for each pod (loopback always); iptables for portmap's
+    // NAT rules and husk's loopback redirect in each pod namespace.
     let cni = Path::new("/usr/lib/cni");
-    for p in ["bridge", "host-local", "loopback"] {
-        match exists(cni.join(p), "containernetworking-plugins") {
+    let peers = ["bridge", "host-local", "loopback", "portmap"]
+        .map(|p| (cni.join(p), "containernetworking-plugins"))
+        .into_iter()
+        .chain(["/usr/sbin/iptables", "/usr/sbin/iptables-save"].map(|p| (PathBuf::from(p), "iptables")));
+    for (p, package) in peers {
+        match exists(p, package) {
             Ok(f) => job.files.push(f),
             Err(reason) => {
                 assert!(!husk_tests::artifacts::strict(), "prerequisite missing in strict mode: {reason}");
@@ -172,6 +179,7 @@ fn run_part(part: &str, handlers: &str) -> Option<String> {
         "@@PID-MODES ok",
         "@@VM-SIZE ok",
         "@@POD-NET ok",
+        "@@PORTS ok",
         "@@PROBE-DONE",
     ] {
         assert!(o.contains(check), "{part}: expected {check}:\n{o}");

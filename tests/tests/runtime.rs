@@ -28,7 +28,7 @@ mk_rootfs() {
 bundle() {
     mkdir -p $1
     ann=${4:-'{}'}
-    ns=${5:-'{"type":"ipc"}'}
+    ns=${5:-'{"type":"ipc"},{"type":"network"}'}
     cat > $1/config.json <<EOC
 {"ociVersion":"1.0.2","annotations":$ann,
  "process":{"terminal":${3:-false},"user":{"uid":0,"gid":0},"args":$2,"env":["PATH=/bin"],"cwd":"/",
@@ -175,7 +175,7 @@ cat > /var/pause/config.json <<EOC
    {"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","mode=755"]},
    {"destination":"/dev/shm","type":"tmpfs","source":"shm","options":["nosuid","nodev","noexec"]},
    {"destination":"/etc/hosts","type":"bind","source":"/var/hosts","options":["rbind","ro"]}],
- "linux":{"namespaces":[{"type":"pid"},{"type":"ipc"},{"type":"uts"},{"type":"mount"}]}}
+ "linux":{"namespaces":[{"type":"pid"},{"type":"ipc"},{"type":"uts"},{"type":"mount"},{"type":"network"}]}}
 EOC
 $H --root $LR create --bundle /var/pause --pid-file /var/pause.pid $ID1 2>&1 && $H --root $LR start $ID1 && echo "@@PAUSE-STARTED"
 $H --root $LR state $ID1 | grep -q '"status": "running"' && echo "@@PAUSE-RUNNING"
@@ -229,10 +229,13 @@ bundle /var/h3 '["true"]'
 sed -i 's#^{"ociVersion":"1.0.2",#{"ociVersion":"1.0.2","hooks":{"createContainer":[{"path":"/bin/true"}]},#' /var/h3/config.json
 $H --root $R create --bundle /var/h3 h3 2>&1; echo "@@HOOK-CC-RC $?"
 # Namespace paths are checked even where husk does not join them.
-bundle /var/n1 '["true"]' false '{}' '{"type":"cgroup","path":"/proc/self/ns/ipc"}'
+bundle /var/n1 '["true"]' false '{}' '{"type":"network"},{"type":"cgroup","path":"/proc/self/ns/ipc"}'
 $H --root $R create --bundle /var/n1 n1 2>&1; echo "@@NS-TYPE-RC $?"
 bundle /var/n2 '["true"]' false '{}' '{"type":"network","path":"/run/netns/no-such-netns"}'
 $H --root $R create --bundle /var/n2 n2 2>&1; echo "@@NS-MISSING-RC $?"
+# No network namespace is the host's network, which a VM cannot share (ctr --net-host).
+bundle /var/n3 '["true"]' false '{}' '{"type":"ipc"}'
+$H --root $R create --bundle /var/n3 n3 2>&1; echo "@@HOSTNET-RC $?"
 echo "--- vmm killed"
 bundle /var/b7 '["sleep","300"]'
 $H --root $R run -d --bundle /var/b7 c3 >/dev/null 2>&1; echo "@@C3-RC $?"
@@ -445,6 +448,7 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
             "createContainer hook /bin/true",
             "namespace cgroup path /proc/self/ns/ipc: is a namespace of type ipc",
             "namespace network path /run/netns/no-such-netns: No such file",
+            "asks for the host's network",
             "@@C3-RC 0",
             "@@CRASH-STOPPED",
             "@@CRASH-DELETE-RC 0",
@@ -473,6 +477,7 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
         "@@HOOK-CC-RC 0",
         "@@NS-TYPE-RC 0",
         "@@NS-MISSING-RC 0",
+        "@@HOSTNET-RC 0",
     ] {
         assert!(!oci.contains(rc), "{rc} must fail:\n{oci}");
     }

@@ -164,6 +164,10 @@ pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     }
     if let Some(v) = &cfg.vsock {
         placer.add(&vm, &mem, &mut mmio, Box::new(Vsock::new(v.guest_cid, v.uds_path.clone())))?;
+        if let Some(f) = &cfg.loopback_forward {
+            crate::loopback_forward::start(f, v.uds_path.clone())
+                .map_err(|source| BuildError::Io { what: "loopback forward listener", source })?;
+        }
     }
     for n in &cfg.net {
         let tap = crate::devices::virtio::net::tap::Tap::open(&n.tap)?;

@@ -45,6 +45,8 @@ pub enum ConfigError {
     VsockCid(u64),
     #[error("vsock socket {path}: {reason}")]
     VsockPath { path: PathBuf, reason: String },
+    #[error("loopback_forward needs a vsock device and a listen_port other than 0")]
+    LoopbackForward,
     #[error("net {spec:?}: {reason} (expected tap=NAME[,mac=MAC][,mtu=N])")]
     NetSpec { spec: String, reason: String },
     #[error("net device {tap:?}: {reason}")]
@@ -376,6 +378,19 @@ pub struct VmConfig {
     /// virtio-net devices, one per tap, in guest interface order (eth0 first).
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// TCP connections to this namespace's loopback carried to the guest's (needs `vsock`).
+    #[serde(default)]
+    pub loopback_forward: Option<LoopbackForward>,
+}
+
+/// husk-vmm listens on `127.0.0.1:<listen_port>` of its network namespace (the pod's) and
+/// turns each connection into a vsock stream to guest port `guest_port`, opened with
+/// `FORWARD <the connection's original destination port>` (see `loopback_forward`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopbackForward {
+    pub listen_port: u16,
+    pub guest_port: u32,
 }
 
 impl VmConfig {
@@ -391,6 +406,7 @@ impl VmConfig {
             fs: Vec::new(),
             vsock: None,
             net: Vec::new(),
+            loopback_forward: None,
         }
     }
 
@@ -436,6 +452,11 @@ impl VmConfig {
             n.validate()?;
             if self.net[..i].iter().any(|o| o.tap == n.tap) {
                 return Err(ConfigError::Net { tap: n.tap.clone(), reason: "tap used twice".into() });
+            }
+        }
+        if let Some(f) = &self.loopback_forward {
+            if self.vsock.is_none() || f.listen_port == 0 {
+                return Err(ConfigError::LoopbackForward);
             }
         }
         Ok(())

@@ -9,6 +9,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod loopback_forward;
 pub mod memory;
 pub mod vmm;
 pub mod vstate;

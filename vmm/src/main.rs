@@ -74,6 +74,7 @@ fn config_from(cli: Cli) -> anyhow::Result<VmConfig> {
         vsock: cli.vsock.as_deref().map(str::parse).transpose()?,
         fs: cli.fs.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
         net: cli.net.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
+        loopback_forward: None,
     })
 }
 

@@ -6,6 +6,11 @@
 //!
 //! All netlink work happens on a thread of its own that enters the namespace (setns applies to
 //! the calling thread only), so nothing else in the process changes namespace.
+//!
+//! The namespace's loopback is carried to the guest's as well (CRI's PortForward dials
+//! `localhost:<port>` there): a REDIRECT rule sends loopback TCP to husk-vmm's listener on
+//! [`LOOPBACK_FORWARD_PORT`], which forwards each connection to the same port in the guest (see
+//! husk-vmm's `loopback_forward`).
 
 use std::fs::File;
 use std::net::IpAddr;
@@ -27,6 +32,26 @@ const RT_TABLE_MAIN: u8 = 254;
 /// tc's ingress parent (`ffff:`) and "all protocols".
 const TC_INGRESS: u32 = 0xffff_0000;
 const ETH_P_ALL: u16 = 0x0003;
+
+/// husk-vmm's listener in the pod namespace for its loopback connections.
+pub const LOOPBACK_FORWARD_PORT: u16 = 15327;
+/// The REDIRECT rule in the namespace's nat OUTPUT chain (after `-A`/`-D OUTPUT`), less its
+/// port.
+const LOOPBACK_RULE: [&str; 13] = [
+    "-w",
+    "-o",
+    "lo",
+    "-d",
+    "127.0.0.1/32",
+    "-p",
+    "tcp",
+    "-m",
+    "comment",
+    "--comment",
+    "husk loopback forward",
+    "-j",
+    "REDIRECT",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -85,6 +110,9 @@ pub struct Wired {
     pub netns: PathBuf,
     pub links: Vec<Link>,
     pub routes: Vec<Route>,
+    /// husk-vmm's loopback listener port, when the REDIRECT rule to it is in place.
+    #[serde(default)]
+    pub loopback_forward: Option<u16>,
 }
 
 impl Wired {
@@ -227,7 +255,7 @@ async fn wire_in(h: &Handle, netns: PathBuf) -> Result<Wired, NetError> {
         let tap = format!("{TAP_PREFIX}{}", links.len());
         links.push(Link { name, index: l.header.index, tap, mac, mtu: mtu.unwrap_or(1500), addresses });
     }
-    let mut wired = Wired { netns, links, routes: Vec::new() };
+    let mut wired = Wired { netns, links, routes: Vec::new(), loopback_forward: None };
     for family in [false, true] {
         let msg = if family {
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
@@ -277,7 +305,53 @@ async fn wire_in(h: &Handle, netns: PathBuf) -> Result<Wired, NetError> {
         unplumb(h, &wired).await;
         return Err(e);
     }
+    wired.loopback_forward = redirect_loopback(h).await;
     Ok(wired)
+}
+
+/// iptables, where a node keeps it (CNI's portmap needs it too).
+fn iptables() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
+        .map(|d| d.join("iptables"))
+        .find(|p| p.is_file())
+}
+
+/// Runs `iptables -t nat <op> OUTPUT <the loopback rule>` in the calling thread's namespace.
+fn loopback_rule(op: &str) -> Result<(), String> {
+    let bin = iptables().ok_or("iptables is not installed")?;
+    let out = std::process::Command::new(&bin)
+        .args(["-t", "nat", op, "OUTPUT"])
+        .args(LOOPBACK_RULE)
+        .args(["--to-ports", &LOOPBACK_FORWARD_PORT.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{}: {}", bin.display(), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// The namespace's loopback up and its TCP redirected to husk-vmm's listener. Without it the
+/// pod works, but not port forwarding: that is logged, not an error.
+async fn redirect_loopback(h: &Handle) -> Option<u16> {
+    let mut los = h.link().get().match_name("lo".into()).execute();
+    if let Ok(Some(lo)) = los.try_next().await {
+        if let Err(e) = h.link().set(LinkUnspec::new_with_index(lo.header.index).up().build()).execute().await
+        {
+            tracing::warn!("setting the pod's loopback up: {e}");
+        }
+    }
+    match loopback_rule("-A") {
+        Ok(()) => Some(LOOPBACK_FORWARD_PORT),
+        Err(e) => {
+            tracing::warn!("the pod's loopback is not forwarded to its VM (no port forwarding): {e}");
+            None
+        }
+    }
 }
 
 /// The taps and the redirects between each and its pod interface.
@@ -321,8 +395,14 @@ async fn plumb(h: &Handle, w: &Wired) -> Result<(), NetError> {
 }
 
 /// Undoes [`plumb`]: the taps go (their qdiscs and filters with them), and the pod
-/// interfaces' ingress qdiscs. Errors are logged: whatever is gone is gone already.
+/// interfaces' ingress qdiscs, and the loopback rule. Errors are logged: whatever is gone is
+/// gone already.
 async fn unplumb(h: &Handle, w: &Wired) {
+    if w.loopback_forward.is_some() {
+        if let Err(e) = loopback_rule("-D") {
+            tracing::debug!("loopback forward rule: {e}");
+        }
+    }
     for l in &w.links {
         let mut taps = h.link().get().match_name(l.tap.clone()).execute();
         if let Ok(Some(tap)) = taps.try_next().await {

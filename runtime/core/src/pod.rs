@@ -37,12 +37,23 @@ impl Role {
 
 /// A pod's containers must have their own PID, IPC and network namespaces (or a pod peer's): a
 /// spec without one asks for the host's (`hostPID`, `hostIPC`, `hostNetwork`), which a VM
-/// cannot share; refused rather than given the VM's instead.
+/// cannot share; refused rather than given the VM's instead. Any other container must have a
+/// network namespace (`ctr run --net-host` or `podman --network host` leave it out): its VM
+/// cannot be on the host's network stack. (A standalone container without a PID or IPC
+/// namespace of its own still gets the VM's, as it always has: nothing else runs there.)
 pub fn check_namespaces(spec: &oci_spec::runtime::Spec, role: &Role) -> Result<(), RuntimeError> {
+    let nss = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
     if *role == Role::Standalone {
+        if !nss.iter().any(|n| n.typ() == LinuxNamespaceType::Network) {
+            return Err(RuntimeError::InvalidArgument(
+                "the container asks for the host's network (the spec has no network namespace): a \
+                 sandbox VM cannot share the host's network stack; give it a network namespace \
+                 (one from CNI, or none for loopback only)"
+                    .into(),
+            ));
+        }
         return Ok(());
     }
-    let nss = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
     for (typ, what) in [
         (LinuxNamespaceType::Pid, "the host's PID namespace (hostPID, PID mode NODE)"),
         (LinuxNamespaceType::Ipc, "the host's IPC namespace (hostIPC)"),
@@ -124,6 +135,9 @@ mod tests {
         let e = check_namespaces(&spec(serde_json::json!([{"type": "pid"}, {"type": "ipc"}])), &pod)
             .expect_err("hostNetwork");
         assert!(e.to_string().contains("hostNetwork"), "{e}");
-        assert!(check_namespaces(&spec(serde_json::json!([])), &Role::Standalone).is_ok());
+        let e = check_namespaces(&spec(serde_json::json!([{"type": "pid"}])), &Role::Standalone)
+            .expect_err("host network, standalone");
+        assert!(e.to_string().contains("host's network"), "{e}");
+        assert!(check_namespaces(&spec(serde_json::json!([{"type": "network"}])), &Role::Standalone).is_ok());
     }
 }

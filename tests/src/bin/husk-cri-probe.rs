@@ -450,6 +450,7 @@ async fn run(socket: &str) -> Result<()> {
     report("PID-MODES", pid_modes(&mut rt).await);
     report("VM-SIZE", vm_size(&mut rt).await);
     report("POD-NET", pod_network(&mut rt).await);
+    report("PORTS", ports(&mut rt).await);
     if handler() == "husk-shim" {
         report("SHIM-PER-POD", shim_per_pod(&mut rt).await);
         report("SHIM-KILLED", shim_killed(&mut rt).await);
@@ -625,8 +626,13 @@ fn serve_blob() -> Result<()> {
 
 /// `GET /path` from `ip:80` with a plain socket; the body.
 fn http_get(ip: &str, path: &str) -> Result<Vec<u8>> {
+    http_get_port(ip, 80, path)
+}
+
+fn http_get_port(ip: &str, port: u16, path: &str) -> Result<Vec<u8>> {
     use std::io::Read;
-    let mut s = std::net::TcpStream::connect_timeout(&format!("{ip}:80").parse()?, Duration::from_secs(30))?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&format!("{ip}:{port}").parse()?, Duration::from_secs(30))?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
     let mut all = Vec::new();
@@ -742,6 +748,124 @@ async fn pod_network(rt: &mut Rt) -> Result<()> {
     if let Ok(b) = &b {
         remove_pod(rt, b).await?;
     }
+    r
+}
+
+/// The node's port for the pod's `hostPort` (CNI portmap).
+const HOST_PORT: u16 = 8090;
+
+/// CRI PortForward over the streaming URL's websocket protocol (`v4.channel.k8s.io`, one
+/// port: data on channel 0, errors on channel 1, each opened by the port in two bytes): sends
+/// `request`, returns (data, error text) once the server closes.
+async fn port_forward(rt: &mut Rt, pod: &Pod, port: u16, request: &[u8]) -> Result<(Vec<u8>, String)> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let url = rt
+        .port_forward(cri::PortForwardRequest { pod_sandbox_id: pod.id.clone(), port: vec![port.into()] })
+        .await
+        .map_err(|s| anyhow!("PortForward: {}", s.message()))?
+        .into_inner()
+        .url;
+    let ws_url = format!("{}?port={port}", url.replacen("http://", "ws://", 1));
+    let mut req = ws_url.as_str().into_client_request()?;
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
+    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(60), tokio_tungstenite::connect_async(req))
+        .await
+        .context("websocket connect timed out")??;
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(request);
+    ws.send(Message::Binary(frame.into())).await?;
+    let (mut data, mut err) = (Vec::new(), String::new());
+    // Each channel's first frame is its port, not payload.
+    let mut opened = [false; 2];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Ok(Some(msg)) =
+        tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), ws.next()).await
+    {
+        let bytes = match msg {
+            Ok(Message::Binary(b)) => b.to_vec(),
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        let Some((&ch, rest)) = bytes.split_first() else { continue };
+        let Some(seen) = opened.get_mut(usize::from(ch)) else { continue };
+        let rest = if *seen {
+            rest
+        } else {
+            *seen = true;
+            rest.get(2..).unwrap_or_default()
+        };
+        match ch {
+            0 => data.extend_from_slice(rest),
+            _ => err.push_str(&String::from_utf8_lossy(rest)),
+        }
+    }
+    Ok((data, err))
+}
+
+/// A pod's ports: a `hostPort` through CNI's portmap reaches its server from the node, and
+/// CRI PortForward (containerd dials `localhost:<port>` in the pod's network namespace, where
+/// husk carries the loopback into the VM) reaches a server on the pod's loopback only, and
+/// gives an error, not a hang, for a port nobody listens on.
+async fn ports(rt: &mut Rt) -> Result<()> {
+    let mut config = sandbox_config("ports");
+    config.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 80,
+        host_port: HOST_PORT.into(),
+        host_ip: String::new(),
+    }];
+    let pod = run_pod_with(rt, config, handler()).await?;
+    let r = async {
+        let script = "mkdir -p /tmp/www /tmp/lo && echo hello-from-pod > /tmp/www/index.html && \
+                      echo hello-from-loopback > /tmp/lo/index.html && \
+                      httpd -p 127.0.0.1:8081 -h /tmp/lo && exec httpd -f -p 80 -h /tmp/www";
+        let srv =
+            start_container(rt, &pod, Ctr { name: "srv", cmd: sh(script), ..Default::default() }).await?;
+        let mut page = Vec::new();
+        for _ in 0..150 {
+            match http_get_port(NODE_ADDR, HOST_PORT, "/") {
+                Ok(p) => {
+                    page = p;
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        if !String::from_utf8_lossy(&page).contains("hello-from-pod") {
+            let last =
+                http_get_port(NODE_ADDR, HOST_PORT, "/").err().map(|e| format!("{e:#}")).unwrap_or_default();
+            let inside = exec_sync(rt, &srv, sh("netstat -ltn"), 60).await?;
+            bail!(
+                "hostPort {HOST_PORT} on the node did not reach the pod ({last}); listening: {}",
+                stdout(&inside)
+            );
+        }
+        let get = b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n";
+        let (data, err) = port_forward(rt, &pod, 80, get).await?;
+        if !String::from_utf8_lossy(&data).contains("hello-from-pod") {
+            bail!("PortForward to port 80: {:?}, error channel: {err:?}", String::from_utf8_lossy(&data));
+        }
+        let (data, err) = port_forward(rt, &pod, 8081, get).await?;
+        if !String::from_utf8_lossy(&data).contains("hello-from-loopback") {
+            bail!(
+                "PortForward to the pod's loopback-only port 8081: {:?}, error channel: {err:?}",
+                String::from_utf8_lossy(&data)
+            );
+        }
+        let started = Instant::now();
+        let (data, err) = port_forward(rt, &pod, 9, get).await?;
+        if !data.is_empty() || started.elapsed() > Duration::from_secs(45) {
+            bail!(
+                "PortForward to a closed port: {} bytes after {:?}, error channel: {err:?}",
+                data.len(),
+                started.elapsed()
+            );
+        }
+        Ok(())
+    }
+    .await;
+    remove_pod(rt, &pod).await?;
     r
 }
 

@@ -10,7 +10,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use husk_proto as pb;
-use husk_vmm::config::{FsCache, FsShareConfig, MacAddr, NetConfig, SerialConfig, VmConfig, VsockConfig};
+use husk_vmm::config::{
+    FsCache, FsShareConfig, LoopbackForward, MacAddr, NetConfig, SerialConfig, VmConfig, VsockConfig,
+};
 
 use super::{Booted, Calls, VmProcess, VmShape, Vms};
 use crate::agent::{Agent, GrpcAgent};
@@ -73,6 +75,12 @@ fn vm_config(cfg: &Config, dir: &Path, shape: &VmShape, vsock_arg: &Path) -> VmC
                 mtu: u16::try_from(l.mtu).ok(),
             })
             .collect(),
+        // The pod's loopback, which the REDIRECT rule sends to this listener, into the guest.
+        loopback_forward: shape
+            .network
+            .as_ref()
+            .and_then(|w| w.loopback_forward)
+            .map(|listen_port| LoopbackForward { listen_port, guest_port: husk_proto::STDIO_PORT }),
     }
 }
 
@@ -288,6 +296,7 @@ mod tests {
                     addresses: vec![("10.213.7.5".parse().expect("ip"), 24)],
                 }],
                 routes: Vec::new(),
+                loopback_forward: Some(15327),
             }),
         };
         let c = vm_config(&cfg, dir, &shape, Path::new("/proc/self/fd/3/vsock.sock"));
@@ -300,5 +309,7 @@ mod tests {
         assert_eq!((back.memory_mib, back.vcpus), (256, 2));
         assert_eq!(back.net.len(), 1);
         assert_eq!((back.net[0].tap.as_str(), back.net[0].mtu), ("husk-tap0", Some(1450)));
+        let fwd = back.loopback_forward.expect("the pod's loopback is forwarded");
+        assert_eq!((fwd.listen_port, fwd.guest_port), (15327, husk_proto::STDIO_PORT));
     }
 }

@@ -340,7 +340,9 @@ impl Muxer {
         let _ = self.epoll.ctl(ControlOperation::Delete, hs.stream.as_raw_fd(), EpollEvent::default());
         let peer_port = match request {
             Some(Ok(Request::Connect(port))) => port,
-            Some(Ok(Request::Stdio(_))) => return refuse(hs.stream, "expected CONNECT <port>".into()),
+            Some(Ok(Request::Stdio(_) | Request::Forward(_))) => {
+                return refuse(hs.stream, "expected CONNECT <port>".into())
+            }
             Some(Err(e)) => return refuse(hs.stream, e.to_string()),
             None => return,
         };
