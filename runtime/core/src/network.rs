@@ -305,7 +305,10 @@ async fn wire_in(h: &Handle, netns: PathBuf) -> Result<Wired, NetError> {
         unplumb(h, &wired).await;
         return Err(e);
     }
-    wired.loopback_forward = redirect_loopback(h).await;
+    // A namespace without interfaces (`--network none`) has nothing to forward for.
+    if !wired.links.is_empty() {
+        wired.loopback_forward = redirect_loopback(h).await;
+    }
     Ok(wired)
 }
 
