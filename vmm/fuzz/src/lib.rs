@@ -2,8 +2,7 @@
 //! that writes descriptor tables and available rings straight into guest memory, so the fuzzer
 //! controls every field the device reads (and can corrupt the rings the way a hostile guest can).
 
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub type Mem = GuestMemoryMmap<()>;
@@ -130,19 +129,24 @@ pub struct Ring {
 }
 
 impl Ring {
-    /// Lays the queue out at `base` (as `MockSplitQueue` does) and returns the device's view.
+    /// Lays the queue out at `base` as a driver does (descriptor table, available ring, used
+    /// ring 4-byte aligned after it) and returns the device's view. Not `MockSplitQueue`'s
+    /// layout: virtio-queue 0.17 counts the available ring's entries as bytes there, which puts
+    /// the used ring inside the available ring (from entry `size / 2` on, `used_event` included)
+    /// and lets the device's used-ring writes overwrite heads the driver made available.
     pub fn new(mem: &Mem, base: u64, size: u16) -> (Self, Queue) {
-        let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
-        let queue: Queue = mock.create_queue().expect("queue");
-        let ring = Self {
-            desc: mock.desc_table_addr().0,
-            avail: mock.avail_addr().0,
-            used: mock.used_addr().0,
-            size,
-            next_desc: 0,
-            avail_idx: 0,
-            last_head: 0,
-        };
+        let desc = base;
+        let avail = desc + 16 * u64::from(size);
+        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
+        let end = used + 6 + 8 * u64::from(size);
+        let _ = mem.write_slice(&vec![0u8; (end - base) as usize], GuestAddress(base));
+        let mut queue = Queue::new(size).expect("queue size");
+        queue.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+        queue.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+        queue.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+        queue.set_ready(true);
+        assert!(queue.is_valid(mem), "queue layout");
+        let ring = Self { desc, avail, used, size, next_desc: 0, avail_idx: 0, last_head: 0 };
         (ring, queue)
     }
 
@@ -165,6 +169,17 @@ impl Ring {
     pub fn set_avail_idx(&mut self, mem: &Mem, idx: u16) {
         self.avail_idx = idx;
         let _ = mem.write_obj(idx.to_le(), GuestAddress(self.avail + 2));
+    }
+
+    /// The available index the driver last published.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Writes `used_event` (after the available ring), which the device reads with EVENT_IDX.
+    pub fn set_used_event(&self, mem: &Mem, idx: u16) {
+        let at = self.avail + 4 + 2 * u64::from(self.size);
+        let _ = mem.write_obj(idx.to_le(), GuestAddress(at));
     }
 
     /// Writes `descs` (addr, len, flags) as one chain in consecutive table slots (NEXT links
@@ -197,6 +212,14 @@ impl Ring {
     /// The device's used index.
     pub fn used_idx(&self, mem: &Mem) -> u16 {
         mem.read_obj::<u16>(GuestAddress(self.used + 2)).map(u16::from_le).unwrap_or(0)
+    }
+
+    /// Used ring entry `i` (taken modulo the queue size) as (id, len).
+    pub fn used_elem(&self, mem: &Mem, i: u16) -> (u32, u32) {
+        let at = GuestAddress(self.used + 4 + 8 * u64::from(i % self.size));
+        let id = mem.read_obj::<u32>(at).map(u32::from_le).unwrap_or(u32::MAX);
+        let len = mem.read_obj::<u32>(GuestAddress(at.0 + 4)).map(u32::from_le).unwrap_or(u32::MAX);
+        (id, len)
     }
 
     /// One script command that writes a descriptor chain verbatim (any index, address, length,

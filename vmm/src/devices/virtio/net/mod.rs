@@ -13,6 +13,7 @@ pub mod tap;
 
 use std::io;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::{
@@ -22,6 +23,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -144,11 +146,11 @@ impl Net {
 }
 
 /// One device's queues and state, served by its worker.
-struct NetWorker {
+struct NetWorker<B: Backend> {
     mem: GuestMem,
     rxq: Queue,
     txq: Queue,
-    tap: SharedTap,
+    tap: B,
     offloads: TxOffloads,
     mergeable: bool,
     rx_frame: RxFrame,
@@ -159,25 +161,32 @@ struct NetWorker {
     tx_blocked: bool,
 }
 
-impl NetWorker {
+impl<B: Backend> NetWorker<B> {
     /// RX until the tap is drained or the guest is out of buffers; whether any was used.
     fn rx(&mut self) -> (bool, bool) {
         let mut used = false;
+        // One pass with nothing done is allowed to follow a post that raced with the last
+        // one; after that, a ring that yields nothing (an avail index too far ahead, or buffers
+        // too few for the held frame) waits for the guest's next kick instead of spinning.
+        let mut idle_retry = true;
         loop {
+            let seen = self.rxq.avail_idx(&self.mem, Ordering::Acquire).map(|i| i.0).unwrap_or(0);
             let r = process_rx(&mut self.rxq, &self.mem, &mut self.tap, &mut self.rx_frame, self.mergeable);
-            used |= r.delivered + r.dropped > 0;
+            let progress = r.delivered + r.dropped > 0;
+            used |= progress;
             if r.drained {
                 self.tap_readable = false;
             }
             if r.more {
                 return (used, true);
             }
-            if r.out_of_buffers {
-                // Ask for a kick when buffers come; if some came meanwhile, go on.
-                match self.rxq.enable_notification(&self.mem) {
-                    Ok(true) => continue,
-                    _ => return (used, false),
-                }
+            if !r.out_of_buffers {
+                return (used, false);
+            }
+            if kick_on_next_post(&mut self.rxq, &self.mem, seen)
+                && (progress || std::mem::take(&mut idle_retry))
+            {
+                continue;
             }
             return (used, false);
         }
@@ -185,21 +194,44 @@ impl NetWorker {
 
     fn tx(&mut self) -> (bool, bool) {
         let mut used = false;
+        let mut idle_retry = true;
         loop {
             let _ = self.txq.disable_notification(&self.mem);
             let r = process_tx(&mut self.txq, &self.mem, &mut self.tap, self.offloads, &mut self.tx_buf);
+            let progress = r.completed + r.dropped > 0;
             used |= r.completed > 0;
             self.tx_blocked = r.blocked;
             if r.blocked || r.more {
                 let _ = self.txq.enable_notification(&self.mem);
                 return (used, r.more);
             }
+            // As in `rx`: an avail index the queue cannot follow must not spin the worker.
             match self.txq.enable_notification(&self.mem) {
-                Ok(true) => continue,
+                Ok(true) if progress || std::mem::take(&mut idle_retry) => continue,
                 _ => return (used, false),
             }
         }
     }
+}
+
+/// Asks the guest to notify at its next buffer post and tells whether it posted any since its
+/// avail index read `seen`. virtio-queue's `enable_notification` asks (with EVENT_IDX) for a
+/// kick once the avail index passes `next_avail`; when the buffers posted are too few for the
+/// held frame, the guest is already past that and would never kick again, so `avail_event` is
+/// set to what the guest has posted.
+fn kick_on_next_post(q: &mut Queue, mem: &GuestMem, seen: u16) -> bool {
+    if q.enable_notification(mem).is_err() {
+        return false;
+    }
+    if q.event_idx_enabled() {
+        // avail_event follows the used ring's header (4 bytes) and its 8-byte elements.
+        let at = q.used_ring().checked_add(4 + 8 * u64::from(q.size()));
+        if let Some(at) = at {
+            let _ = mem.store(seen.to_le(), GuestAddress(at), Ordering::Release);
+        }
+    }
+    fence(Ordering::SeqCst);
+    q.avail_idx(mem, Ordering::Acquire).is_ok_and(|i| i.0 != seen)
 }
 
 fn run_worker(mut ctx: ActivateContext, tap: SharedTap, kill: EventFd) {
