@@ -171,6 +171,13 @@ pub struct Run {
     /// Hostname (sandbox mode).
     #[arg(long)]
     pub hostname: Option<String>,
+    /// Network (sandbox mode): `default` (the first *.conflist of husk's CNI conf dir), `none`
+    /// (loopback only), or the name of a CNI network.
+    #[arg(long, value_name = "default|none|NAME")]
+    pub net: Option<String>,
+    /// Publish a port (sandbox mode; repeatable): [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp].
+    #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:CONTAINER[/PROTO]")]
+    pub publish: Vec<String>,
     /// Accepted for Docker habits: sandbox runs are always removed.
     #[arg(long, hide = true, default_value_t = true)]
     pub rm: bool,
@@ -276,6 +283,10 @@ pub struct SandboxRun {
     pub volume: Vec<String>,
     pub workdir: Option<String>,
     pub hostname: Option<String>,
+    /// `--net`, as given (None: the default network).
+    pub net: Option<String>,
+    /// `-p`, as given.
+    pub publish: Vec<String>,
     pub command: Vec<String>,
 }
 
@@ -327,6 +338,8 @@ impl Run {
                 volume: self.volume,
                 workdir: self.workdir,
                 hostname: self.hostname,
+                net: self.net,
+                publish: self.publish,
                 command: self.args,
             }));
         }
@@ -340,6 +353,8 @@ impl Run {
                 ("--volume", !self.volume.is_empty()),
                 ("--workdir", self.workdir.is_some()),
                 ("--hostname", self.hostname.is_some()),
+                ("--net", self.net.is_some()),
+                ("--publish", !self.publish.is_empty()),
             ],
             "OCI run (they are for husk run --rootfs/--image)",
         )?;

@@ -1,9 +1,10 @@
-//! Where the VMM, guest kernel and initramfs are, and how big a sandbox VM is by default.
+//! Where the VMM, guest kernel and initramfs are, how big a sandbox VM is by default, and where
+//! `husk run` finds its CNI networks and plugins.
 //!
 //! Sources, later ones winning: built-in defaults (files next to the `husk` binary as the build
 //! lays them out, then `/usr/lib/husk`), the JSON file named by `HUSK_CONFIG` (default
 //! `/etc/husk/config.json`, optional), then `HUSK_VMM`, `HUSK_KERNEL`, `HUSK_INITRAMFS`,
-//! `HUSK_VM_MEMORY_MIB`, `HUSK_VM_VCPUS`, `HUSK_BOOT_TIMEOUT_SECS`.
+//! `HUSK_VM_MEMORY_MIB`, `HUSK_VM_VCPUS`, `HUSK_BOOT_TIMEOUT_SECS`, `HUSK_CNI_CONF_DIR`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,6 +15,11 @@ use crate::error::RuntimeError;
 
 const DEFAULT_CONFIG: &str = "/etc/husk/config.json";
 const SYSTEM_DIR: &str = "/usr/lib/husk";
+/// husk's own CNI network configs (not `/etc/cni/net.d`: a node's Kubernetes networks are not
+/// what a one-command sandbox should join by default).
+pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/husk/net.d";
+/// Debian's containernetworking-plugins, then the upstream release tarball's place.
+pub const DEFAULT_CNI_BIN_DIRS: [&str; 2] = ["/usr/lib/cni", "/opt/cni/bin"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -26,6 +32,10 @@ pub struct Config {
     pub boot_timeout: Duration,
     /// Guest kernel command line.
     pub cmdline: String,
+    /// Where `husk run` looks for `*.conflist` network configs.
+    pub cni_conf_dir: PathBuf,
+    /// Where CNI plugins are looked up, in order (also their `CNI_PATH`).
+    pub cni_bin_dirs: Vec<PathBuf>,
 }
 
 /// The config file: every field optional.
@@ -39,6 +49,8 @@ struct FileConfig {
     vcpus: Option<u32>,
     boot_timeout_secs: Option<u64>,
     cmdline: Option<String>,
+    cni_conf_dir: Option<PathBuf>,
+    cni_bin_dirs: Option<Vec<PathBuf>>,
 }
 
 /// Smallest sandbox VM the runtime makes (the VMM's own floor is lower; the agent needs this).
@@ -89,6 +101,8 @@ impl Config {
             vcpus: num("HUSK_VM_VCPUS")?.map(|v| v.min(u32::MAX as u64) as u32),
             boot_timeout_secs: num("HUSK_BOOT_TIMEOUT_SECS")?,
             cmdline: env("HUSK_CMDLINE"),
+            cni_conf_dir: env("HUSK_CNI_CONF_DIR").map(PathBuf::from),
+            cni_bin_dirs: None,
         });
         c.validate()?;
         Ok(c)
@@ -113,6 +127,8 @@ impl Config {
             vcpus: 1,
             boot_timeout: Duration::from_secs(120),
             cmdline: "console=ttyS0 reboot=k panic=-1 pci=off quiet".into(),
+            cni_conf_dir: PathBuf::from(DEFAULT_CNI_CONF_DIR),
+            cni_bin_dirs: DEFAULT_CNI_BIN_DIRS.iter().map(PathBuf::from).collect(),
         }
     }
 
@@ -138,6 +154,12 @@ impl Config {
         if let Some(v) = f.cmdline {
             self.cmdline = v;
         }
+        if let Some(v) = f.cni_conf_dir {
+            self.cni_conf_dir = v;
+        }
+        if let Some(v) = f.cni_bin_dirs {
+            self.cni_bin_dirs = v;
+        }
     }
 
     fn validate(&self) -> Result<(), RuntimeError> {
@@ -151,6 +173,26 @@ impl Config {
             return Err(RuntimeError::InvalidArgument(format!(
                 "VM vCPUs {} is not 1-{MAX_VCPUS}",
                 self.vcpus
+            )));
+        }
+        if !self.cni_conf_dir.is_absolute() {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "cni_conf_dir {} is not absolute",
+                self.cni_conf_dir.display()
+            )));
+        }
+        if self.cni_bin_dirs.is_empty() {
+            return Err(RuntimeError::InvalidArgument("cni_bin_dirs is empty".into()));
+        }
+        // They are joined with ':' into the plugins' CNI_PATH.
+        if let Some(d) = self
+            .cni_bin_dirs
+            .iter()
+            .find(|d| !d.is_absolute() || d.as_os_str().as_encoded_bytes().contains(&b':'))
+        {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "cni_bin_dirs: {} must be an absolute path without ':'",
+                d.display()
             )));
         }
         Ok(())
@@ -203,6 +245,8 @@ mod tests {
         assert_eq!(c.vmm, PathBuf::from("/x/target/release/./husk-vmm"));
         assert_eq!(c.kernel, PathBuf::from("/x/target/release/../husk/vmlinux"));
         assert_eq!(c.initramfs, PathBuf::from("/x/target/release/../husk/agent.cpio"));
+        assert_eq!(c.cni_conf_dir, PathBuf::from("/etc/husk/net.d"));
+        assert_eq!(c.cni_bin_dirs, vec![PathBuf::from("/usr/lib/cni"), PathBuf::from("/opt/cni/bin")]);
         assert!(c.validate().is_ok());
     }
 
@@ -215,6 +259,20 @@ mod tests {
         assert!(serde_json::from_str::<FileConfig>(r#"{"memroy_mib": 1}"#).is_err());
         c.memory_mib = 8;
         assert!(c.validate().is_err());
+        let f: FileConfig =
+            serde_json::from_str(r#"{"cni_conf_dir": "/n", "cni_bin_dirs": ["/a", "/b"]}"#).expect("parse");
+        c.memory_mib = 128;
+        c.apply(f);
+        assert_eq!(c.cni_conf_dir, PathBuf::from("/n"));
+        assert_eq!(c.cni_bin_dirs, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert!(c.validate().is_ok());
+        for bad in
+            [r#"{"cni_bin_dirs": []}"#, r#"{"cni_bin_dirs": ["rel"]}"#, r#"{"cni_bin_dirs": ["/a:b"]}"#]
+        {
+            let mut c2 = c.clone();
+            c2.apply(serde_json::from_str(bad).expect("parse"));
+            assert!(c2.validate().is_err(), "{bad}");
+        }
         c.memory_mib = 128;
         c.vcpus = 0;
         assert!(c.validate().is_err());

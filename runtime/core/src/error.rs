@@ -55,6 +55,9 @@ pub enum RuntimeError {
     Agent(#[from] AgentError),
     #[error("pod network: {0}")]
     Network(#[from] crate::network::NetError),
+    /// A CNI network (`husk run`): its configs, port mappings or plugins.
+    #[error(transparent)]
+    Cni(#[from] crate::cni::CniError),
     #[error("internal error: {0}")]
     Internal(String),
 }

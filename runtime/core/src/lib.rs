@@ -6,12 +6,14 @@
 
 pub mod agent;
 pub mod bundle;
+pub mod cni;
 pub mod config;
 pub mod error;
 pub mod hooks;
 pub mod lifecycle;
 pub mod mounts;
 pub mod namespaces;
+pub mod netns;
 pub mod network;
 pub mod pod;
 pub mod procinfo;

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! <root>/containers/<id>/{lock,state.json}
-//! <root>/sandboxes/<sid>/{lock,sandbox.json,vsock.sock,console.log,vmm.log,shared/}
+//! <root>/sandboxes/<sid>/{lock,sandbox.json,cni.json,vsock.sock,console.log,vmm.log,shared/}
+//! <root>/netns/<sid>     a network namespace husk made for the sandbox (see `cni::sandbox`)
 //! ```
 
 use std::collections::BTreeMap;
@@ -196,6 +197,14 @@ impl StateDir {
         Ok((lock, rec))
     }
 
+    /// Whether a call holds sandbox `sid`'s lock right now (a create under way).
+    pub fn sandbox_busy(&self, sid: &str) -> bool {
+        let Ok(f) = File::options().write(true).open(self.sandbox_dir(sid).join("lock")) else {
+            return false;
+        };
+        Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err()
+    }
+
     /// [`lock_container`](Self::lock_container) off the async runtime's threads (the lock
     /// may be held by another process for as long as its call takes).
     pub async fn lock_container_async(&self, id: &str) -> Result<(Lock, ContainerRecord), RuntimeError> {
@@ -221,6 +230,48 @@ impl StateDir {
 
     pub fn write_sandbox(&self, rec: &SandboxRecord) -> Result<(), RuntimeError> {
         write_json(&self.sandbox_dir(&rec.id).join("sandbox.json"), rec)
+    }
+
+    /// Every sandbox directory's id, sorted (records or not: leftovers of a crash too).
+    pub fn sandbox_ids(&self) -> Result<Vec<String>, RuntimeError> {
+        let dir = self.root.join("sandboxes");
+        let mut ids: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(RuntimeError::io(format!("reading {}", dir.display())))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|id| check_id(id).is_ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Where the network namespace husk makes for sandbox `sid` is pinned. Outside the
+    /// sandbox directory, whose removal must never meet a mount.
+    pub fn netns_path(&self, sid: &str) -> PathBuf {
+        self.root.join("netns").join(sid)
+    }
+
+    /// The sandbox's CNI attachment record.
+    pub fn cni_record_path(&self, sid: &str) -> PathBuf {
+        self.sandbox_dir(sid).join("cni.json")
+    }
+
+    pub fn read_cni(&self, sid: &str) -> Result<Option<crate::cni::Attachment>, RuntimeError> {
+        read_json(&self.cni_record_path(sid))
+    }
+
+    pub fn write_cni(&self, sid: &str, att: &crate::cni::Attachment) -> Result<(), RuntimeError> {
+        write_json(&self.cni_record_path(sid), att)
+    }
+
+    pub fn remove_cni(&self, sid: &str) -> Result<(), RuntimeError> {
+        let p = self.cni_record_path(sid);
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(RuntimeError::Io { what: format!("removing {}", p.display()), source: e }),
+        }
     }
 }
 
@@ -310,6 +361,36 @@ mod tests {
         s.remove_container("c1").expect("remove");
         assert!(matches!(s.read_container("c1"), Err(RuntimeError::NotFound(_))));
         assert!(matches!(s.lock_container("../x"), Err(RuntimeError::InvalidId(_))));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn sandboxes_are_listed_with_or_without_records_and_their_cni_record_round_trips() {
+        let root = tmp("sandboxes");
+        let s = StateDir::new(&root).expect("state dir");
+        let (lock, rec) = s.lock_sandbox("run-1").expect("lock");
+        assert!(rec.is_none());
+        assert!(s.sandbox_busy("run-1"));
+        drop(lock);
+        assert!(!s.sandbox_busy("run-1"));
+        std::fs::create_dir_all(root.join("sandboxes/.hidden")).expect("mkdir");
+        assert_eq!(s.sandbox_ids().expect("ids"), ["run-1"]);
+        assert!(s.read_cni("run-1").expect("read").is_none());
+        let att = crate::cni::Attachment {
+            netns: s.netns_path("run-1"),
+            conflist: serde_json::json!({"name": "n"}),
+            container_id: "run-1".into(),
+            ifname: "eth0".into(),
+            port_mappings: vec!["80:8080".parse().expect("port")],
+            bin_dirs: vec!["/usr/lib/cni".into()],
+            result: None,
+        };
+        s.write_cni("run-1", &att).expect("write");
+        assert_eq!(s.read_cni("run-1").expect("read"), Some(att));
+        assert_eq!(s.netns_path("run-1"), root.join("netns/run-1"));
+        s.remove_cni("run-1").expect("remove");
+        s.remove_cni("run-1").expect("remove again");
+        assert!(s.read_cni("run-1").expect("read").is_none());
         let _ = std::fs::remove_dir_all(&root);
     }
 

@@ -2,17 +2,21 @@
 //! sandbox with no bundle to write. The rootfs is shared read-only and overlaid in the guest,
 //! so the run never changes it; the sandbox is removed afterwards; the exit code is the
 //! command's. The spec starts from runc's default (oci-spec's) and takes the image's config.
+//! The sandbox joins a CNI network (`--net`, husk's default one unless told otherwise, with
+//! `-p` port mappings) through a network namespace husk-core makes for it, or with `--net none`
+//! has loopback only.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use husk_core::bundle::Bundle;
+use husk_core::cni::{NetRequest, Network, PortMapping};
 use husk_core::stdio::StdioStrategy;
 use husk_core::vm::ExtraShare;
 use husk_core::{CreateOpts, RuntimeError};
 use husk_image::ImageConfig;
-use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, Spec};
 use serde_json::json;
 
 use super::{ExitCode, Rt};
@@ -107,15 +111,46 @@ fn run_spec(a: &SandboxRun, rootfs: &Path, img: &ImageConfig) -> Result<Spec, Cl
         mounts.push(volume(v)?);
     }
     spec.set_mounts(Some(mounts));
-    if let Some(mut linux) = spec.linux().clone() {
-        // The sandbox VM is the container's network: no namespace of its own inside it.
-        let nss = linux.namespaces().clone().unwrap_or_default();
-        linux.set_namespaces(Some(
-            nss.into_iter().filter(|n| n.typ() != LinuxNamespaceType::Network).collect(),
-        ));
-        spec.set_linux(Some(linux));
-    }
+    set_network_namespace(&mut spec, None);
     Ok(spec)
+}
+
+/// The spec's `network` namespace entry: with the path of the namespace CNI filled (which husk
+/// wires to the VM), or without one (the VM's own, loopback only). Never absent: that would
+/// ask for the host's network.
+fn set_network_namespace(spec: &mut Spec, netns: Option<&Path>) {
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut nss: Vec<LinuxNamespace> = linux.namespaces().clone().unwrap_or_default();
+    nss.retain(|n| n.typ() != LinuxNamespaceType::Network);
+    let mut net = LinuxNamespace::default();
+    net.set_typ(LinuxNamespaceType::Network);
+    net.set_path(netns.map(Path::to_path_buf));
+    nss.push(net);
+    linux.set_namespaces(Some(nss));
+    spec.set_linux(Some(linux));
+}
+
+/// `--net` and `-p` as the core's request: None for `--net none`.
+fn net_request(a: &SandboxRun) -> Result<Option<NetRequest>, RuntimeError> {
+    let network = match a.net.as_deref() {
+        None | Some("default") => Some(Network::Default),
+        Some("none") => None,
+        Some(name) => {
+            husk_core::cni::conf::check_name(name)?;
+            Some(Network::Named(name.to_string()))
+        }
+    };
+    let port_mappings = a.publish.iter().map(|p| p.parse::<PortMapping>()).collect::<Result<Vec<_>, _>>()?;
+    match network {
+        None if !port_mappings.is_empty() => {
+            Err(invalid("--publish needs a network: it cannot be used with --net none".into()))
+        }
+        None => Ok(None),
+        Some(network) => {
+            husk_core::cni::ports::check_unique(&port_mappings)?;
+            Ok(Some(NetRequest { network, port_mappings }))
+        }
+    }
 }
 
 fn new_id() -> String {
@@ -130,16 +165,28 @@ pub async fn run(rt: &Rt, a: SandboxRun) -> Result<ExitCode, CliError> {
     if a.tty && !foreground::stdin_is_tty() {
         return Err(invalid("the input device is not a TTY (drop -t)".into()).into());
     }
+    let net = net_request(&a)?;
     rt.cfg.preflight()?;
     let id = new_id();
     let work = rt.state.root.join("runs").join(&id);
     std::fs::create_dir_all(&work).map_err(RuntimeError::io(format!("creating {}", work.display())))?;
-    let result = run_in(rt, &a, &id, &work).await;
+    let result = run_in(rt, &a, &id, &work, net.as_ref()).await;
+    // Whatever the run set up that no container took down with it (a CNI network before the
+    // create, a create that failed halfway) goes now; after a clean run there is nothing.
+    if let Err(e) = rt.remove_orphan_sandbox(&id).await {
+        tracing::warn!("sandbox {id}: {e}");
+    }
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-async fn run_in(rt: &Rt, a: &SandboxRun, id: &str, work: &Path) -> Result<ExitCode, CliError> {
+async fn run_in(
+    rt: &Rt,
+    a: &SandboxRun,
+    id: &str,
+    work: &Path,
+    net: Option<&NetRequest>,
+) -> Result<ExitCode, CliError> {
     let (rootfs, img): (PathBuf, ImageConfig) = match &a.rootfs {
         RootfsSource::Dir(r) => {
             (r.canonicalize().map_err(RuntimeError::bundle_file("rootfs", r))?, ImageConfig::default())
@@ -153,16 +200,9 @@ async fn run_in(rt: &Rt, a: &SandboxRun, id: &str, work: &Path) -> Result<ExitCo
             (dest, cfg)
         }
     };
-    let spec = run_spec(a, &rootfs, &img)?;
-    let bundle = Bundle::from_spec(work.to_path_buf(), spec)?;
-    let mut opts = CreateOpts::new(StdioStrategy::Held {
-        size: if a.tty { foreground::own_terminal_size() } else { None },
-    });
-    opts.extra_shares = vec![ExtraShare { tag: ROOTFS_TAG.into(), path: rootfs.clone(), read_only: true }];
-    opts.rootfs_share = Some((ROOTFS_TAG.into(), String::new()));
-    opts.memory_mib = a.memory;
-    opts.vcpus = a.cpus;
-    // Ctrl-C while the VM boots: finish creating, then remove everything and exit 130.
+    let mut spec = run_spec(a, &rootfs, &img)?;
+    // Ctrl-C while the network is set up or the VM boots: finish, then remove everything and
+    // exit 130.
     let interrupted = Arc::new(AtomicBool::new(false));
     let watch = {
         let flag = interrupted.clone();
@@ -172,6 +212,27 @@ async fn run_in(rt: &Rt, a: &SandboxRun, id: &str, work: &Path) -> Result<ExitCo
             }
         })
     };
+    if let Some(req) = net {
+        let attached = husk_core::cni::attach(&rt.state, &rt.cfg, id, req).await?;
+        tracing::debug!(
+            "sandbox {id}: on network {} as {:?}",
+            attached.network,
+            attached.result.addresses_of(husk_core::cni::sandbox::IFNAME)
+        );
+        set_network_namespace(&mut spec, Some(&attached.netns));
+        if interrupted.load(Ordering::SeqCst) {
+            watch.abort();
+            return Ok(130);
+        }
+    }
+    let bundle = Bundle::from_spec(work.to_path_buf(), spec)?;
+    let mut opts = CreateOpts::new(StdioStrategy::Held {
+        size: if a.tty { foreground::own_terminal_size() } else { None },
+    });
+    opts.extra_shares = vec![ExtraShare { tag: ROOTFS_TAG.into(), path: rootfs.clone(), read_only: true }];
+    opts.rootfs_share = Some((ROOTFS_TAG.into(), String::new()));
+    opts.memory_mib = a.memory;
+    opts.vcpus = a.cpus;
     let created = rt.create(id, &bundle, opts).await;
     watch.abort();
     let Some(mut held) = created? else {
@@ -220,6 +281,8 @@ mod tests {
             volume: vec![],
             workdir: None,
             hostname: None,
+            net: None,
+            publish: vec![],
             command: vec![],
         };
         let img = ImageConfig { cmd: vec!["sh".into()], working_dir: "/w".into(), ..Default::default() };
@@ -233,10 +296,64 @@ mod tests {
             .as_ref()
             .is_some_and(|e| e.contains(&"A=b".to_string()) && e[0].starts_with("PATH=")));
         assert_eq!(p.no_new_privileges(), Some(true));
-        let nss = s.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
-        assert!(nss.iter().all(|n| n.typ() != LinuxNamespaceType::Network));
-        assert!(nss.iter().any(|n| n.typ() == LinuxNamespaceType::Pid));
+        let nss = |s: &Spec| s.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
+        let net = |s: &Spec| -> Vec<Option<PathBuf>> {
+            nss(s)
+                .iter()
+                .filter(|n| n.typ() == LinuxNamespaceType::Network)
+                .map(|n| n.path().clone())
+                .collect()
+        };
+        // A network namespace of its own (none would be the host's), without a path: loopback.
+        assert_eq!(net(&s), vec![None]);
+        assert!(nss(&s).iter().any(|n| n.typ() == LinuxNamespaceType::Pid));
+        let mut with = s.clone();
+        set_network_namespace(&mut with, Some(Path::new("/run/husk/netns/run-1")));
+        assert_eq!(net(&with), vec![Some(PathBuf::from("/run/husk/netns/run-1"))]);
+        assert_eq!(nss(&with).len(), nss(&s).len());
         assert!(s.mounts().iter().flatten().any(|m| m.destination() == Path::new("/tmp")));
         assert!(run_spec(&SandboxRun { command: vec![], ..a }, &d, &ImageConfig::default()).is_err());
+    }
+
+    #[test]
+    fn net_and_publish_flags() {
+        let run = |net: Option<&str>, publish: &[&str]| {
+            net_request(&SandboxRun {
+                rootfs: RootfsSource::Dir("/".into()),
+                interactive: false,
+                tty: false,
+                memory: None,
+                cpus: None,
+                env: vec![],
+                volume: vec![],
+                workdir: None,
+                hostname: None,
+                net: net.map(str::to_string),
+                publish: publish.iter().map(|p| p.to_string()).collect(),
+                command: vec!["true".into()],
+            })
+        };
+        let r = run(None, &[]).expect("default").expect("a network");
+        assert_eq!((r.network, r.port_mappings.len()), (Network::Default, 0));
+        assert_eq!(run(Some("default"), &[]).expect("default").map(|r| r.network), Some(Network::Default));
+        assert_eq!(run(Some("none"), &[]).expect("none"), None);
+        let r = run(Some("lab-1"), &["8080:80", "127.0.0.1:5353:53/udp"]).expect("named").expect("a network");
+        assert_eq!(r.network, Network::Named("lab-1".into()));
+        assert_eq!(
+            r.port_mappings.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            ["8080:80/tcp", "127.0.0.1:5353:53/udp"]
+        );
+        let e = run(Some("none"), &["80:80"]).expect_err("-p needs a network").to_string();
+        assert!(e.contains("--net none"), "{e}");
+        for (net, publish) in [
+            (Some(""), &[][..]),
+            (Some("../x"), &[]),
+            (None, &["80"]),
+            (None, &["0:80"]),
+            (None, &["80:80/sctp"]),
+            (None, &["80:80", "80:81"]),
+        ] {
+            assert!(run(net, publish).is_err(), "{net:?} {publish:?}");
+        }
     }
 }

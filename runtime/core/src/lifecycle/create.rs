@@ -47,7 +47,7 @@ impl<A: Agent> Partial<A> {
         }
         if let Some((rec, process)) = self.vm {
             rt.vms.power_off(&rec, process).await;
-            if let Err(e) = share::remove_files(&rt.state, &rec.id) {
+            if let Err(e) = rt.release_sandbox(&rec.id).await {
                 tracing::warn!("sandbox {}: {e}", rec.id);
             }
         }
@@ -152,11 +152,13 @@ impl<V: Vms> Runtime<V> {
                 let booted = match self.vms.boot(&self.state, &sid, &shape).await {
                     Ok(b) => b,
                     Err(e) => {
-                        // The VM never came up: its directory and its taps go too.
+                        // The VM never came up: its taps, its CNI network and its directory go.
                         if let Some(w) = shape.network {
                             let _ = tokio::task::spawn_blocking(move || crate::network::unwire(&w)).await;
                         }
-                        let _ = share::remove_files(&self.state, &sid);
+                        if let Err(r) = self.release_sandbox(&sid).await {
+                            tracing::warn!("sandbox {sid}: {r}");
+                        }
                         return Err(e);
                     }
                 };

@@ -1,5 +1,6 @@
 //! `delete`: the container leaves its VM and the host, then its poststop hooks run; the VM goes
-//! with its last container.
+//! with its last container, and after it the sandbox's CNI network (DEL, then its namespace)
+//! and its files.
 
 use std::time::{Duration, Instant};
 
@@ -21,8 +22,9 @@ impl<V: Vms> Runtime<V> {
     pub async fn delete(&self, id: &str, force: bool, vm: VmProcess) -> Result<(), RuntimeError> {
         let (lock, rec) = match self.state.lock_container_async(id).await {
             // As runc: forcing the delete of a container that is gone succeeds, so a caller
-            // retrying a delete (containerd does) is done.
-            Err(RuntimeError::NotFound(_)) if force => return Ok(()),
+            // retrying a delete (containerd does) is done. A sandbox of that name that no
+            // container holds (its creator was killed before recording one) goes too.
+            Err(RuntimeError::NotFound(_)) if force => return self.remove_orphan_sandbox(id).await,
             r => r?,
         };
         let (status, agent) = self.status(&rec).await?;
@@ -74,15 +76,45 @@ impl<V: Vms> Runtime<V> {
     async fn leave_sandbox(&self, sid: &str, cid: &str, vm: VmProcess) -> Result<(), RuntimeError> {
         let (_slock, srec) = self.state.lock_sandbox_async(sid).await?;
         let Some(mut srec) = srec else {
-            return share::remove_files(&self.state, sid);
+            return self.release_sandbox(sid).await;
         };
         srec.containers.retain(|c| c != cid);
         if srec.containers.is_empty() {
             mounts::unmount_under(&share::shared_dir(&self.state, sid))?;
             self.vms.power_off(&srec, vm).await;
-            share::remove_files(&self.state, sid)
+            self.release_sandbox(sid).await
         } else {
             self.state.write_sandbox(&srec)
         }
+    }
+
+    /// What is left of a sandbox whose VM is off (its taps unwired with it): its CNI network
+    /// (DEL, then the namespace), then its files. The caller holds the sandbox's lock. When DEL
+    /// fails the files stay, CNI record included, for a later delete to try again.
+    pub(super) async fn release_sandbox(&self, sid: &str) -> Result<(), RuntimeError> {
+        crate::cni::detach(&self.state, sid).await?;
+        share::remove_files(&self.state, sid)
+    }
+
+    /// Removes sandbox `sid` if no container holds it: a leftover of a create whose caller was
+    /// killed (`husk run` after CNI ADD or the VM's boot, before the container was recorded).
+    /// Its VM, if one runs, is powered off; then its network and files go. A sandbox that holds
+    /// containers, or does not exist, is left alone.
+    pub async fn remove_orphan_sandbox(&self, sid: &str) -> Result<(), RuntimeError> {
+        crate::state::check_id(sid)?;
+        if !self.state.sandbox_dir(sid).is_dir() {
+            return Ok(());
+        }
+        let (_slock, srec) = self.state.lock_sandbox_async(sid).await?;
+        match srec {
+            Some(r) if !r.containers.is_empty() => return Ok(()),
+            Some(r) => {
+                tracing::info!("sandbox {sid}: removing it (no container holds it)");
+                mounts::unmount_under(&share::shared_dir(&self.state, sid))?;
+                self.vms.power_off(&r, VmProcess::default()).await;
+            }
+            None => {}
+        }
+        self.release_sandbox(sid).await
     }
 }

@@ -1,5 +1,5 @@
 //! The lifecycle against the fake agent and VMs: rollback at every failing step, wrong-state
-//! calls, concurrent deletes.
+//! calls, concurrent deletes, and a sandbox's CNI network taken down however it ends.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +8,8 @@ use serde_json::json;
 use super::*;
 use crate::agent::fake::{Fake, Step};
 use crate::bundle::Bundle;
+use crate::cni::testing::{FakePlugins, RESULT};
+use crate::cni::Attachment;
 
 struct Fixture {
     dir: PathBuf,
@@ -242,6 +244,117 @@ async fn a_vm_that_died_reads_as_stopped_and_deletes_cleanly() {
     assert_eq!(status(&f, "c1").await, Status::Stopped);
     f.rt.delete("c1", false, VmProcess::default()).await.expect("delete");
     assert!(!Path::new(&f.rt.state.container_dir("c1")).exists());
+}
+
+/// Records sandbox `sid` as on a network of two fake plugins, as `cni::attach` leaves it
+/// (without the namespace, which needs root).
+fn on_fake_network(f: &Fixture, plugins: &FakePlugins, sid: &str) {
+    plugins.plugin("net-a", "exit 0");
+    plugins.plugin("net-b", "exit 0");
+    let att = Attachment {
+        netns: f.rt.state.netns_path(sid),
+        conflist: json!({"cniVersion": "1.0.0", "name": "fake", "plugins": [{"type": "net-a"}, {"type": "net-b"}]}),
+        container_id: sid.into(),
+        ifname: "eth0".into(),
+        port_mappings: vec!["8080:80".parse().expect("port")],
+        bin_dirs: vec![plugins.dir.clone()],
+        result: Some(serde_json::from_str(RESULT).expect("result")),
+    };
+    std::fs::create_dir_all(f.rt.state.sandbox_dir(sid)).expect("mkdir");
+    f.rt.state.write_cni(sid, &att).expect("record");
+}
+
+/// The CNI calls so far, as `<plugin> <command>`.
+fn cni_calls(plugins: &FakePlugins) -> Vec<String> {
+    plugins.calls().into_iter().map(|c| c.0.split(' ').take(2).collect::<Vec<_>>().join(" ")).collect()
+}
+
+#[tokio::test]
+async fn the_network_goes_with_the_vm_del_in_reverse_with_adds_result() {
+    let f = Fixture::new("cni-delete");
+    let plugins = FakePlugins::new("lifecycle-delete");
+    on_fake_network(&f, &plugins, "c1");
+    let held = f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create").expect("held");
+    f.rt.start("c1").await.expect("start");
+    assert!(cni_calls(&plugins).is_empty());
+    f.rt.delete("c1", true, held.vm).await.expect("delete");
+    assert_eq!(cni_calls(&plugins), ["net-b DEL", "net-a DEL"]);
+    let calls = plugins.calls();
+    // The namespace was never made here: DEL goes without CNI_NETNS, as the spec allows.
+    assert!(calls[0].0.contains("id=c1 netns=unset if=eth0"), "{calls:?}");
+    assert_eq!(calls[0].1["prevResult"], serde_json::from_str::<serde_json::Value>(RESULT).expect("json"));
+    assert_eq!(calls[0].1["name"], "fake");
+    assert_eq!(f.fake.world().power_offs, 1);
+    f.assert_gone("c1");
+}
+
+#[tokio::test]
+async fn a_failed_create_takes_the_network_down() {
+    for step in [Step::Boot, Step::CreateContainer] {
+        let f = Fixture::new(&format!("cni-rollback-{step:?}"));
+        let plugins = FakePlugins::new(&format!("lifecycle-rollback-{step:?}"));
+        on_fake_network(&f, &plugins, "c1");
+        f.fake.world().fail.insert(step);
+        f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect_err("fails");
+        assert_eq!(cni_calls(&plugins), ["net-b DEL", "net-a DEL"], "{step:?}");
+        f.assert_gone("c1");
+    }
+}
+
+#[tokio::test]
+async fn a_network_no_container_holds_goes_with_a_forced_delete() {
+    let f = Fixture::new("cni-orphan");
+    let plugins = FakePlugins::new("lifecycle-orphan");
+    // `husk run` was killed after ADD, before the create.
+    on_fake_network(&f, &plugins, "run-0a1b");
+    assert!(matches!(
+        f.rt.delete("run-0a1b", false, VmProcess::default()).await,
+        Err(RuntimeError::NotFound(_))
+    ));
+    assert!(cni_calls(&plugins).is_empty());
+    f.rt.delete("run-0a1b", true, VmProcess::default()).await.expect("forced delete");
+    assert_eq!(cni_calls(&plugins), ["net-b DEL", "net-a DEL"]);
+    f.assert_gone("run-0a1b");
+    // Killed after the VM booted, before the container was recorded: the VM goes too.
+    let plugins = FakePlugins::new("lifecycle-orphan-vm");
+    on_fake_network(&f, &plugins, "run-2c3d");
+    let booted = f
+        .fake
+        .boot(
+            &f.rt.state,
+            "run-2c3d",
+            &shape::vm_shape(&f.rt.cfg, &f.bundle(json!({})), &Fixture::opts()).expect("shape"),
+        )
+        .await
+        .expect("boot");
+    f.rt.state.write_sandbox(&booted.record).expect("record");
+    f.rt.remove_orphan_sandbox("run-2c3d").await.expect("orphan");
+    assert_eq!(f.fake.world().power_offs, 1);
+    assert_eq!(cni_calls(&plugins), ["net-b DEL", "net-a DEL"]);
+    f.assert_gone("run-2c3d");
+    // A sandbox that holds a container is no orphan.
+    f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create");
+    f.rt.remove_orphan_sandbox("c1").await.expect("not an orphan");
+    assert!(f.rt.state.read_sandbox("c1").expect("read").is_some());
+}
+
+#[tokio::test]
+async fn a_failed_del_keeps_the_record_for_the_next_delete() {
+    let f = Fixture::new("cni-del-fails");
+    let plugins = FakePlugins::new("lifecycle-del-fails");
+    on_fake_network(&f, &plugins, "c1");
+    plugins.plugin("net-a", "echo '{\"code\": 999, \"msg\": \"iptables is locked\"}'; exit 1");
+    let held = f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create").expect("held");
+    let e = f.rt.delete("c1", true, held.vm).await.expect_err("DEL fails").to_string();
+    assert!(e.contains("CNI plugin net-a (DEL) failed with code 999: iptables is locked"), "{e}");
+    // The VM is off; the container (stopped) and the network's record stay for a retry.
+    assert_eq!(f.fake.world().power_offs, 1);
+    assert_eq!(status(&f, "c1").await, Status::Stopped);
+    assert!(f.rt.state.read_cni("c1").expect("read").is_some());
+    plugins.plugin("net-a", "exit 0");
+    f.rt.delete("c1", true, VmProcess::default()).await.expect("delete again");
+    assert_eq!(cni_calls(&plugins), ["net-b DEL", "net-a DEL", "net-b DEL", "net-a DEL"]);
+    f.assert_gone("c1");
 }
 
 #[test]
