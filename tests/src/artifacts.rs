@@ -203,3 +203,70 @@ impl RuntimeTestKit {
             .chain(self.peers.iter().map(PathBuf::as_path))
     }
 }
+
+/// What the network end-to-end test adds to the runtime kit: its L1-side probe, the guest's UDP
+/// echo server, the CNI plugins of husk's default network and of podman's, and iptables
+/// (the plugins run it).
+#[derive(Debug)]
+pub struct NetTestKit {
+    pub runtime: RuntimeTestKit,
+    /// husk-net-probe (host build).
+    pub probe: PathBuf,
+    /// husk-udp-echo (static, for the container rootfs).
+    pub udp_echo: PathBuf,
+    /// CNI plugins, iptables and its extensions, netavark where podman would use it.
+    pub net_files: Vec<PathBuf>,
+}
+
+/// CNI plugins the test's networks use: husk's default conflist (bridge, host-local, portmap;
+/// loopback) and podman's default network (adds firewall and tuning).
+pub const CNI_PLUGINS: [&str; 6] = ["bridge", "host-local", "portmap", "loopback", "firewall", "tuning"];
+
+impl NetTestKit {
+    pub fn find() -> Result<Self, String> {
+        let runtime = RuntimeTestKit::find()?;
+        let need = |p: String, pkg: &str| -> Result<PathBuf, String> {
+            let path = PathBuf::from(&p);
+            if path.exists() {
+                Ok(path)
+            } else {
+                Err(format!("{p} is missing (apt-get install {pkg})"))
+            }
+        };
+        let mut net_files = Vec::new();
+        for p in CNI_PLUGINS {
+            net_files.push(need(format!("/usr/lib/cni/{p}"), "containernetworking-plugins")?);
+        }
+        // The firewall plugin needs ip6tables too. Debian's are links (through
+        // /etc/alternatives) to xtables-nft-multi, which dlopens its match and target extensions.
+        for t in [
+            "iptables",
+            "iptables-save",
+            "iptables-restore",
+            "ip6tables",
+            "ip6tables-save",
+            "ip6tables-restore",
+        ] {
+            net_files.push(need(format!("/usr/sbin/{t}"), "iptables")?);
+        }
+        net_files.push(need("/usr/lib/x86_64-linux-gnu/xtables".into(), "iptables")?);
+        // Where a machine has netavark, podman uses it instead of CNI, with its helpers.
+        if Path::new("/usr/lib/podman/netavark").exists() {
+            net_files.push(PathBuf::from("/usr/lib/podman"));
+        }
+        Ok(Self { runtime, probe: bin("husk-net-probe")?, udp_echo: guest_bin("husk-udp-echo")?, net_files })
+    }
+
+    /// Everything the job needs in L1: only the runtime peers it drives (podman, conmon), since
+    /// every MiB of L1's initramfs costs boot time.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let k = &self.runtime;
+        let peers = k.peers.iter().filter(|p| p.ends_with("podman") || p.ends_with("conmon"));
+        [&k.husk, &k.vmm, &k.kernel, &k.initrd, &k.busybox, &self.probe, &self.udp_echo]
+            .into_iter()
+            .chain(peers)
+            .chain(&self.net_files)
+            .cloned()
+            .collect()
+    }
+}

@@ -34,7 +34,7 @@ fi
 current="$base/current"
 if [ -f "$current" ] && [ ! /var/lib/apt/lists -nt "$current" ]; then
     dir="$base/$(cat "$current")"
-    if [ -f "$dir/.complete-3" ]; then
+    if [ -f "$dir/.complete-4" ]; then
         echo "$dir"
         exit 0
     fi
@@ -61,7 +61,7 @@ ver=$(apt-cache show "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1)
 [ -n "$ver" ] || { log "no version for $pkg"; exit 1; }
 
 dir="$base/$pkg-$ver"
-if [ -f "$dir/.complete-3" ]; then
+if [ -f "$dir/.complete-4" ]; then
     echo "$pkg-$ver" >"$current"
     echo "$dir"
     exit 0
@@ -110,12 +110,14 @@ for m in fs/overlayfs/overlay; do
         xz -dc "$mods/$m.ko.xz" >"$work/out/modules/$name.ko"
     fi
 done
-# Networking modules, each after what it depends on (the `depends=` of its .modinfo; the
+# Networking modules (REDIRECT: husk's loopback forward in a pod namespace; conntrack netlink:
+# portmap's flush of stale UDP entries), each after what it depends on (the `depends=` of its .modinfo; the
 # extracted package has no modules.dep and busybox has no modprobe).
 net_modules="bridge veth tun sch_ingress act_mirred cls_u32 cls_flower
     nf_tables nft_compat nft_chain_nat nft_nat nft_masq nft_ct nf_nat nf_conntrack
     x_tables ip_tables iptable_nat iptable_filter ip6_tables ip6table_nat
-    xt_nat xt_MASQUERADE xt_conntrack xt_comment xt_mark xt_multiport xt_addrtype xt_tcpudp"
+    xt_nat xt_MASQUERADE xt_conntrack xt_comment xt_mark xt_multiport xt_addrtype xt_tcpudp
+    xt_REDIRECT nft_redir nf_conntrack_netlink"
 mkdir -p "$work/out/modules/net"
 : >"$work/out/modules/net/order"
 add_net() {
@@ -135,7 +137,7 @@ echo "$pkg $ver" >"$work/out/version"
 
 rm -rf "$dir"
 mv "$work/out" "$dir"
-touch "$dir/.complete-3"
+touch "$dir/.complete-4"
 echo "$pkg-$ver" >"$current"
 log "ready"
 echo "$dir"

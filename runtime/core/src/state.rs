@@ -129,6 +129,11 @@ impl StateDir {
         self.root.join("sandboxes").join(id)
     }
 
+    /// A `husk run`'s own files (its bundle, an unpacked image), which go with its sandbox.
+    pub fn run_dir(&self, id: &str) -> PathBuf {
+        self.root.join("runs").join(id)
+    }
+
     /// Makes a new container's directory and locks it; fails if the id is taken.
     pub fn reserve_container(&self, id: &str) -> Result<Lock, RuntimeError> {
         check_id(id)?;

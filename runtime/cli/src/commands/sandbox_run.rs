@@ -168,7 +168,7 @@ pub async fn run(rt: &Rt, a: SandboxRun) -> Result<ExitCode, CliError> {
     let net = net_request(&a)?;
     rt.cfg.preflight()?;
     let id = new_id();
-    let work = rt.state.root.join("runs").join(&id);
+    let work = rt.state.run_dir(&id);
     std::fs::create_dir_all(&work).map_err(RuntimeError::io(format!("creating {}", work.display())))?;
     let result = run_in(rt, &a, &id, &work, net.as_ref()).await;
     // Whatever the run set up that no container took down with it (a CNI network before the

@@ -93,6 +93,11 @@ impl<V: Vms> Runtime<V> {
     /// fails the files stay, CNI record included, for a later delete to try again.
     pub(super) async fn release_sandbox(&self, sid: &str) -> Result<(), RuntimeError> {
         crate::cni::detach(&self.state, sid).await?;
+        // A `husk run` killed before its own cleanup leaves its files (an unpacked image too).
+        let run = self.state.run_dir(sid);
+        if run.exists() {
+            std::fs::remove_dir_all(&run).map_err(RuntimeError::io(format!("removing {}", run.display())))?;
+        }
         share::remove_files(&self.state, sid)
     }
 

@@ -328,10 +328,13 @@ async fn a_network_no_container_holds_goes_with_a_forced_delete() {
         .await
         .expect("boot");
     f.rt.state.write_sandbox(&booted.record).expect("record");
+    // The killed `husk run`'s own files (its bundle, an unpacked image) go too.
+    std::fs::create_dir_all(f.rt.state.run_dir("run-2c3d").join("rootfs/etc")).expect("run dir");
     f.rt.remove_orphan_sandbox("run-2c3d").await.expect("orphan");
     assert_eq!(f.fake.world().power_offs, 1);
     assert_eq!(cni_calls(&plugins), ["net-b DEL", "net-a DEL"]);
     f.assert_gone("run-2c3d");
+    assert!(!f.rt.state.run_dir("run-2c3d").exists(), "the run's directory is left");
     // A sandbox that holds a container is no orphan.
     f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create");
     f.rt.remove_orphan_sandbox("c1").await.expect("not an orphan");
