@@ -24,7 +24,7 @@ for r in @RUNTIMES@; do
     @PROBE@ time $n-run-true-ms @N@ $r --root /run/$n run --no-pivot --bundle /var/oci bench || echo "FAIL $n"
 done
 @PROBE@ time husk-run-bundle-true-ms @N@ @HUSK@ --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle"
-@PROBE@ time husk-run-rootfs-true-ms @N@ @HUSK@ run --rootfs /var/bb -- true || echo "FAIL husk run rootfs"
+@PROBE@ time husk-run-rootfs-true-ms @N@ @HUSK@ run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs"
 @HUSK@ --root /run/hs run -d --bundle /var/oci-sleep s1 >/dev/null 2>&1 || echo "FAIL husk run -d"
 sleep 2
 vmm=$(sed -n 's/.*"vmm_pid": \([0-9]*\).*/\1/p' /run/hs/sandboxes/s1/sandbox.json)

@@ -55,22 +55,23 @@ leftovers() {
     echo "@@CLEAN-CHECKED $1"
 }
 mk_rootfs /var/bb
+# `husk run` here is on no network (no CNI plugins in this test host): tests/network.rs has that.
 mkdir -p /var/vol && echo vol-data > /var/vol/f
 # If a step stalls, the process list says where.
 ( while sleep 120; do echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; done ) & watch=$!
 
 echo "=== husk run"
-$H run --rootfs /var/bb -- sh -c 'echo hello-from-vm; hostname; exit 7'; echo "@@RUN-RC $?"
-echo piped-in | $H run -i --rootfs /var/bb -- sh -c 'read x; echo got:$x'; echo "@@RUN-I-RC $?"
-$H run --rootfs /var/bb -- sh -c 'echo scratch > /written && cat /written'
+$H run --net none --rootfs /var/bb -- sh -c 'echo hello-from-vm; hostname; exit 7'; echo "@@RUN-RC $?"
+echo piped-in | $H run --net none -i --rootfs /var/bb -- sh -c 'read x; echo got:$x'; echo "@@RUN-I-RC $?"
+$H run --net none --rootfs /var/bb -- sh -c 'echo scratch > /written && cat /written'
 [ -e /var/bb/written ] && echo "@@ROOTFS-CHANGED"
-$H run --rootfs /var/bb -v /var/vol:/data:ro -e GREETING=hi -- sh -c 'echo $GREETING; cat /data/f; touch /data/g 2>/dev/null || echo ro-refused'
+$H run --net none --rootfs /var/bb -v /var/vol:/data:ro -e GREETING=hi -- sh -c 'echo $GREETING; cat /data/f; touch /data/g 2>/dev/null || echo ro-refused'
 # Killed by a signal from outside (PID 1 of a PID namespace ignores its own SIGKILL).
-$H run --rootfs /var/bb -- sleep 300 & p=$!
+$H run --net none --rootfs /var/bb -- sleep 300 & p=$!
 until_ok 120 sh -c "$H list | grep -q 'run-.*running'"
 $H kill "$($H list -q | grep run-)" KILL; wait $p; echo "@@RUN-KILLED-RC $?"
 # A signal to husk run reaches the process (sh as PID 1 traps it and exits 42).
-$H run --rootfs /var/bb -- sh -c 'trap "exit 42" TERM; echo trap-ready; while :; do sleep 1; done' > /var/trap.out &
+$H run --net none --rootfs /var/bb -- sh -c 'trap "exit 42" TERM; echo trap-ready; while :; do sleep 1; done' > /var/trap.out &
 p=$!
 until_ok 120 grep -q trap-ready /var/trap.out; kill -TERM $p; wait $p; echo "@@RUN-TERM-RC $?"
 echo "--- image"
@@ -78,13 +79,13 @@ umoci init --layout /var/img && umoci new --image /var/img:bb && umoci unpack --
   && cp -a /var/bb/. /var/ib/rootfs/ && umoci repack --image /var/img:bb /var/ib \
   && umoci config --image /var/img:bb --config.env IMGVAR=from-image --config.cmd sh --config.cmd -c \
        --config.cmd 'echo $IMGVAR; exit 9' || echo "@@UMOCI-FAILED"
-$H run --image /var/img:bb; echo "@@IMAGE-RC $?"
-$H run --image /var/img:nope -- true 2>&1; echo "@@IMAGE-BADTAG-RC $?"
+$H run --net none --image /var/img:bb; echo "@@IMAGE-RC $?"
+$H run --net none --image /var/img:nope -- true 2>&1; echo "@@IMAGE-BADTAG-RC $?"
 echo "--- tty"
-timeout 300 script -qec "stty rows 33 cols 111; $H run -it --rootfs /var/bb -- sh -c 'tty; stty size; exit 5'" /dev/null; echo "@@TTY-RC $?"
+timeout 300 script -qec "stty rows 33 cols 111; $H run --net none -it --rootfs /var/bb -- sh -c 'tty; stty size; exit 5'" /dev/null; echo "@@TTY-RC $?"
 echo "--- missing pieces"
-HUSK_KERNEL=/nonexistent $H run --rootfs /var/bb -- true; echo "@@NOKERNEL-RC $?"
-$H run --rootfs /nonexistent -- true; echo "@@NOROOTFS-RC $?"
+HUSK_KERNEL=/nonexistent $H run --net none --rootfs /var/bb -- true; echo "@@NOKERNEL-RC $?"
+$H run --net none --rootfs /nonexistent -- true; echo "@@NOROOTFS-RC $?"
 leftovers run
 
 echo "=== oci"
