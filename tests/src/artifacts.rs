@@ -222,34 +222,33 @@ pub struct NetTestKit {
 /// loopback) and podman's default network (adds firewall and tuning).
 pub const CNI_PLUGINS: [&str; 6] = ["bridge", "host-local", "portmap", "loopback", "firewall", "tuning"];
 
+/// The CNI plugins of [`CNI_PLUGINS`] and iptables, which they run: Debian's iptables are
+/// links (through /etc/alternatives) to xtables-nft-multi, which dlopens its match and target
+/// extensions; the firewall plugin needs ip6tables too.
+pub fn cni_files() -> Result<Vec<PathBuf>, String> {
+    let need = |p: String, pkg: &str| -> Result<PathBuf, String> {
+        let path = PathBuf::from(&p);
+        if path.exists() {
+            Ok(path)
+        } else {
+            Err(format!("{p} is missing (apt-get install {pkg})"))
+        }
+    };
+    let mut files = Vec::new();
+    for p in CNI_PLUGINS {
+        files.push(need(format!("/usr/lib/cni/{p}"), "containernetworking-plugins")?);
+    }
+    for t in ["iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"] {
+        files.push(need(format!("/usr/sbin/{t}"), "iptables")?);
+    }
+    files.push(need("/usr/lib/x86_64-linux-gnu/xtables".into(), "iptables")?);
+    Ok(files)
+}
+
 impl NetTestKit {
     pub fn find() -> Result<Self, String> {
         let runtime = RuntimeTestKit::find()?;
-        let need = |p: String, pkg: &str| -> Result<PathBuf, String> {
-            let path = PathBuf::from(&p);
-            if path.exists() {
-                Ok(path)
-            } else {
-                Err(format!("{p} is missing (apt-get install {pkg})"))
-            }
-        };
-        let mut net_files = Vec::new();
-        for p in CNI_PLUGINS {
-            net_files.push(need(format!("/usr/lib/cni/{p}"), "containernetworking-plugins")?);
-        }
-        // The firewall plugin needs ip6tables too. Debian's are links (through
-        // /etc/alternatives) to xtables-nft-multi, which dlopens its match and target extensions.
-        for t in [
-            "iptables",
-            "iptables-save",
-            "iptables-restore",
-            "ip6tables",
-            "ip6tables-save",
-            "ip6tables-restore",
-        ] {
-            net_files.push(need(format!("/usr/sbin/{t}"), "iptables")?);
-        }
-        net_files.push(need("/usr/lib/x86_64-linux-gnu/xtables".into(), "iptables")?);
+        let mut net_files = cni_files()?;
         // Where a machine has netavark, podman uses it instead of CNI, with its helpers.
         if Path::new("/usr/lib/podman/netavark").exists() {
             net_files.push(PathBuf::from("/usr/lib/podman"));

@@ -132,21 +132,14 @@ fn run_part(part: &str, handlers: &str) -> Option<String> {
     let mut job = Job::new(script).timeout(Duration::from_secs(1200));
     job.files.extend(kit.files().map(Path::to_path_buf));
     job.files.extend([probe, pause, PathBuf::from("/usr/bin/mount")]);
-    // CNI: the plugins containerd runs for each pod (loopback always); iptables for portmap's
-    // NAT rules and husk's loopback redirect in each pod namespace.
-    let cni = Path::new("/usr/lib/cni");
-    let peers = ["bridge", "host-local", "loopback", "portmap"]
-        .map(|p| (cni.join(p), "containernetworking-plugins"))
-        .into_iter()
-        .chain(["/usr/sbin/iptables", "/usr/sbin/iptables-save"].map(|p| (PathBuf::from(p), "iptables")));
-    for (p, package) in peers {
-        match exists(p, package) {
-            Ok(f) => job.files.push(f),
-            Err(reason) => {
-                assert!(!husk_tests::artifacts::strict(), "prerequisite missing in strict mode: {reason}");
-                eprintln!("skipped: {reason}");
-                return None;
-            }
+    // CNI: the plugins containerd runs for each pod (loopback always, portmap for hostPort), and
+    // iptables for portmap's NAT rules and husk's loopback redirect in each pod namespace.
+    match husk_tests::artifacts::cni_files() {
+        Ok(files) => job.files.extend(files),
+        Err(reason) => {
+            assert!(!husk_tests::artifacts::strict(), "prerequisite missing in strict mode: {reason}");
+            eprintln!("skipped: {reason}");
+            return None;
         }
     }
     job.net = true;
@@ -200,13 +193,5 @@ fn kubernetes_pods_through_containerd_cri_and_the_husk_shim() {
     let Some(o) = run_part("husk shim", "husk-shim husk-shim") else { return };
     for check in ["@@SHIM-PER-POD ok", "@@SHIM-KILLED ok", "@@SHIM-OPTIONS ok"] {
         assert!(o.contains(check), "husk shim: expected {check}:\n{o}");
-    }
-}
-
-fn exists(p: PathBuf, package: &str) -> Result<PathBuf, String> {
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!("{} is not installed (apt-get install {package})", p.display()))
     }
 }
