@@ -238,7 +238,9 @@ pub fn cni_files() -> Result<Vec<PathBuf>, String> {
     for p in CNI_PLUGINS {
         files.push(need(format!("/usr/lib/cni/{p}"), "containernetworking-plugins")?);
     }
-    for t in ["iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"] {
+    for t in
+        ["iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"]
+    {
         files.push(need(format!("/usr/sbin/{t}"), "iptables")?);
     }
     files.push(need("/usr/lib/x86_64-linux-gnu/xtables".into(), "iptables")?);
