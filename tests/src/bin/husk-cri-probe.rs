@@ -364,10 +364,26 @@ fn stdout(r: &cri::ExecSyncResponse) -> String {
     String::from_utf8_lossy(&r.stdout).into_owned()
 }
 
+type Channels = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A streaming URL opened as `v4.channel.k8s.io` websocket, with `input` sent on channel 0.
+async fn open_channels(url: &str, input: &[u8]) -> Result<Channels> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut req = url.replacen("http://", "ws://", 1).into_client_request()?;
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
+    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(60), tokio_tungstenite::connect_async(req))
+        .await
+        .context("websocket connect timed out")??;
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(input);
+    ws.send(Message::Binary(frame.into())).await?;
+    Ok(ws)
+}
+
 /// CRI Exec over the streaming URL, as a websocket client speaking `v4.channel.k8s.io`: sends
 /// `input`, returns (output, status JSON from the error channel).
 async fn exec_stream(rt: &mut Rt, id: &str, cmd: &[&str], input: &str) -> Result<(String, String)> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
     let url = rt
         .exec(cri::ExecRequest {
@@ -382,15 +398,7 @@ async fn exec_stream(rt: &mut Rt, id: &str, cmd: &[&str], input: &str) -> Result
         .map_err(|s| anyhow!("Exec: {}", s.message()))?
         .into_inner()
         .url;
-    let ws_url = url.replacen("http://", "ws://", 1);
-    let mut req = ws_url.as_str().into_client_request()?;
-    req.headers_mut().insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
-    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(60), tokio_tungstenite::connect_async(req))
-        .await
-        .context("websocket connect timed out")??;
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(input.as_bytes());
-    ws.send(Message::Binary(frame.into())).await?;
+    let mut ws = open_channels(&url, input.as_bytes()).await?;
     let (mut out, mut status) = (String::new(), String::new());
     let deadline = Instant::now() + Duration::from_secs(120);
     while let Ok(Some(msg)) =
@@ -758,7 +766,6 @@ const HOST_PORT: u16 = 8090;
 /// port: data on channel 0, errors on channel 1, each opened by the port in two bytes): sends
 /// `request`, returns (data, error text) once the server closes.
 async fn port_forward(rt: &mut Rt, pod: &Pod, port: u16, request: &[u8]) -> Result<(Vec<u8>, String)> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
     let url = rt
         .port_forward(cri::PortForwardRequest { pod_sandbox_id: pod.id.clone(), port: vec![port.into()] })
@@ -766,15 +773,7 @@ async fn port_forward(rt: &mut Rt, pod: &Pod, port: u16, request: &[u8]) -> Resu
         .map_err(|s| anyhow!("PortForward: {}", s.message()))?
         .into_inner()
         .url;
-    let ws_url = format!("{}?port={port}", url.replacen("http://", "ws://", 1));
-    let mut req = ws_url.as_str().into_client_request()?;
-    req.headers_mut().insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
-    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(60), tokio_tungstenite::connect_async(req))
-        .await
-        .context("websocket connect timed out")??;
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(request);
-    ws.send(Message::Binary(frame.into())).await?;
+    let mut ws = open_channels(&format!("{url}?port={port}"), request).await?;
     let (mut data, mut err) = (Vec::new(), String::new());
     // Each channel's first frame is its port, not payload.
     let mut opened = [false; 2];
