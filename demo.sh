@@ -24,4 +24,5 @@ echo "husk run exit status $? (the workload exits 42)"
 '
 exec cargo run --release -q -p husk-tests --example testhost-run -- --net --cpus 2 --mem 2048 --timeout 600 "$script" \
     "$t/release/husk" "$t/release/husk-vmm" "$t/husk/vmlinux" "$t/husk/agent.cpio" /bin/busybox \
-    /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/portmap /usr/sbin/iptables
+    /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/portmap /usr/sbin/iptables \
+    /usr/lib/x86_64-linux-gnu/xtables
