@@ -1,6 +1,8 @@
-//! The command line: runc 1.1's global flags and commands, plus `husk run --rootfs|--image`.
-//! One verb `run` serves both; [`Run::mode`] splits it into the two commands' own structs and
-//! refuses flags that do not belong to the mode.
+//! The command line: runc 1.1's global flags and commands, plus `husk run` sandboxes (of a
+//! rootfs, an OCI layout or a registry image) and the image commands (`pull`, `images`, `rmi`,
+//! `image ...`, `login`, `logout`). One verb `run` serves both runc's run and sandboxes;
+//! [`Run::mode`] splits it into the two commands' own structs and refuses flags that do not
+//! belong to the mode.
 
 use std::path::PathBuf;
 
@@ -95,6 +97,46 @@ pub enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Pull an image from a registry into husk's image store.
+    Pull {
+        /// Which image of a multi-platform image (OS/ARCH[/VARIANT]).
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+        /// Print only the manifest digest.
+        #[arg(short, long)]
+        quiet: bool,
+        /// NAME[:TAG|@DIGEST], with Docker's defaults (`alpine` is docker.io/library/alpine:latest).
+        name: String,
+    },
+    /// List the images in husk's image store.
+    Images {
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// Print only image IDs.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove images by name or ID (and whatever only they used).
+    Rmi {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Image commands: inspect, prune, ls, rm, pull.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Store credentials for a registry (checked against it first).
+    Login {
+        #[arg(short, long)]
+        username: Option<String>,
+        #[arg(short, long, conflicts_with = "password_stdin")]
+        password: Option<String>,
+        /// Read the password from stdin.
+        #[arg(long)]
+        password_stdin: bool,
+        registry: String,
+    },
+    /// Remove stored credentials for a registry.
+    Logout { registry: String },
     /// Write a default config.json into the bundle directory.
     Spec {
         #[arg(short, long, default_value = ".")]
@@ -102,6 +144,43 @@ pub enum Command {
         #[arg(long)]
         rootless: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Print an image's record, layers and config as JSON.
+    Inspect { name: String },
+    /// Remove every blob, unpacked snapshot and partial download no image needs.
+    Prune,
+    /// List images (as `husk images`).
+    Ls {
+        #[arg(long, default_value = "table")]
+        format: String,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove images (as `husk rmi`).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Pull an image (as `husk pull`).
+    Pull {
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+        #[arg(short, long)]
+        quiet: bool,
+        name: String,
+    },
+}
+
+/// When `husk run IMAGE` pulls.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    Missing,
+    Never,
 }
 
 #[derive(Args, Debug)]
@@ -144,9 +223,16 @@ pub struct Run {
     /// Sandbox mode: run a command in this root file system (no bundle needed).
     #[arg(long, conflicts_with_all = ["image", "bundle"])]
     pub rootfs: Option<PathBuf>,
-    /// Sandbox mode: run a command in an image from an OCI layout, `DIR[:TAG]`.
+    /// Sandbox mode: run a command in an image: a registry name, or `oci:DIR[:TAG]` for an OCI
+    /// layout (an existing `DIR[:TAG]` also names a layout). `husk run IMAGE -- CMD` does too.
     #[arg(long, conflicts_with = "bundle")]
     pub image: Option<String>,
+    /// When to pull a registry image (sandbox mode).
+    #[arg(long, value_enum)]
+    pub pull: Option<PullPolicy>,
+    /// Which image of a multi-platform image (sandbox mode).
+    #[arg(long)]
+    pub platform: Option<String>,
     /// Keep stdin open (sandbox mode).
     #[arg(short, long)]
     pub interactive: bool,
@@ -181,7 +267,8 @@ pub struct Run {
     /// Accepted for Docker habits: sandbox runs are always removed.
     #[arg(long, hide = true, default_value_t = true)]
     pub rm: bool,
-    /// The container id (OCI mode), or the command (sandbox mode, after `--`).
+    /// The container id (OCI mode); or, in sandbox mode, the command (after `--`), preceded by
+    /// the image when neither --rootfs nor --image names one.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 }
@@ -269,6 +356,24 @@ pub enum RootfsSource {
     Dir(PathBuf),
     /// An OCI layout, `DIR[:TAG]`.
     Layout(String),
+    /// A registry image, through husk's image store.
+    Image(String),
+}
+
+impl RootfsSource {
+    /// `--image` or a positional image: `oci:DIR[:TAG]` and existing layout directories are
+    /// layouts, anything else a registry name.
+    pub fn image(s: &str) -> Self {
+        if let Some(layout) = s.strip_prefix("oci:") {
+            return Self::Layout(layout.to_string());
+        }
+        let is_layout = husk_image::parse_reference(s).is_ok_and(|(dir, _)| dir.join("oci-layout").is_file());
+        if is_layout {
+            Self::Layout(s.to_string())
+        } else {
+            Self::Image(s.to_string())
+        }
+    }
 }
 
 /// `husk run --rootfs DIR | --image LAYOUT[:TAG] [-- CMD...]`: a command in a fresh sandbox.
@@ -287,6 +392,8 @@ pub struct SandboxRun {
     pub net: Option<String>,
     /// `-p`, as given.
     pub publish: Vec<String>,
+    pub pull: PullPolicy,
+    pub platform: Option<String>,
     pub command: Vec<String>,
 }
 
@@ -299,7 +406,21 @@ pub enum RunMode {
 
 impl Run {
     pub fn is_sandbox(&self) -> bool {
-        self.rootfs.is_some() || self.image.is_some()
+        self.rootfs.is_some() || self.image.is_some() || self.positional_image()
+    }
+
+    /// `husk run IMAGE [CMD...]`: runc's `run ID` takes one id and a bundle (default: the current
+    /// directory, which then holds config.json), so two or more words, or one word with no
+    /// bundle to run, are an image and its command.
+    fn positional_image(&self) -> bool {
+        if self.rootfs.is_some() || self.image.is_some() || self.bundle.is_some() {
+            return false;
+        }
+        match self.args.len() {
+            0 => false,
+            1 => !std::path::Path::new("config.json").exists(),
+            _ => true,
+        }
     }
 
     /// Splits `run` into its mode's struct; a flag of the other mode is an error, not ignored.
@@ -321,13 +442,26 @@ impl Run {
                     ("--no-new-keyring", self.no_new_keyring),
                     ("--preserve-fds", self.preserve_fds > 0),
                 ],
-                "husk run --rootfs/--image (they are for OCI bundles: husk run ID)",
+                "husk run of a sandbox (they are for OCI bundles: husk run ID)",
             )?;
+            let positional = self.positional_image();
+            let mut command = self.args;
             let rootfs = match (self.rootfs, self.image) {
                 (Some(r), None) => RootfsSource::Dir(r),
-                (None, Some(i)) => RootfsSource::Layout(i),
+                (None, Some(i)) => RootfsSource::image(&i),
+                (None, None) if positional => {
+                    let image = command.remove(0);
+                    // Past the first value, clap keeps a `--` among the trailing words.
+                    if command.first().is_some_and(|w| w == "--") {
+                        command.remove(0);
+                    }
+                    RootfsSource::image(&image)
+                }
                 _ => return Err("give one of --rootfs or --image".into()),
             };
+            if self.pull.is_some() && !matches!(rootfs, RootfsSource::Image(_)) {
+                return Err("--pull is for registry images".into());
+            }
             return Ok(RunMode::Sandbox(SandboxRun {
                 rootfs,
                 interactive: self.interactive,
@@ -340,7 +474,9 @@ impl Run {
                 hostname: self.hostname,
                 net: self.net,
                 publish: self.publish,
-                command: self.args,
+                pull: self.pull.unwrap_or_default(),
+                platform: self.platform,
+                command,
             }));
         }
         refuse(
@@ -355,6 +491,8 @@ impl Run {
                 ("--hostname", self.hostname.is_some()),
                 ("--net", self.net.is_some()),
                 ("--publish", !self.publish.is_empty()),
+                ("--pull", self.pull.is_some()),
+                ("--platform", self.platform.is_some()),
             ],
             "OCI run (they are for husk run --rootfs/--image)",
         )?;
@@ -371,5 +509,48 @@ impl Run {
             keep: self.keep,
             preserve_fds: self.preserve_fds,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(argv: &[&str]) -> Result<RunMode, String> {
+        let cli = Cli::try_parse_from(["husk", "run"].iter().chain(argv)).map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Run(r) => r.mode(),
+            other => Err(format!("not run: {other:?}")),
+        }
+    }
+
+    #[test]
+    fn run_of_an_image_by_name() {
+        // Tests run in the crate directory, which has no config.json: one word is an image.
+        let Ok(RunMode::Sandbox(s)) = run(&["alpine", "--", "sh", "-c", "echo hi"]) else {
+            panic!("sandbox")
+        };
+        assert!(matches!(&s.rootfs, RootfsSource::Image(i) if i == "alpine"));
+        assert_eq!(s.command, ["sh", "-c", "echo hi"]);
+        assert_eq!(s.pull, PullPolicy::Missing);
+        let Ok(RunMode::Sandbox(s)) = run(&["--pull", "never", "--net", "none", "reg:5000/a:1"]) else {
+            panic!("sandbox")
+        };
+        assert!(matches!(&s.rootfs, RootfsSource::Image(i) if i == "reg:5000/a:1"));
+        assert!(s.command.is_empty());
+        assert_eq!(s.pull, PullPolicy::Never);
+        let Ok(RunMode::Sandbox(s)) = run(&["--image", "oci:/srv/layout:v1", "--", "true"]) else {
+            panic!("sandbox")
+        };
+        assert!(matches!(&s.rootfs, RootfsSource::Layout(l) if l == "/srv/layout:v1"));
+        let Ok(RunMode::Sandbox(s)) = run(&["--image", "busybox:1.36", "--", "true"]) else {
+            panic!("sandbox")
+        };
+        assert!(matches!(&s.rootfs, RootfsSource::Image(i) if i == "busybox:1.36"));
+        // runc's run: an id with a bundle.
+        let Ok(RunMode::Oci(o)) = run(&["--bundle", "/b", "ctr1"]) else { panic!("oci") };
+        assert_eq!(o.id, "ctr1");
+        assert!(run(&["--pull", "always", "--rootfs", "/", "--", "true"]).is_err(), "--pull needs an image");
+        assert!(run(&["--bundle", "/b", "--pull", "always", "ctr1"]).is_err());
     }
 }

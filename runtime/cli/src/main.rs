@@ -5,11 +5,12 @@ mod args;
 mod commands;
 mod error;
 mod foreground;
+mod progress;
 mod runlog;
 
 use std::io::Write as _;
 
-use args::{Cli, Command, RunMode};
+use args::{Cli, Command, ImageCommand, RunMode};
 use clap::Parser;
 use commands::ExitCode;
 use error::CliError;
@@ -23,8 +24,18 @@ fn main() {
     }
     let cli = Cli::parse();
     runlog::init(cli.log.as_deref(), cli.log_format, cli.debug);
-    // `husk run --rootfs|--image` is for people: plain errors, not runc's log lines.
-    let human = cli.log.is_none() && matches!(&cli.command, Command::Run(r) if r.is_sandbox());
+    // Sandbox runs and image commands are for people: plain errors, not runc's log lines.
+    let human = cli.log.is_none()
+        && match &cli.command {
+            Command::Run(r) => r.is_sandbox(),
+            Command::Pull { .. }
+            | Command::Images { .. }
+            | Command::Rmi { .. }
+            | Command::Image(_)
+            | Command::Login { .. }
+            | Command::Logout { .. } => true,
+            _ => false,
+        };
     let to_stderr = !runlog::logs_to_stderr(cli.log.as_deref());
     let code = match run(cli) {
         Ok(code) => code,
@@ -67,6 +78,39 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Spec { bundle, rootless } => return Ok(commands::spec::run(bundle, *rootless)?),
         _ => {}
     }
+    // Image commands: the config, no container state.
+    match &cli.command {
+        Command::Pull { platform, quiet, name }
+        | Command::Image(ImageCommand::Pull { platform, quiet, name }) => {
+            let cfg = husk_core::config::Config::load()?;
+            return commands::images::pull(&cfg, name, platform, *quiet).await;
+        }
+        Command::Images { format, quiet } | Command::Image(ImageCommand::Ls { format, quiet }) => {
+            return commands::images::list(&husk_core::config::Config::load()?, format, *quiet);
+        }
+        Command::Rmi { names } | Command::Image(ImageCommand::Rm { names }) => {
+            return commands::images::remove(&husk_core::config::Config::load()?, names);
+        }
+        Command::Image(ImageCommand::Inspect { name }) => {
+            return commands::images::inspect(&husk_core::config::Config::load()?, name);
+        }
+        Command::Image(ImageCommand::Prune) => {
+            return commands::images::prune(&husk_core::config::Config::load()?);
+        }
+        Command::Login { username, password, password_stdin, registry } => {
+            let cfg = husk_core::config::Config::load()?;
+            return commands::login::login(
+                &cfg,
+                registry,
+                username.clone(),
+                password.clone(),
+                *password_stdin,
+            )
+            .await;
+        }
+        Command::Logout { registry } => return commands::login::logout(registry),
+        _ => {}
+    }
     let rt = commands::runtime(&cli.root)?;
     let code = match cli.command {
         Command::Create(a) => commands::create::run(&rt, a).await?,
@@ -85,7 +129,14 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Update(a) => commands::update::run(&rt, a).await?,
         Command::Events { interval, stats, id } => commands::events::run(&rt, &id, &interval, stats).await?,
         Command::List { format, quiet } => commands::list::run(&rt, &format, quiet).await?,
-        Command::Features | Command::Spec { .. } => 0,
+        Command::Features
+        | Command::Spec { .. }
+        | Command::Pull { .. }
+        | Command::Images { .. }
+        | Command::Rmi { .. }
+        | Command::Image(_)
+        | Command::Login { .. }
+        | Command::Logout { .. } => 0,
     };
     Ok(code)
 }

@@ -4,10 +4,13 @@
 //! Sources, later ones winning: built-in defaults (files next to the `husk` binary as the build
 //! lays them out, then `/usr/lib/husk`), the JSON file named by `HUSK_CONFIG` (default
 //! `/etc/husk/config.json`, optional), then `HUSK_VMM`, `HUSK_KERNEL`, `HUSK_INITRAMFS`,
-//! `HUSK_VM_MEMORY_MIB`, `HUSK_VM_VCPUS`, `HUSK_BOOT_TIMEOUT_SECS`, `HUSK_CNI_CONF_DIR`.
+//! `HUSK_VM_MEMORY_MIB`, `HUSK_VM_VCPUS`, `HUSK_BOOT_TIMEOUT_SECS`, `HUSK_CNI_CONF_DIR`,
+//! `HUSK_IMAGE_ROOT`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
@@ -36,6 +39,42 @@ pub struct Config {
     pub cni_conf_dir: PathBuf,
     /// Where CNI plugins are looked up, in order (also their `CNI_PATH`).
     pub cni_bin_dirs: Vec<PathBuf>,
+    /// Images: where they are stored, which registries to reach how, unpacking caps.
+    pub images: ImagesConfig,
+}
+
+/// The config file's `images` section (husk-image's settings, kept as plain data here).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// husk's data root; images live in `<root>/images`.
+    pub root: PathBuf,
+    /// `host[:port]` of registries reached over plain HTTP (loopback ones always are).
+    pub insecure_registries: Vec<String>,
+    /// Registry → mirrors tried first, e.g. `{"docker.io": ["mirror.local:5000"]}`.
+    pub mirrors: BTreeMap<String, Vec<String>>,
+    /// Largest uncompressed layer unpacked, in bytes.
+    pub max_layer_bytes: u64,
+    /// Most entries in one layer.
+    pub max_layer_entries: u64,
+    /// Layers fetched at once.
+    pub parallel_downloads: usize,
+}
+
+/// husk's data root when the config names none.
+pub const DEFAULT_DATA_ROOT: &str = "/var/lib/husk";
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from(DEFAULT_DATA_ROOT),
+            insecure_registries: Vec::new(),
+            mirrors: BTreeMap::new(),
+            max_layer_bytes: 16 << 30,
+            max_layer_entries: 1_000_000,
+            parallel_downloads: 3,
+        }
+    }
 }
 
 /// The config file: every field optional.
@@ -51,6 +90,7 @@ struct FileConfig {
     cmdline: Option<String>,
     cni_conf_dir: Option<PathBuf>,
     cni_bin_dirs: Option<Vec<PathBuf>>,
+    images: Option<ImagesConfig>,
 }
 
 /// Smallest sandbox VM the runtime makes (the VMM's own floor is lower; the agent needs this).
@@ -103,7 +143,11 @@ impl Config {
             cmdline: env("HUSK_CMDLINE"),
             cni_conf_dir: env("HUSK_CNI_CONF_DIR").map(PathBuf::from),
             cni_bin_dirs: None,
+            images: None,
         });
+        if let Some(root) = env("HUSK_IMAGE_ROOT") {
+            c.images.root = PathBuf::from(root);
+        }
         c.validate()?;
         Ok(c)
     }
@@ -129,6 +173,7 @@ impl Config {
             cmdline: "console=ttyS0 reboot=k panic=-1 pci=off quiet".into(),
             cni_conf_dir: PathBuf::from(DEFAULT_CNI_CONF_DIR),
             cni_bin_dirs: DEFAULT_CNI_BIN_DIRS.iter().map(PathBuf::from).collect(),
+            images: ImagesConfig::default(),
         }
     }
 
@@ -160,6 +205,9 @@ impl Config {
         if let Some(v) = f.cni_bin_dirs {
             self.cni_bin_dirs = v;
         }
+        if let Some(v) = f.images {
+            self.images = v;
+        }
     }
 
     fn validate(&self) -> Result<(), RuntimeError> {
@@ -180,6 +228,20 @@ impl Config {
                 "cni_conf_dir {} is not absolute",
                 self.cni_conf_dir.display()
             )));
+        }
+        if !self.images.root.is_absolute() {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "images.root {} is not absolute",
+                self.images.root.display()
+            )));
+        }
+        if self.images.max_layer_bytes == 0 || self.images.max_layer_entries == 0 {
+            return Err(RuntimeError::InvalidArgument(
+                "images.max_layer_bytes/max_layer_entries must be > 0".into(),
+            ));
+        }
+        if !(1..=16).contains(&self.images.parallel_downloads) {
+            return Err(RuntimeError::InvalidArgument("images.parallel_downloads must be 1-16".into()));
         }
         if self.cni_bin_dirs.is_empty() {
             return Err(RuntimeError::InvalidArgument("cni_bin_dirs is empty".into()));
@@ -257,6 +319,17 @@ mod tests {
         c.apply(f);
         assert_eq!((c.memory_mib, c.vcpus), (512, 2));
         assert!(serde_json::from_str::<FileConfig>(r#"{"memroy_mib": 1}"#).is_err());
+        let f: FileConfig = serde_json::from_str(
+            r#"{"images": {"insecure_registries": ["reg:5000"], "mirrors": {"docker.io": ["m:5000"]}, "max_layer_bytes": 1024}}"#,
+        )
+        .expect("parse");
+        c.apply(f);
+        assert_eq!(c.images.insecure_registries, ["reg:5000"]);
+        assert_eq!(c.images.mirrors["docker.io"], ["m:5000"]);
+        assert_eq!((c.images.max_layer_bytes, c.images.max_layer_entries), (1024, 1_000_000));
+        assert_eq!(c.images.root, PathBuf::from("/var/lib/husk"));
+        assert!(c.validate().is_ok());
+        assert!(serde_json::from_str::<FileConfig>(r#"{"images": {"mirorrs": {}}}"#).is_err());
         c.memory_mib = 8;
         assert!(c.validate().is_err());
         let f: FileConfig =

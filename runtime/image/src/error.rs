@@ -44,11 +44,23 @@ pub enum ImageError {
     AmbiguousImage { count: usize, available: Vec<String> },
     #[error("image index {digest} has no linux/amd64 manifest")]
     NoMatchingPlatform { digest: String },
+    #[error("invalid platform {platform:?}: {reason}")]
+    InvalidPlatform { platform: String, reason: &'static str },
+    #[error("{name} has no {platform} image (it has: {})", list_or_none(available))]
+    NoPlatformInIndex { name: String, platform: String, available: Vec<String> },
+    #[error("{name} is not a container image (its config is {media_type:?})")]
+    NotAContainerImage { name: String, media_type: String },
+    #[error("{name}: the manifest lists {layers} layers but the config {diff_ids} diff IDs")]
+    LayerCountMismatch { name: String, layers: usize, diff_ids: usize },
+    #[error("no image {query:?} in the store (husk images lists them; husk pull fetches one)")]
+    NoSuchImage { query: String },
+    #[error("{query:?} matches more than one image ID; give more digits")]
+    AmbiguousImageId { query: String },
     #[error("image indexes nest more than {MAX_INDEX_DEPTH} deep")]
     IndexTooDeep,
     #[error("unsupported media type {media_type:?} for {what}")]
     UnsupportedMediaType { what: &'static str, media_type: String },
-    #[error("layer {digest}: unsupported media type {media_type:?} (supported: tar, tar+gzip; not zstd)")]
+    #[error("layer {digest}: unsupported media type {media_type:?} (supported: tar, tar+gzip, tar+zstd)")]
     UnsupportedLayer { digest: String, media_type: String },
     #[error("destination {path} must be an existing empty directory")]
     BadDestination { path: PathBuf },
@@ -58,6 +70,28 @@ pub enum ImageError {
     Extract {
         layer: String,
         entry: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A layer decompresses to more bytes, or holds more entries, than [`crate::UnpackLimits`] allows.
+    #[error(
+        "layer {layer}: {what} exceeds the limit of {limit} {} (raise \"{}\" in /etc/husk/config.json to allow it)",
+        layer_limit_unit(what),
+        layer_limit_key(what)
+    )]
+    LayerTooLarge { layer: String, what: &'static str, limit: u64 },
+    /// A layer's uncompressed tar stream does not hash to the diff_id the image config gives it.
+    #[error("layer {layer}: uncompressed content is {actual} but the image config's diff_id is {expected}")]
+    DiffIdMismatch { layer: String, expected: String, actual: String },
+    /// [`crate::unpack_layers`] got a different number of diff_ids than layers.
+    #[error("{layers} layers to unpack but {diff_ids} diff_ids to check them against")]
+    DiffIdCountMismatch { layers: usize, diff_ids: usize },
+    /// An extended attribute that must be applied (e.g. `security.capability`) could not be set.
+    #[error("layer {layer}: entry {entry:?}: setting extended attribute {name}: {source}")]
+    Xattr {
+        layer: String,
+        entry: String,
+        name: String,
         #[source]
         source: io::Error,
     },
@@ -77,6 +111,32 @@ pub enum ImageError {
     /// it should be.
     #[error("{path} {reason}; refusing to read it")]
     UnsafeRootfsFile { path: PathBuf, reason: &'static str },
+    /// The registry has no such repository, tag or manifest digest.
+    #[error("{name} not found: the registry has no such repository or tag")]
+    ImageNotFound { name: String },
+    /// The registry answered 401/403: it wants credentials, or refused the ones sent.
+    #[error("registry {registry} {detail}")]
+    RegistryAuth { registry: String, detail: String },
+    /// Any other failure talking to a registry.
+    #[error("registry {registry}: {source}")]
+    Registry {
+        registry: String,
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    /// The registry could not be connected to, or timed out.
+    #[error("cannot reach registry {registry}: {source}")]
+    RegistryUnreachable {
+        registry: String,
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    /// A registry auth file (containers auth.json / docker config.json) is malformed.
+    #[error("{path}: invalid registry auth file: {reason}")]
+    AuthFile { path: PathBuf, reason: String },
+    /// Credentials that cannot be stored in an auth file.
+    #[error("invalid credentials for registry {registry}: {reason}")]
+    InvalidCredentials { registry: String, reason: &'static str },
 }
 
 fn list_or_none(tags: &[String]) -> String {
@@ -86,6 +146,29 @@ fn list_or_none(tags: &[String]) -> String {
         tags.join(", ")
     }
 }
+
+/// The unit of a [`ImageError::LayerTooLarge`] limit.
+fn layer_limit_unit(what: &str) -> &'static str {
+    if what == LAYER_ENTRIES {
+        "entries"
+    } else {
+        "bytes"
+    }
+}
+
+/// The husk config key that raises a [`ImageError::LayerTooLarge`] limit.
+fn layer_limit_key(what: &str) -> &'static str {
+    if what == LAYER_ENTRIES {
+        "images.max_layer_entries"
+    } else {
+        "images.max_layer_bytes"
+    }
+}
+
+/// [`ImageError::LayerTooLarge`]'s `what` for the uncompressed size of a layer.
+pub(crate) const LAYER_BYTES: &str = "uncompressed size";
+/// [`ImageError::LayerTooLarge`]'s `what` for the number of entries in a layer.
+pub(crate) const LAYER_ENTRIES: &str = "entry count";
 
 /// Maps an I/O error on `path` to [`ImageError::Io`].
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {

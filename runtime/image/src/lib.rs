@@ -17,7 +17,11 @@ mod blob;
 mod config;
 mod error;
 mod layout;
+mod platform;
+mod pull;
 mod reference;
+pub mod registry;
+pub mod store;
 mod unpack;
 mod users;
 
@@ -27,6 +31,13 @@ mod testutil;
 pub use blob::MAX_JSON;
 pub use config::ImageConfig;
 pub use error::ImageError;
+pub use platform::Platform;
+pub use pull::{pull, PullEvent, PullOptions, PullProgress, Silent};
 pub use reference::parse_reference;
-pub use unpack::unpack;
+pub use registry::{
+    default_auth_files, husk_auth_file, lookup_credentials, remove_credentials, store_credentials,
+    BlobStream, FetchedManifest, ImageName, Registry, RegistryOptions,
+};
+pub use store::{GcReport, ImageRecord, Snapshot, Store};
+pub use unpack::{unpack, unpack_layers, unpack_with_limits, UnpackLimits, UnpackStats};
 pub use users::{resolve_user, MAX_USER_DB};

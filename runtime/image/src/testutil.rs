@@ -13,6 +13,7 @@ use crate::layout::REF_NAME;
 
 pub(crate) const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 pub(crate) const TAR_GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub(crate) const TAR_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
 /// A directory removed on drop (no tempfile dependency for one helper).
 pub(crate) struct TempDir(pub(crate) PathBuf);
@@ -49,6 +50,12 @@ pub(crate) enum E<'a> {
     RawFile(&'a str),
     /// A hard link whose target is written raw.
     RawHardlink(&'a str, &'a str),
+    /// A PAX extended header: its records (key, value) apply to the next entry.
+    Pax(&'a [(&'a str, &'a [u8])]),
+    /// A PAX global header (as `git archive` writes one).
+    PaxGlobal(&'a [(&'a str, &'a [u8])]),
+    /// A character or block device (major, minor) or a FIFO (0, 0).
+    Node(&'a str, tar::EntryType, u32, u32, u32),
 }
 
 fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
@@ -100,6 +107,25 @@ pub(crate) fn tar_bytes(entries: &[E]) -> Vec<u8> {
                 h.set_cksum();
                 b.append(&h, &b"evil"[..]).expect("raw file");
             }
+            E::Pax(records) | E::PaxGlobal(records) => {
+                let data = pax_records(records);
+                let mut h = tar::Header::new_ustar();
+                let global = matches!(e, E::PaxGlobal(_));
+                h.set_entry_type(if global {
+                    tar::EntryType::XGlobalHeader
+                } else {
+                    tar::EntryType::XHeader
+                });
+                h.set_mode(0o644);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, "PaxHeaders/entry", &data[..]).expect("pax header");
+            }
+            E::Node(path, kind, major, minor, mode) => {
+                let mut h = header(kind, mode, 0);
+                h.set_device_major(major).expect("major");
+                h.set_device_minor(minor).expect("minor");
+                b.append_data(&mut h, path, io::empty()).expect("device node");
+            }
             E::RawHardlink(path, target) => {
                 let mut h = header(tar::EntryType::Link, 0o644, 0);
                 raw_name(&mut h, path);
@@ -110,6 +136,26 @@ pub(crate) fn tar_bytes(entries: &[E]) -> Vec<u8> {
         }
     }
     b.into_inner().expect("finish tar")
+}
+
+/// PAX records: "LEN KEY=VALUE\n", where LEN counts the whole record, its own digits included.
+fn pax_records(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (key, value) in records {
+        let rest = key.len() + value.len() + 3; // ' ', '=' and '\n'
+        let mut len = rest + 1;
+        while len != rest + len.to_string().len() {
+            len = rest + len.to_string().len();
+        }
+        out.extend_from_slice(format!("{len} {key}=").as_bytes());
+        out.extend_from_slice(value);
+        out.push(b'\n');
+    }
+    out
+}
+
+pub(crate) fn zstd(data: &[u8]) -> Vec<u8> {
+    zstd::encode_all(data, 3).expect("zstd")
 }
 
 pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
@@ -138,6 +184,11 @@ impl LayoutBuilder {
         let hex = sha256_hex(data);
         fs::write(self.dir.join("blobs/sha256").join(&hex), data).expect("write blob");
         json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": data.len()})
+    }
+
+    /// Stores a blob and returns its descriptor, as a content store's caller would have it.
+    pub(crate) fn descriptor(&self, media_type: &str, data: &[u8]) -> oci_spec::image::Descriptor {
+        serde_json::from_value(self.blob(media_type, data)).expect("descriptor")
     }
 
     pub(crate) fn json_blob(&self, media_type: &str, value: &Value) -> Value {

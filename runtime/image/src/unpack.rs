@@ -5,6 +5,8 @@
 //!   deleted through a symlink: every parent component under `dest` must be a real directory. Unlike
 //!   containerd this does not resolve symlinks within the rootfs; layer diffs taken from an overlay
 //!   upper directory never need that.
+//! - PAX records are framed by their length prefix here, not by the tar crate, which splits them on
+//!   newlines; an entry the two readings disagree on is refused (see [`pax`]).
 //! - Layers are hashed as they are extracted, so a tampered layer is reported after its entries were
 //!   written: on any error the caller must throw `dest` away.
 //!
@@ -15,10 +17,24 @@
 //!   Directory modes and mtimes are applied after the last layer, so a read-only directory does not block
 //!   later entries and creating children does not clobber the mtimes. Since setuid-root binaries land
 //!   on the host, `dest` should sit in a directory that only root can traverse.
-//! - Character/block devices and FIFOs are skipped, even as root: an image-supplied device node on the
-//!   host filesystem (say a world-writable disk) would be a host hole, and the guest mounts its own /dev.
-//! - Extended attributes (e.g. `security.capability`) are not applied, and the rootfs root entry's own
-//!   metadata is ignored so `dest` keeps the mode the caller gave it.
+//! - Character/block devices and FIFOs are created only when running as root (see [`special`]): the
+//!   guest reaches the rootfs through virtio-fs, where a device node is the guest's own device by
+//!   major:minor. Otherwise they are skipped.
+//! - Extended attributes from PAX records are applied, `security.capability` strictly and the rest
+//!   best-effort (see [`xattrs`]). The rootfs root entry's own metadata is ignored so `dest` keeps the
+//!   mode the caller gave it.
+//! - A hard link's target must exist when the link is applied (from this layer or a lower one, and not
+//!   removed by a whiteout since) and must not be a directory.
+//!
+//! Decompression bombs are capped per layer by [`UnpackLimits`]: the uncompressed bytes (counted as they
+//! are decompressed, so reading stops at the cap), the number of entries, and the headers the tar reader
+//! buffers for one entry. With diff_ids, each layer's uncompressed stream is hashed as it is read and
+//! checked once the layer is done.
+
+mod pax;
+mod special;
+mod stream;
+mod xattrs;
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
@@ -30,19 +46,42 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use flate2::read::MultiGzDecoder;
-use oci_spec::image::{Descriptor, MediaType};
+use oci_spec::image::Descriptor;
 use tracing::{debug, warn};
 
-use crate::blob::open_blob;
+use crate::blob::{open_blob, BlobReader};
 use crate::config::{read_config, ImageConfig};
-use crate::error::{io_err, ImageError};
+use crate::error::{io_err, ImageError, LAYER_BYTES, LAYER_ENTRIES};
 use crate::layout::find_manifest;
+use stream::{Compression, HeaderTap, LayerStream};
 
-const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-const DOCKER_FOREIGN_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+
+/// Caps against decompression bombs, per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// Most bytes a layer's uncompressed tar stream may have.
+    pub max_layer_bytes: u64,
+    /// Most tar entries a layer may have, whiteouts and skipped ones included.
+    pub max_layer_entries: u64,
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        UnpackLimits { max_layer_bytes: 16 << 30, max_layer_entries: 1_000_000 }
+    }
+}
+
+/// What an unpack went through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnpackStats {
+    pub layers: usize,
+    /// Tar entries, whiteouts and skipped ones included.
+    pub entries: u64,
+    /// Uncompressed tar bytes read.
+    pub bytes: u64,
+}
 
 /// Unpacks the image tagged `tag` (index.json manifest whose annotation org.opencontainers.image.ref.name
 /// == tag; if the index has exactly one manifest and no tag was asked for, use it; if a manifest entry is
@@ -50,17 +89,78 @@ const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 ///
 /// "No tag" is `tag == ""`. As `parse_reference` turns a bare "DIR" into "DIR:latest", a layout whose only
 /// manifest carries no ref.name at all (`skopeo copy ... oci:DIR`) is also taken for "latest".
+///
+/// Layers are capped by the default [`UnpackLimits`]. Diff_ids are not checked: the layout's index anchors
+/// every blob by digest already.
 pub fn unpack(layout: &Path, tag: &str, dest: &Path) -> Result<ImageConfig, ImageError> {
+    unpack_with_limits(layout, tag, dest, &UnpackLimits::default())
+}
+
+/// [`unpack`] with explicit caps.
+pub fn unpack_with_limits(
+    layout: &Path,
+    tag: &str,
+    dest: &Path,
+    limits: &UnpackLimits,
+) -> Result<ImageConfig, ImageError> {
     let dest = check_destination(dest)?;
     let manifest = find_manifest(layout, tag)?;
     // Read the config before touching dest so a bad config fails fast.
     let config = read_config(layout, manifest.config())?;
+    apply_layers(layout, manifest.layers(), None, dest, limits)?;
+    Ok(config)
+}
+
+/// Applies `layers` in order into the existing empty directory `dest`, reading each blob from
+/// `blobs_root/blobs/sha256/<hex>` (size and sha256 verified) and, when `diff_ids` is Some (the image
+/// config's rootfs.diff_ids, one per layer, "sha256:<hex>"), also checking each layer's uncompressed tar
+/// stream hashes to its diff_id.
+///
+/// On any error `dest` holds a partial rootfs (maybe with a tampered layer's entries) and must be thrown
+/// away.
+pub fn unpack_layers(
+    blobs_root: &Path,
+    layers: &[Descriptor],
+    diff_ids: Option<&[String]>,
+    dest: &Path,
+    limits: &UnpackLimits,
+) -> Result<UnpackStats, ImageError> {
+    let dest = check_destination(dest)?;
+    if let Some(diff_ids) = diff_ids {
+        check_diff_ids(layers, diff_ids)?;
+    }
+    apply_layers(blobs_root, layers, diff_ids, dest, limits)
+}
+
+fn apply_layers(
+    blobs_root: &Path,
+    layers: &[Descriptor],
+    diff_ids: Option<&[String]>,
+    dest: PathBuf,
+    limits: &UnpackLimits,
+) -> Result<UnpackStats, ImageError> {
     let mut unpacker = Unpacker { dest, as_root: is_root(), dirs: BTreeMap::new() };
-    for layer in manifest.layers() {
-        unpacker.apply_layer(layout, layer)?;
+    let mut stats = UnpackStats::default();
+    for (i, desc) in layers.iter().enumerate() {
+        let diff_id = diff_ids.and_then(|ids| ids.get(i)).map(String::as_str);
+        unpacker.apply_layer(blobs_root, desc, diff_id, limits, &mut stats)?;
     }
     unpacker.finish()?;
-    Ok(config)
+    Ok(stats)
+}
+
+/// Checked before anything is written: one well-formed sha256 diff_id per layer.
+fn check_diff_ids(layers: &[Descriptor], diff_ids: &[String]) -> Result<(), ImageError> {
+    if diff_ids.len() != layers.len() {
+        return Err(ImageError::DiffIdCountMismatch { layers: layers.len(), diff_ids: diff_ids.len() });
+    }
+    for id in diff_ids {
+        let hex = id.strip_prefix("sha256:").unwrap_or_default();
+        if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(ImageError::UnsupportedDigest(id.clone()));
+        }
+    }
+    Ok(())
 }
 
 fn is_root() -> bool {
@@ -77,26 +177,6 @@ fn check_destination(dest: &Path) -> Result<PathBuf, ImageError> {
         return Err(bad());
     }
     Ok(dest)
-}
-
-#[derive(Clone, Copy)]
-enum Compression {
-    None,
-    Gzip,
-}
-
-fn layer_compression(desc: &Descriptor) -> Result<Compression, ImageError> {
-    match desc.media_type() {
-        MediaType::ImageLayer | MediaType::ImageLayerNonDistributable => Ok(Compression::None),
-        MediaType::ImageLayerGzip | MediaType::ImageLayerNonDistributableGzip => Ok(Compression::Gzip),
-        MediaType::Other(s) if s == DOCKER_LAYER_GZIP || s == DOCKER_FOREIGN_LAYER_GZIP => {
-            Ok(Compression::Gzip)
-        }
-        other => Err(ImageError::UnsupportedLayer {
-            digest: desc.digest().to_string(),
-            media_type: other.to_string(),
-        }),
-    }
 }
 
 /// Turns an entry path into a relative one with only normal components, or None if it is absolute or
@@ -126,6 +206,12 @@ fn remove_any(path: &Path) -> Result<(), ImageError> {
 
 fn mtime(secs: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// The entry's numeric uid and gid.
+fn owner(header: &tar::Header) -> io::Result<(u32, u32)> {
+    let id = |v: u64| u32::try_from(v).map_err(|_| io::Error::other(format!("id {v} out of range")));
+    Ok((id(header.uid()?)?, id(header.gid()?)?))
 }
 
 struct DirMeta {
@@ -167,49 +253,117 @@ impl Layer {
         let entry = entry.to_owned();
         move |source| ImageError::Extract { layer: self.digest.clone(), entry, source }
     }
+
+    fn broken(&self, source: io::Error) -> ImageError {
+        ImageError::Archive { layer: self.digest.clone(), source }
+    }
+
+    fn too_large(&self, what: &'static str, limit: u64) -> ImageError {
+        ImageError::LayerTooLarge { layer: self.digest.clone(), what, limit }
+    }
+}
+
+/// What streaming one layer found.
+struct Streamed {
+    entries: u64,
+    bytes: u64,
+    diff_id: Option<String>,
 }
 
 impl Unpacker {
-    fn apply_layer(&mut self, layout: &Path, desc: &Descriptor) -> Result<(), ImageError> {
-        let compression = layer_compression(desc)?;
+    fn apply_layer(
+        &mut self,
+        blobs_root: &Path,
+        desc: &Descriptor,
+        diff_id: Option<&str>,
+        limits: &UnpackLimits,
+        stats: &mut UnpackStats,
+    ) -> Result<(), ImageError> {
+        let compression = Compression::of(desc)?;
         let mut layer = Layer { digest: desc.digest().to_string(), touched: HashSet::new() };
         debug!(layer = %layer.digest, size = desc.size(), "applying layer");
-        let mut blob = open_blob(layout, desc)?;
-        let extracted = match compression {
-            Compression::None => self.extract(&mut layer, tar::Archive::new(&mut blob)),
-            Compression::Gzip => self.extract(&mut layer, tar::Archive::new(MultiGzDecoder::new(&mut blob))),
-        };
-        // A tampered blob usually breaks the gzip or tar stream first: the digest mismatch is the better
-        // explanation, so it wins.
+        let mut blob = open_blob(blobs_root, desc)?;
+        let streamed = self.stream_layer(&mut layer, compression, &mut blob, diff_id.is_some(), limits);
+        // A tampered blob usually breaks the decompressor or the tar stream first: the digest mismatch is
+        // the better explanation, so it wins. This reads the rest of the compressed blob, never inflates it.
         blob.finish()?;
-        extracted
+        let streamed = streamed?;
+        if let (Some(expected), Some(actual)) = (diff_id, streamed.diff_id) {
+            if actual != expected {
+                return Err(ImageError::DiffIdMismatch {
+                    layer: layer.digest,
+                    expected: expected.to_owned(),
+                    actual,
+                });
+            }
+        }
+        stats.layers += 1;
+        stats.entries += streamed.entries;
+        stats.bytes += streamed.bytes;
+        Ok(())
     }
 
+    fn stream_layer(
+        &mut self,
+        layer: &mut Layer,
+        compression: Compression,
+        blob: &mut BlobReader,
+        hash: bool,
+        limits: &UnpackLimits,
+    ) -> Result<Streamed, ImageError> {
+        let decoder = compression.decoder(blob).map_err(|e| layer.broken(e))?;
+        let mut stream = LayerStream::new(decoder, limits.max_layer_bytes, hash);
+        let extracted = self
+            .extract(layer, &mut stream, limits.max_layer_entries)
+            .and_then(|entries| stream.drain().map(|()| entries).map_err(|e| layer.broken(e)));
+        // Whatever error the cap caused inside the tar reader, the cap is the explanation.
+        if stream.over_limit() {
+            return Err(layer.too_large(LAYER_BYTES, limits.max_layer_bytes));
+        }
+        Ok(Streamed { entries: extracted?, bytes: stream.consumed(), diff_id: stream.diff_id() })
+    }
+
+    /// Applies the layer's entries; returns how many there were.
     fn extract<R: Read>(
         &mut self,
         layer: &mut Layer,
-        mut archive: tar::Archive<R>,
-    ) -> Result<(), ImageError> {
+        stream: R,
+        max_entries: u64,
+    ) -> Result<u64, ImageError> {
+        let tap = HeaderTap::default();
+        let mut archive = tar::Archive::new(tap.reader(stream));
         archive.set_preserve_permissions(true);
         archive.set_preserve_mtime(true);
         archive.set_preserve_ownerships(self.as_root);
         archive.set_unpack_xattrs(false);
-        let archive_err = |source| ImageError::Archive { layer: layer.digest.clone(), source };
-        let entries = archive.entries().map_err(archive_err)?;
-        for entry in entries {
-            let mut entry =
-                entry.map_err(|source| ImageError::Archive { layer: layer.digest.clone(), source })?;
-            self.apply_entry(layer, &mut entry)?;
+        let mut entries = archive.entries().map_err(|e| layer.broken(e))?;
+        let mut count = 0u64;
+        loop {
+            // The previous entry's data is consumed, so all the reader reads now is the next one's headers.
+            tap.arm();
+            let next = entries.next();
+            tap.disarm();
+            let Some(entry) = next else { return Ok(count) };
+            count += 1;
+            if count > max_entries {
+                return Err(layer.too_large(LAYER_ENTRIES, max_entries));
+            }
+            let mut entry = entry.map_err(|e| layer.broken(e))?;
+            self.apply_entry(layer, &mut entry, &tap)?;
+            // Data of entries that were skipped (or only partly read) is read here, outside the header cap.
+            io::copy(&mut entry, &mut io::sink()).map_err(|e| layer.broken(e))?;
         }
-        Ok(())
     }
 
     fn apply_entry<R: Read>(
         &mut self,
         layer: &mut Layer,
         entry: &mut tar::Entry<R>,
+        tap: &HeaderTap,
     ) -> Result<(), ImageError> {
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        // Checked for every entry: its path, link target, size or owner may come from the records.
+        let records = pax::entry_records(layer, &name, entry, tap)?;
         let path = entry.path().map_err(layer.failed(&name))?;
         let rel = clean_path(&path).ok_or_else(|| layer.refuse(&name, "absolute path or '..' component"))?;
         let Some(file_name) = rel.file_name().map(OsStr::as_bytes) else {
@@ -237,8 +391,9 @@ impl Unpacker {
         match kind {
             _ if is_dir => {}
             T::Regular | T::Continuous | T::GNUSparse | T::Symlink | T::Link => {}
+            T::Char | T::Block | T::Fifo if self.as_root => {}
             T::Char | T::Block | T::Fifo => {
-                debug!(entry = %name, "skipping device node or FIFO");
+                debug!(entry = %name, "skipping device node or FIFO: not running as root");
                 return Ok(());
             }
             T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => return Ok(()),
@@ -248,6 +403,7 @@ impl Unpacker {
             }
         }
 
+        let xattrs = xattrs::read(layer, &name, &records)?;
         self.parent_dir(layer, &name, &rel, true)?;
         layer.touch(&rel);
         let target = self.dest.join(&rel);
@@ -262,16 +418,25 @@ impl Unpacker {
             Err(e) => return Err(layer.failed(&name)(e)),
         }
 
+        // Attributes go on last: chown (owner, then mode, is tar's order too) clears security.capability.
         if is_dir {
-            self.unpack_dir(layer, &name, entry, &rel, &target)
+            self.unpack_dir(layer, &name, entry, &rel, &target)?;
         } else if kind == T::Link {
-            self.unpack_hard_link(layer, &name, entry, &target)
+            self.unpack_hard_link(layer, &name, entry, &target)?;
+        } else if matches!(kind, T::Char | T::Block | T::Fifo) {
+            if !special::make_node(layer, &name, entry.header(), &target)? {
+                return Ok(());
+            }
         } else {
             // Files are created with O_EXCL (we removed any old one) and symlinks are stored verbatim;
             // their targets are never followed here. The full path is passed: `unpack_in` would also
             // strip a leading '/', silently skip '..' and follow symlinks inside dest.
-            entry.unpack(&target).map(drop).map_err(layer.failed(&name))
+            let unpacked = entry.unpack(&target).map_err(layer.failed(&name))?;
+            if let tar::Unpacked::File(file) = unpacked {
+                return xattrs::apply(layer, &name, &xattrs, xattrs::Target::File(&file));
+            }
         }
+        xattrs::apply(layer, &name, &xattrs, xattrs::Target::Path(&target))
     }
 
     /// Checks that every parent of `rel` is a real directory under dest, creating missing ones if asked.
@@ -318,9 +483,7 @@ impl Unpacker {
             _ => {}
         }
         if self.as_root {
-            let id = |v: u64| u32::try_from(v).map_err(|_| io::Error::other(format!("id {v} out of range")));
-            let uid = id(header.uid().map_err(failed)?).map_err(failed)?;
-            let gid = id(header.gid().map_err(failed)?).map_err(failed)?;
+            let (uid, gid) = owner(header).map_err(failed)?;
             std::os::unix::fs::lchown(target, Some(uid), Some(gid)).map_err(failed)?;
         }
         self.dirs.insert(rel.to_owned(), DirMeta { mode, mtime });
@@ -418,260 +581,10 @@ impl Unpacker {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::os::unix::fs::MetadataExt;
-
-    use serde_json::json;
-
-    use super::*;
-    use crate::testutil::{gzip, single, tagged, tar_bytes, LayoutBuilder, TempDir, E, TAR, TAR_GZ};
-
-    #[test]
-    fn basic_unpack_and_config() {
-        let tmp = TempDir::new();
-        let l = LayoutBuilder::new(tmp.sub("layout"));
-        let layer = tar_bytes(&[
-            E::Dir("./", 0o755),
-            E::Dir("./etc/", 0o750),
-            E::File("./etc/hello", b"hi\n", 0o640),
-            E::Dir("bin", 0o755),
-            E::File("bin/busybox", b"\x7fELF", 0o4755),
-            E::Symlink("bin/sh", "busybox"),
-            E::Hardlink("bin/ls", "bin/busybox"),
-            // link(2) on a symlink links the symlink itself, which is harmless.
-            E::Hardlink("bin/sh2", "bin/sh"),
-            E::File("deep/implicit/parent", b"x", 0o600),
-            E::Dir("tmp", 0o1777),
-        ]);
-        let m = l.image(
-            &[(TAR_GZ, gzip(&layer))],
-            json!({
-                "Env": ["PATH=/bin", "A=b"],
-                "Entrypoint": ["/bin/sh", "-c"],
-                "Cmd": ["echo hi"],
-                "WorkingDir": "/etc",
-                "User": "1000:1000",
-            }),
-        );
-        l.index(vec![tagged(m, "t")]);
-        let dest = tmp.sub("rootfs");
-        let config = unpack(&l.dir, "t", &dest).expect("unpack");
-        assert_eq!(
-            config,
-            ImageConfig {
-                env: vec!["PATH=/bin".into(), "A=b".into()],
-                entrypoint: vec!["/bin/sh".into(), "-c".into()],
-                cmd: vec!["echo hi".into()],
-                working_dir: "/etc".into(),
-                user: "1000:1000".into(),
-            }
-        );
-        assert_eq!(fs::read(dest.join("etc/hello")).expect("read"), b"hi\n");
-        let hello = fs::metadata(dest.join("etc/hello")).expect("stat");
-        assert_eq!(hello.mode() & 0o7777, 0o640);
-        assert_eq!(hello.mtime(), 1_600_000_000);
-        let etc = fs::metadata(dest.join("etc")).expect("stat");
-        assert_eq!(etc.mode() & 0o7777, 0o750);
-        assert_eq!(etc.mtime(), 1_600_000_000, "dir mtime survives files created in it");
-        assert_eq!(fs::metadata(dest.join("tmp")).expect("stat").mode() & 0o7777, 0o1777);
-        assert_eq!(fs::metadata(dest.join("bin/busybox")).expect("stat").mode() & 0o7777, 0o4755);
-        assert_eq!(fs::read_link(dest.join("bin/sh")).expect("readlink"), Path::new("busybox"));
-        let ls = fs::metadata(dest.join("bin/ls")).expect("stat");
-        assert_eq!(ls.ino(), fs::metadata(dest.join("bin/busybox")).expect("stat").ino());
-        assert_eq!(fs::read_link(dest.join("bin/sh2")).expect("readlink"), Path::new("busybox"));
-        assert_eq!(fs::read(dest.join("deep/implicit/parent")).expect("read"), b"x");
-        assert_eq!(fs::metadata(dest.join("deep")).expect("stat").mode() & 0o7777, 0o755);
-        if is_root() {
-            assert_eq!((hello.uid(), hello.gid()), (1234, 4321));
-            assert_eq!((etc.uid(), etc.gid()), (1234, 4321));
-        }
-    }
-
-    #[test]
-    fn whiteouts_and_opaque_dirs() {
-        let tmp = TempDir::new();
-        let lower = tar_bytes(&[
-            E::Dir("a", 0o755),
-            E::File("a/1", b"1", 0o644),
-            E::File("a/2", b"2", 0o644),
-            E::Dir("b", 0o755),
-            E::File("b/keep", b"k", 0o644),
-            E::File("b/drop", b"d", 0o644),
-            E::Dir("b/dropdir", 0o755),
-            E::File("b/dropdir/x", b"x", 0o644),
-            E::Dir("c/old", 0o755),
-            E::File("c/old/deep", b"deep", 0o644),
-            E::File("c/gone", b"g", 0o644),
-            E::Dir("d", 0o755),
-            E::File("d/f", b"f", 0o644),
-            E::Symlink("s", "/nonexistent"),
-        ]);
-        let upper = tar_bytes(&[
-            // This layer's own entry before the marker must survive it.
-            E::File("a/new", b"new", 0o644),
-            E::File("a/.wh..wh..opq", b"", 0o644),
-            E::File("b/.wh.drop", b"", 0o644),
-            E::File("b/.wh.dropdir", b"", 0o644),
-            E::File("b/.wh.never-existed", b"", 0o644),
-            E::File("nodir/.wh.x", b"", 0o644),
-            E::File("c/old/fresh", b"fresh", 0o644),
-            E::File("c/.wh..wh..opq", b"", 0o644),
-            // Whiteout after a same-layer file hides only lower layers: the file stays.
-            E::File("b/mine", b"m", 0o644),
-            E::File("b/.wh.mine", b"", 0o644),
-            // Replacements: a file over a directory, a directory over a symlink.
-            E::File("d", b"now a file", 0o644),
-            E::Dir("s", 0o700),
-            E::File("s/y", b"y", 0o644),
-        ]);
-        let layout = single(&tmp, &[(TAR, lower), (TAR_GZ, gzip(&upper))]);
-        let dest = tmp.sub("rootfs");
-        unpack(&layout, "t", &dest).expect("unpack");
-        let names = |dir: &str| {
-            let mut v: Vec<String> = fs::read_dir(dest.join(dir))
-                .expect("read_dir")
-                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-                .collect();
-            v.sort();
-            v
-        };
-        assert_eq!(names("a"), ["new"]);
-        assert_eq!(names("b"), ["keep", "mine"]);
-        assert_eq!(names("c"), ["old"]);
-        assert_eq!(names("c/old"), ["fresh"]);
-        assert!(!dest.join("nodir").exists(), "a whiteout creates nothing");
-        assert_eq!(fs::read(dest.join("d")).expect("read"), b"now a file");
-        let s = fs::symlink_metadata(dest.join("s")).expect("stat");
-        assert!(s.is_dir());
-        assert_eq!(s.mode() & 0o7777, 0o700);
-        assert_eq!(fs::read(dest.join("s/y")).expect("read"), b"y");
-    }
-
-    #[test]
-    fn read_only_dirs_do_not_block_later_layers() {
-        let tmp = TempDir::new();
-        let lower =
-            tar_bytes(&[E::Dir("ro", 0o555), E::Dir("ro/inner", 0o500), E::File("ro/old", b"o", 0o444)]);
-        let upper = tar_bytes(&[E::File("ro/inner/new", b"n", 0o644), E::File("ro/.wh.old", b"", 0o644)]);
-        let layout = single(&tmp, &[(TAR, lower), (TAR, upper)]);
-        let dest = tmp.sub("rootfs");
-        unpack(&layout, "t", &dest).expect("unpack");
-        assert_eq!(fs::metadata(dest.join("ro")).expect("stat").mode() & 0o7777, 0o555);
-        assert!(!dest.join("ro/old").exists());
-        // Let the cleanup in; as root this is moot.
-        fs::set_permissions(dest.join("ro"), fs::Permissions::from_mode(0o755)).expect("chmod");
-        let inner = dest.join("ro/inner");
-        assert_eq!(fs::metadata(&inner).expect("stat").mode() & 0o7777, 0o500);
-        assert_eq!(fs::read(inner.join("new")).expect("read"), b"n");
-        fs::set_permissions(&inner, fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
-
-    #[test]
-    fn root_opaque_marker_clears_lower_layers() {
-        let tmp = TempDir::new();
-        let lower = tar_bytes(&[E::File("old", b"o", 0o644), E::Dir("olddir", 0o755)]);
-        let upper = tar_bytes(&[E::File("new", b"n", 0o644), E::File(".wh..wh..opq", b"", 0o644)]);
-        let layout = single(&tmp, &[(TAR, lower), (TAR, upper)]);
-        let dest = tmp.sub("rootfs");
-        unpack(&layout, "t", &dest).expect("unpack");
-        let names: Vec<_> =
-            fs::read_dir(&dest).expect("read_dir").map(|e| e.expect("e").file_name()).collect();
-        assert_eq!(names, ["new"]);
-    }
-
-    #[test]
-    fn path_traversal_is_rejected() {
-        for bad in ["../evil", "a/../../evil", "/abs-evil"] {
-            let tmp = TempDir::new();
-            let layout = single(&tmp, &[(TAR, tar_bytes(&[E::Dir("a", 0o755), E::RawFile(bad)]))]);
-            let dest = tmp.sub("sub/rootfs");
-            let err = unpack(&layout, "t", &dest).expect_err("must fail");
-            assert!(matches!(err, ImageError::UnsafeEntry { .. }), "{bad}: {err}");
-            assert!(!tmp.0.join("sub/evil").exists() && !tmp.0.join("evil").exists());
-        }
-        for bad in ["../outside", "/etc/passwd"] {
-            let tmp = TempDir::new();
-            let layer = tar_bytes(&[E::RawHardlink("link", bad)]);
-            let layout = single(&tmp, &[(TAR, layer)]);
-            let err = unpack(&layout, "t", &tmp.sub("rootfs")).expect_err("must fail");
-            assert!(matches!(err, ImageError::UnsafeEntry { .. }), "{bad}: {err}");
-        }
-    }
-
-    #[test]
-    fn symlinks_from_lower_layers_are_never_followed() {
-        let tmp = TempDir::new();
-        let outside = tmp.sub("outside");
-        fs::write(outside.join("victim"), b"precious").expect("victim");
-        let outside_str = outside.to_str().expect("utf8 path");
-        let cases: Vec<(&str, Vec<E>)> = vec![
-            ("a/x", vec![E::File("a/x", b"pwned", 0o644)]),
-            ("b/x", vec![E::File("b/x", b"pwned", 0o644)]),
-            ("a/.wh.victim", vec![E::File("a/.wh.victim", b"", 0o644)]),
-            ("a/.wh..wh..opq", vec![E::File("a/.wh..wh..opq", b"", 0o644)]),
-            ("hard link via a/", vec![E::Hardlink("h", "a/victim")]),
-            ("dir via a/", vec![E::Dir("a/sub", 0o755)]),
-        ];
-        for (what, upper) in cases {
-            let case = TempDir::new();
-            let lower = tar_bytes(&[E::Symlink("a", outside_str), E::Symlink("b", "..")]);
-            let layout = single(&case, &[(TAR, lower), (TAR, tar_bytes(&upper))]);
-            let dest = case.sub("rootfs");
-            let err = unpack(&layout, "t", &dest).expect_err(what);
-            assert!(matches!(err, ImageError::UnsafeEntry { .. }), "{what}: {err}");
-            let mut left: Vec<_> =
-                fs::read_dir(&outside).expect("ls").map(|e| e.expect("e").file_name()).collect();
-            left.sort();
-            assert_eq!(left, ["victim"], "{what}");
-            assert_eq!(fs::read(outside.join("victim")).expect("read"), b"precious", "{what}");
-            assert!(!case.0.join("x").exists(), "{what}");
-        }
-
-        // Same layer: symlink, then a file through it.
-        let case = TempDir::new();
-        let layer = tar_bytes(&[E::Symlink("a", outside_str), E::File("a/x", b"pwned", 0o644)]);
-        let layout = single(&case, &[(TAR, layer)]);
-        let err = unpack(&layout, "t", &case.sub("rootfs")).expect_err("must fail");
-        assert!(matches!(err, ImageError::UnsafeEntry { .. }), "{err}");
-        assert!(!outside.join("x").exists());
-
-        // A file replacing the symlink itself is fine and writes inside dest.
-        let case = TempDir::new();
-        let lower = tar_bytes(&[E::Symlink("a", outside_str)]);
-        let upper = tar_bytes(&[E::File("a", b"inside", 0o644)]);
-        let layout = single(&case, &[(TAR, lower), (TAR, upper)]);
-        let dest = case.sub("rootfs");
-        unpack(&layout, "t", &dest).expect("unpack");
-        assert_eq!(fs::read(dest.join("a")).expect("read"), b"inside");
-        assert_eq!(fs::read(outside.join("victim")).expect("read"), b"precious");
-    }
-
-    #[test]
-    fn docker_media_types_and_zstd() {
-        let tmp = TempDir::new();
-        let layer = gzip(&tar_bytes(&[E::File("f", b"docker", 0o644)]));
-        let layout = single(&tmp, &[(DOCKER_LAYER_GZIP, layer)]);
-        let dest = tmp.sub("rootfs");
-        unpack(&layout, "t", &dest).expect("unpack");
-        assert_eq!(fs::read(dest.join("f")).expect("read"), b"docker");
-
-        let tmp = TempDir::new();
-        let layout = single(&tmp, &[("application/vnd.oci.image.layer.v1.tar+zstd", vec![1, 2, 3])]);
-        let err = unpack(&layout, "t", &tmp.sub("rootfs")).expect_err("must fail");
-        assert!(matches!(err, ImageError::UnsupportedLayer { .. }), "{err}");
-        assert!(err.to_string().contains("zstd"), "{err}");
-    }
-
-    #[test]
-    fn destination_must_be_an_empty_dir() {
-        let tmp = TempDir::new();
-        let layout = single(&tmp, &[]);
-        let dest = tmp.sub("rootfs");
-        fs::write(dest.join("junk"), b"").expect("write");
-        let err = unpack(&layout, "t", &dest).expect_err("must fail");
-        assert!(matches!(err, ImageError::BadDestination { .. }), "{err}");
-        let err = unpack(&layout, "t", &tmp.0.join("missing")).expect_err("must fail");
-        assert!(matches!(err, ImageError::BadDestination { .. }), "{err}");
-    }
+/// Whether a layer's media type is one the unpacker reads (checked before a pull downloads it).
+pub(crate) fn layer_compression(desc: &Descriptor) -> Result<(), ImageError> {
+    Compression::of(desc).map(drop)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,6 +1,8 @@
-//! `husk run --rootfs DIR | --image LAYOUT[:TAG] [-it] ... -- CMD...`: a command in a fresh
-//! sandbox with no bundle to write. The rootfs is shared read-only and overlaid in the guest,
-//! so the run never changes it; the sandbox is removed afterwards; the exit code is the
+//! `husk run --rootfs DIR | --image oci:LAYOUT[:TAG] | [--image] IMAGE [-it] ... -- CMD...`: a
+//! command in a fresh sandbox with no bundle to write. A registry image is pulled into husk's
+//! image store when missing (`--pull`) and its store snapshot, unpacked once per image, is the
+//! rootfs; a layout is unpacked for the run. The rootfs is shared read-only and overlaid in the
+//! guest, so the run never changes it; the sandbox is removed afterwards; the exit code is the
 //! command's. The spec starts from runc's default (oci-spec's) and takes the image's config.
 //! The sandbox joins a CNI network (`--net`, husk's default one unless told otherwise, with
 //! `-p` port mappings) through a network namespace husk-core makes for it, or with `--net none`
@@ -19,8 +21,9 @@ use husk_image::ImageConfig;
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, Spec};
 use serde_json::json;
 
+use super::images::Images;
 use super::{ExitCode, Rt};
-use crate::args::{RootfsSource, SandboxRun};
+use crate::args::{PullPolicy, RootfsSource, SandboxRun};
 use crate::error::CliError;
 use crate::foreground;
 
@@ -187,9 +190,35 @@ async fn run_in(
     work: &Path,
     net: Option<&NetRequest>,
 ) -> Result<ExitCode, CliError> {
+    // Held until the run ends: keeps the image's snapshot from garbage collection.
+    let mut _snapshot = None;
     let (rootfs, img): (PathBuf, ImageConfig) = match &a.rootfs {
         RootfsSource::Dir(r) => {
             (r.canonicalize().map_err(RuntimeError::bundle_file("rootfs", r))?, ImageConfig::default())
+        }
+        RootfsSource::Image(name) => {
+            let images = Images::open(&rt.cfg)?;
+            let platform = a.platform.as_deref().unwrap_or("linux/amd64");
+            let record = match (a.pull, images.store.find(name)?) {
+                (PullPolicy::Always, _) | (PullPolicy::Missing, None) => {
+                    images.pull(name, platform, false).await?
+                }
+                (_, Some(r)) => r,
+                (PullPolicy::Never, None) => {
+                    return Err(husk_image::ImageError::NoSuchImage { query: name.clone() }.into())
+                }
+            };
+            let snapshot = images.store.snapshot(&record, &images.limits)?;
+            tracing::debug!(
+                "image {}: snapshot {} ({})",
+                record.name,
+                snapshot.path.display(),
+                if snapshot.unpacked { "unpacked now" } else { "unpacked before" }
+            );
+            let cfg = images.store.config(&record)?;
+            let path = snapshot.path.clone();
+            _snapshot = Some(snapshot);
+            (path, cfg)
         }
         RootfsSource::Layout(i) => {
             let (layout, tag) = husk_image::parse_reference(i)?;
@@ -283,6 +312,8 @@ mod tests {
             hostname: None,
             net: None,
             publish: vec![],
+            pull: PullPolicy::Missing,
+            platform: None,
             command: vec![],
         };
         let img = ImageConfig { cmd: vec!["sh".into()], working_dir: "/w".into(), ..Default::default() };
@@ -330,6 +361,8 @@ mod tests {
                 hostname: None,
                 net: net.map(str::to_string),
                 publish: publish.iter().map(|p| p.to_string()).collect(),
+                pull: PullPolicy::Missing,
+                platform: None,
                 command: vec!["true".into()],
             })
         };
