@@ -1,17 +1,21 @@
-//! husk's container images: from a reference the user typed to an unpacked rootfs and what to run in it.
+//! husk's container images: from a name the user typed to an unpacked rootfs and what to run in it.
 //!
-//! Today images come from OCI image layouts on disk (as written by `umoci` or
-//! `skopeo copy ... oci:DIR:TAG`):
+//! Images come from registries, through the content store, or from OCI image layouts on disk:
 //!
-//! 1. [`parse_reference`] splits `DIR[:TAG]`.
-//! 2. [`unpack`] verifies the layout, picks the manifest for the tag (linux/amd64 from an index), checks
-//!    every blob's size and sha256, applies the layers to an empty directory and returns the
-//!    [`ImageConfig`].
-//! 3. [`resolve_user`] turns the config's `User` into a uid and gid from the rootfs's /etc/passwd and
-//!    /etc/group.
+//! - [`registry`]: names with Docker's defaults ([`ImageName`]), credentials in the containers
+//!   auth-file format, and [`Registry`], the OCI distribution client (on `oci-client`).
+//! - [`pull`] resolves a name (through an index to the asked [`Platform`]) and streams the blobs the
+//!   [`Store`] lacks into it, verified as they arrive; the store records the image by name.
+//! - [`Store::snapshot`] unpacks an image once per layer chain and leases the snapshot to a sandbox;
+//!   [`Store::gc`] removes what no image needs.
+//! - For layouts (`umoci`, `skopeo copy ... oci:DIR:TAG`): [`parse_reference`] splits `DIR[:TAG]` and
+//!   [`unpack`] verifies and unpacks the tagged image into a directory.
+//! - [`resolve_user`] turns the config's `User` into a uid and gid from the rootfs's /etc/passwd and
+//!   /etc/group.
 //!
-//! Everything an image holds is untrusted: sizes are capped, digests checked, symlinks in the layout or the
-//! rootfs are never followed, and layer entries cannot escape the rootfs. Each module says how.
+//! Everything an image or a registry holds is untrusted: sizes are capped, digests checked (blobs,
+//! and layers' uncompressed diff IDs), symlinks in the layout or the rootfs are never followed, and
+//! layer entries cannot escape the rootfs. Each module says how.
 
 mod blob;
 mod config;
