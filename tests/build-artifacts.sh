@@ -18,7 +18,8 @@ log() { printf '==> %s\n' "$*" >&2; }
 # Debian packages: the test host (QEMU, busybox), the guest kernel build, and test peers.
 need_pkgs=()
 for p in qemu-system-x86 busybox-static linux-source-6.1 flex bison bc libelf-dev build-essential cpio util-linux \
-         file libseccomp-dev runc crun containerd podman conmon umoci containernetworking-plugins iptables; do
+         file libseccomp-dev runc crun containerd podman conmon umoci containernetworking-plugins iptables \
+         docker-registry skopeo libcap2-bin zstd ca-certificates libssl-dev pkg-config; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then

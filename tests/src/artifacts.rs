@@ -271,3 +271,103 @@ impl NetTestKit {
             .collect()
     }
 }
+
+/// A program in one of the system directories, or why not (with the Debian package to install).
+fn system_program(name: &str, pkg: &str) -> Result<PathBuf, String> {
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| format!("{name} is not installed (apt-get install {pkg})"))
+}
+
+/// The host tools the image tests use, with the Debian package of each: a registry to pull
+/// from, skopeo to push to it (and to read it back as a reference client), libcap's tools for
+/// file capabilities, and the compressors of the test layers (which the tests write entry by
+/// entry, so that each layer holds exactly what a check needs).
+pub const IMAGE_TOOLS: [(&str, &str); 6] = [
+    ("docker-registry", "docker-registry"),
+    ("skopeo", "skopeo"),
+    ("setcap", "libcap2-bin"),
+    ("getcap", "libcap2-bin"),
+    ("gzip", "gzip"),
+    ("zstd", "zstd"),
+];
+
+/// What the image tests (pulls from a registry, the content store, images run in a sandbox)
+/// use: the `husk` CLI, a static busybox for the images' root file systems, and the tools of
+/// [`IMAGE_TOOLS`]. [`ImageTestKit::find`] needs no KVM (pulls and the store work on any host);
+/// [`ImageTestKit::vm`] adds what running an image in the test host takes.
+#[derive(Debug)]
+pub struct ImageTestKit {
+    pub husk: PathBuf,
+    /// A static busybox (busybox-static): it runs in the images and in L1.
+    pub busybox: PathBuf,
+    pub registry: PathBuf,
+    pub skopeo: PathBuf,
+    pub setcap: PathBuf,
+    pub getcap: PathBuf,
+    pub gzip: PathBuf,
+    pub zstd: PathBuf,
+}
+
+/// What [`ImageTestKit`] adds to run images in a sandbox (as [`RuntimeTestKit`] finds them:
+/// husk finds the VMM, kernel and agent initramfs next to itself).
+#[derive(Debug)]
+pub struct ImageVmKit {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl ImageTestKit {
+    /// The host side: no KVM needed.
+    pub fn find() -> Result<Self, String> {
+        let busybox = PathBuf::from("/bin/busybox");
+        if !is_static_elf(&busybox) {
+            return Err("/bin/busybox is missing or not static (apt-get install busybox-static)".into());
+        }
+        let tool = |i: usize| system_program(IMAGE_TOOLS[i].0, IMAGE_TOOLS[i].1);
+        Ok(Self {
+            husk: bin("husk")?,
+            busybox,
+            registry: tool(0)?,
+            skopeo: tool(1)?,
+            setcap: tool(2)?,
+            getcap: tool(3)?,
+            gzip: tool(4)?,
+            zstd: tool(5)?,
+        })
+    }
+
+    /// The VM side: a usable KVM (directly or through the nested test host), the VMM, the guest
+    /// kernel and the agent initramfs.
+    pub fn vm(&self) -> Result<ImageVmKit, String> {
+        kvm_and_busybox()?;
+        Ok(ImageVmKit {
+            vmm: bin("husk-vmm")?,
+            kernel: guest_artifact("vmlinux")?,
+            initrd: guest_artifact("agent.cpio")?,
+        })
+    }
+}
+
+/// Whether `path` is an x86-64 ELF executable without an interpreter (`PT_INTERP`), i.e. one that
+/// runs in an image with no libc.
+pub fn is_static_elf(path: &Path) -> bool {
+    const PT_INTERP: u32 = 3;
+    let Ok(b) = std::fs::read(path) else { return false };
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 || b[5] != 1 {
+        return false;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().unwrap_or_default()) as usize;
+    let (size, num) = (u16_at(0x36), u16_at(0x38));
+    if size < 4 || phoff.saturating_add(size * num) > b.len() {
+        return false;
+    }
+    !(0..num).any(|i| {
+        let o = phoff + i * size;
+        u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]) == PT_INTERP
+    })
+}

@@ -75,7 +75,7 @@ pub enum ImageError {
     },
     /// A layer decompresses to more bytes, or holds more entries, than [`crate::UnpackLimits`] allows.
     #[error(
-        "layer {layer}: {what} exceeds the limit of {limit} {} (raise \"{}\" in /etc/husk/config.json to allow it)",
+        "layer {layer}: {what} exceeds the limit of {limit} {} (raise \"{}\" in husk's config file, $HUSK_CONFIG or /etc/husk/config.json, to allow it)",
         layer_limit_unit(what),
         layer_limit_key(what)
     )]
