@@ -7,6 +7,7 @@
 pub mod device;
 pub mod fs;
 pub mod interrupt;
+pub mod log_limit;
 pub mod mmio;
 pub mod net;
 pub mod rng;

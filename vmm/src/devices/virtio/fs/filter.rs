@@ -1,6 +1,7 @@
 //! A [`FileSystem`] wrapper around `PassthroughFs` that adds what husk's shares need on top of
 //! it: read-only shares (every mutating request gets `EROFS`, like a read-only mount), no device
-//! nodes on the host, and no process-wide `umask(0)` left behind by the passthrough's root import.
+//! nodes on the host, no process-wide `umask(0)` left behind by the passthrough's root import,
+//! and caps on the inodes and open handles the guest can make it hold ([`super::limits`]).
 //!
 //! Every method that `PassthroughFs` implements is forwarded explicitly: a method left out here
 //! would silently fall back to the trait's default (usually `ENOSYS`), not to the inner file
@@ -8,9 +9,10 @@
 
 use std::ffi::CStr;
 use std::io;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
+use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, ROOT_ID};
 use fuse_backend_rs::abi::virtio_fs::RemovemappingOne;
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions,
@@ -18,6 +20,9 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
+
+use super::limits::{enfile, HandleCount, InodeRefs, Limits, MAX_READDIR_SIZE, MAX_XATTR_SIZE};
+use crate::devices::virtio::log_limit::LogLimit;
 
 type Inode = u64;
 type Handle = u64;
@@ -46,17 +51,102 @@ fn check_open_flags(flags: u32) -> io::Result<()> {
 pub struct ShareFs {
     inner: PassthroughFs,
     read_only: bool,
+    inodes: InodeRefs,
+    handles: HandleCount,
+    /// For the warnings at the caps, which a guest can hit in a loop.
+    warn: Mutex<(LogLimit, LogLimit)>,
 }
 
 impl std::fmt::Debug for ShareFs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShareFs").field("read_only", &self.read_only).finish_non_exhaustive()
+        f.debug_struct("ShareFs")
+            .field("read_only", &self.read_only)
+            .field("inodes", &self.inodes.count())
+            .field("handles", &self.handles.count())
+            .finish_non_exhaustive()
     }
 }
 
 impl ShareFs {
     pub fn new(inner: PassthroughFs, read_only: bool) -> Self {
-        Self { inner, read_only }
+        Self::with_limits(inner, read_only, Limits::default())
+    }
+
+    pub fn with_limits(inner: PassthroughFs, read_only: bool, limits: Limits) -> Self {
+        Self {
+            inner,
+            read_only,
+            inodes: InodeRefs::new(limits.inodes),
+            handles: HandleCount::new(limits.handles),
+            warn: Mutex::new((LogLimit::new(), LogLimit::new())),
+        }
+    }
+
+    fn warn_inode_cap(&self) {
+        let mut w = self.warn.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held_back) = w.0.check() {
+            tracing::warn!(
+                held_back,
+                "virtio-fs: the guest holds {} inodes, the cap; lookups get ENFILE",
+                self.inodes.max()
+            );
+        }
+    }
+
+    fn warn_handle_cap(&self) {
+        let mut w = self.warn.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held_back) = w.1.check() {
+            tracing::warn!(
+                held_back,
+                "virtio-fs: the guest holds {} open files, the cap; opens get ENFILE",
+                self.handles.max()
+            );
+        }
+    }
+
+    /// Counts the inode a lookup handed out, or takes the lookup back at the cap.
+    fn admit(&self, ctx: &Context, entry: Entry) -> io::Result<Entry> {
+        if entry.inode == ROOT_ID || self.inodes.try_add(entry.inode) {
+            return Ok(entry);
+        }
+        self.inner.forget(ctx, entry.inode, 1);
+        self.warn_inode_cap();
+        Err(enfile())
+    }
+
+    /// Refuses a request that would make a new inode when the table is full: the file would be
+    /// made before the reply could be refused.
+    fn check_inode_room(&self) -> io::Result<()> {
+        if self.inodes.has_room() {
+            return Ok(());
+        }
+        self.warn_inode_cap();
+        Err(enfile())
+    }
+
+    /// Counts the inode a request that made a file handed out.
+    fn made(&self, entry: Entry) -> Entry {
+        if entry.inode != ROOT_ID {
+            self.inodes.add(entry.inode);
+        }
+        entry
+    }
+
+    /// Runs an open with a handle slot reserved, kept only if a handle came back.
+    fn with_handle<T>(
+        &self,
+        open: impl FnOnce() -> io::Result<T>,
+        handle: impl Fn(&T) -> Option<Handle>,
+    ) -> io::Result<T> {
+        if let Err(e) = self.handles.reserve() {
+            self.warn_handle_cap();
+            return Err(e);
+        }
+        let r = open();
+        if !matches!(&r, Ok(v) if handle(v).is_some()) {
+            self.handles.release();
+        }
+        r
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -91,18 +181,26 @@ impl FileSystem for ShareFs {
     }
 
     fn destroy(&self) {
-        Self::with_umask_restored(|| self.inner.destroy())
+        Self::with_umask_restored(|| self.inner.destroy());
+        // The passthrough dropped every inode and handle.
+        self.inodes.clear();
+        self.handles.clear();
     }
 
     fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
-        self.inner.lookup(ctx, parent, name)
+        let entry = self.inner.lookup(ctx, parent, name)?;
+        self.admit(ctx, entry)
     }
 
     fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
+        self.inodes.forget(inode, count);
         self.inner.forget(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(Inode, u64)>) {
+        for &(inode, count) in &requests {
+            self.inodes.forget(inode, count);
+        }
         self.inner.batch_forget(ctx, requests)
     }
 
@@ -128,7 +226,8 @@ impl FileSystem for ShareFs {
 
     fn symlink(&self, ctx: &Context, linkname: &CStr, parent: Inode, name: &CStr) -> io::Result<Entry> {
         self.check_writable()?;
-        self.inner.symlink(ctx, linkname, parent, name)
+        self.check_inode_room()?;
+        self.inner.symlink(ctx, linkname, parent, name).map(|e| self.made(e))
     }
 
     fn mknod(
@@ -147,12 +246,14 @@ impl FileSystem for ShareFs {
         if kind == libc::S_IFCHR || kind == libc::S_IFBLK {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+        self.check_inode_room()?;
+        self.inner.mknod(ctx, inode, name, mode, rdev, umask).map(|e| self.made(e))
     }
 
     fn mkdir(&self, ctx: &Context, parent: Inode, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry> {
         self.check_writable()?;
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        self.check_inode_room()?;
+        self.inner.mkdir(ctx, parent, name, mode, umask).map(|e| self.made(e))
     }
 
     fn unlink(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
@@ -180,7 +281,8 @@ impl FileSystem for ShareFs {
 
     fn link(&self, ctx: &Context, inode: Inode, newparent: Inode, newname: &CStr) -> io::Result<Entry> {
         self.check_writable()?;
-        self.inner.link(ctx, inode, newparent, newname)
+        self.check_inode_room()?;
+        self.inner.link(ctx, inode, newparent, newname).map(|e| self.made(e))
     }
 
     fn open(
@@ -194,7 +296,7 @@ impl FileSystem for ShareFs {
             return Err(erofs());
         }
         check_open_flags(flags)?;
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        self.with_handle(|| self.inner.open(ctx, inode, flags, fuse_flags), |r| r.0)
     }
 
     fn create(
@@ -206,7 +308,10 @@ impl FileSystem for ShareFs {
     ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
         self.check_writable()?;
         check_open_flags(args.flags)?;
-        self.inner.create(ctx, parent, name, args)
+        self.check_inode_room()?;
+        let (entry, handle, opts, passthrough) =
+            self.with_handle(|| self.inner.create(ctx, parent, name, args), |r| r.1)?;
+        Ok((self.made(entry), handle, opts, passthrough))
     }
 
     fn read(
@@ -271,7 +376,9 @@ impl FileSystem for ShareFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        self.inner.release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+        self.inner.release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
+        self.handles.release();
+        Ok(())
     }
 
     fn statfs(&self, ctx: &Context, inode: Inode) -> io::Result<statvfs64> {
@@ -290,7 +397,9 @@ impl FileSystem for ShareFs {
         if !is_user_xattr(name.to_bytes()) {
             return Err(io::Error::from_raw_os_error(libc::ENODATA));
         }
-        self.inner.getxattr(ctx, inode, name, size)
+        // The passthrough allocates the size the guest names (up to 4 GiB) before asking the
+        // host; no value is longer than this anyway.
+        self.inner.getxattr(ctx, inode, name, size.min(MAX_XATTR_SIZE))
     }
 
     fn listxattr(&self, ctx: &Context, inode: Inode, size: u32) -> io::Result<ListxattrReply> {
@@ -318,7 +427,7 @@ impl FileSystem for ShareFs {
 
     fn opendir(&self, ctx: &Context, inode: Inode, flags: u32) -> io::Result<(Option<Handle>, OpenOptions)> {
         check_open_flags(flags)?;
-        self.inner.opendir(ctx, inode, flags)
+        self.with_handle(|| self.inner.opendir(ctx, inode, flags), |r| r.0)
     }
 
     fn readdir(
@@ -330,7 +439,7 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.inner.readdir(ctx, inode, handle, size, offset, add_entry)
+        self.inner.readdir(ctx, inode, handle, size.min(MAX_READDIR_SIZE), offset, add_entry)
     }
 
     fn readdirplus(
@@ -342,7 +451,33 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.inner.readdirplus(ctx, inode, handle, size, offset, add_entry)
+        // Each entry is a lookup, counted as one; the passthrough takes it back itself when
+        // the entry does not fit (Ok(0)).
+        let mut counted = |d: DirEntry, e: Entry| {
+            let ino = e.inode;
+            if ino == ROOT_ID || self.inodes.try_add(ino) {
+                let r = add_entry(d, e);
+                if ino != ROOT_ID && matches!(r, Ok(0)) {
+                    self.inodes.forget(ino, 1);
+                }
+                return r;
+            }
+            // At the cap the name is still listed, without a lookup: node id 0 tells the
+            // kernel there are no attributes (a later lookup of it gets ENFILE).
+            self.inner.forget(ctx, ino, 1);
+            self.warn_inode_cap();
+            add_entry(
+                d,
+                Entry {
+                    inode: 0,
+                    generation: 0,
+                    attr_timeout: Duration::ZERO,
+                    entry_timeout: Duration::ZERO,
+                    ..e
+                },
+            )
+        };
+        self.inner.readdirplus(ctx, inode, handle, size.min(MAX_READDIR_SIZE), offset, &mut counted)
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
@@ -350,7 +485,9 @@ impl FileSystem for ShareFs {
     }
 
     fn releasedir(&self, ctx: &Context, inode: Inode, flags: u32, handle: Handle) -> io::Result<()> {
-        self.inner.releasedir(ctx, inode, flags, handle)
+        self.inner.releasedir(ctx, inode, flags, handle)?;
+        self.handles.release();
+        Ok(())
     }
 
     // DAX windows are not offered (no shared memory region), and the server refuses these

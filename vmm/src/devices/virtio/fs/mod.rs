@@ -12,8 +12,13 @@
 //!
 //! Every chain the guest makes available is completed: malformed requests either get a FUSE
 //! error reply from the server or are marked used with length 0.
+//!
+//! Bounds: the inodes the guest holds looked up and the files it holds open are capped
+//! ([`limits`]; the passthrough has no limit of its own), so it cannot use up the VMM's file
+//! descriptors.
 
 mod filter;
+pub mod limits;
 #[cfg(test)]
 mod tests;
 
@@ -31,6 +36,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use self::filter::ShareFs;
+use self::limits::Limits;
 use super::device::{check_queue_count, read_config_bytes, Worker};
 use super::{ActivateContext, ActivateError, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1};
 use crate::config::{FsCache, FsShareConfig};
@@ -122,7 +128,11 @@ impl Fs {
             .to_string();
         let inner = PassthroughFs::new(passthrough_config(root_dir, share.cache))?;
         raise_nofile_limit();
-        Self::with_fs(&share.tag, ShareFs::new(inner, share.read_only))
+        let limits = Limits::fitted_to_process();
+        if limits != Limits::default() {
+            tracing::info!("virtio-fs {}: RLIMIT_NOFILE caps the share at {limits:?}", share.tag);
+        }
+        Self::with_fs(&share.tag, ShareFs::with_limits(inner, share.read_only, limits))
     }
 
     fn with_fs(tag: &str, fs: ShareFs) -> io::Result<Self> {

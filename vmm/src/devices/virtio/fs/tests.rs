@@ -1,13 +1,15 @@
 //! The device driven like a guest driver would, through a mock split queue on guest memory,
 //! with real FUSE messages against a temporary host directory. No KVM needed.
 
+use std::collections::HashSet;
 use std::mem::size_of;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::{
-    AttrOut, CreateIn, EntryOut, ForgetIn, GetattrIn, InHeader, InitIn, InitOut, MkdirIn, MknodIn, Opcode,
-    OpenIn, OpenOut, OutHeader, ReadIn, RenameIn, SetattrIn, WriteIn, KERNEL_VERSION, ROOT_ID,
+    AttrOut, CreateIn, Dirent, EntryOut, ForgetIn, GetattrIn, InHeader, InitIn, InitOut, MkdirIn, MknodIn,
+    Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn, SetattrIn, WriteIn, KERNEL_VERSION,
+    ROOT_ID,
 };
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -542,4 +544,134 @@ fn symlink_swapped_in_after_lookup_is_not_followed() {
     assert_eq!(link.attr.mode & libc::S_IFMT, libc::S_IFLNK);
     assert!(c.open(link.nodeid, libc::O_RDONLY).is_err());
     std::fs::remove_file(secret).unwrap();
+}
+
+/// A writable share of `files` empty files whose caps are small enough to reach.
+fn capped(files: usize, limits: Limits) -> (TempDir, Client) {
+    let dir = TempDir::new_with_prefix("/tmp/husk-fs-").unwrap();
+    for i in 0..files {
+        std::fs::write(dir.as_path().join(format!("f{i}")), b"").unwrap();
+    }
+    let root = std::fs::canonicalize(dir.as_path()).unwrap().to_str().unwrap().to_string();
+    let inner = PassthroughFs::new(passthrough_config(root, FsCache::Auto)).unwrap();
+    let dev = Fs::with_fs("share", ShareFs::with_limits(inner, false, limits)).unwrap();
+    let mut c = Client { dev, unique: 0 };
+    c.init();
+    (dir, c)
+}
+
+impl Client {
+    /// FORGET has no reply.
+    fn forget(&mut self, nodeid: u64, nlookup: u64) {
+        self.unique += 1;
+        let m = mem();
+        let req = message(Opcode::Forget as u32, self.unique, nodeid, ForgetIn { nlookup }.as_slice());
+        m.write_slice(&req, GuestAddress(REQ)).unwrap();
+        assert_eq!(serve(&self.dev, &m, &[desc(REQ, req.len() as u32, 0, 0)]), [0]);
+    }
+
+    fn release(&mut self, opcode: Opcode, nodeid: u64, fh: u64) {
+        self.ok(opcode, nodeid, ReleaseIn { fh, ..Default::default() }.as_slice());
+    }
+}
+
+#[test]
+fn inode_cap_refuses_lookups_until_the_guest_forgets() {
+    let (dir, mut c) = capped(10, Limits { inodes: 4, handles: 64 });
+    let mut held = Vec::new();
+    // A flood of lookups over ten files: four distinct inodes at most, however often.
+    for round in 0..1_000 {
+        let name = format!("f{}", round % 10);
+        match c.call(Opcode::Lookup, ROOT_ID, &cstr(&name)) {
+            (0, out) => held.push(obj::<EntryOut>(&out).nodeid),
+            (e, _) => assert_eq!(-e, libc::ENFILE, "{name}"),
+        }
+    }
+    let distinct: HashSet<u64> = held.iter().copied().collect();
+    assert_eq!(distinct.len(), 4);
+    // The root is not counted, and files already held are still looked up.
+    assert_eq!(c.lookup(ROOT_ID, "..").nodeid, ROOT_ID);
+    c.lookup(ROOT_ID, "f0");
+    // Nothing new is made at the cap: the host directory is left as it was.
+    let mkdir = [MkdirIn { mode: 0o755, umask: 0 }.as_slice(), &cstr("d")].concat();
+    assert_eq!(c.errno(Opcode::Mkdir, ROOT_ID, &mkdir), libc::ENFILE);
+    let create =
+        CreateIn { flags: (libc::O_CREAT | libc::O_RDWR) as u32, mode: 0o644, umask: 0, fuse_flags: 0 };
+    assert_eq!(c.errno(Opcode::Create, ROOT_ID, &[create.as_slice(), &cstr("new")].concat()), libc::ENFILE);
+    assert!(!dir.as_path().join("d").exists() && !dir.as_path().join("new").exists());
+    // Once the guest forgets every lookup of one, another fits.
+    let f0 = c.lookup(ROOT_ID, "f0").nodeid;
+    let lookups = held.iter().filter(|&&n| n == f0).count() as u64 + 2;
+    c.forget(f0, lookups);
+    assert_eq!(c.errno(Opcode::Getattr, f0, GetattrIn::default().as_slice()), libc::EBADF, "gone");
+    c.lookup(ROOT_ID, "f9");
+    assert_eq!(c.errno(Opcode::Lookup, ROOT_ID, &cstr("f8")), libc::ENFILE);
+    // FUSE_DESTROY drops everything, the counts with it.
+    c.dev.fs.destroy();
+    c.init();
+    for i in 0..4 {
+        c.lookup(ROOT_ID, &format!("f{i}"));
+    }
+}
+
+#[test]
+fn handle_cap_refuses_opens_until_released() {
+    let (_dir, mut c) = capped(1, Limits { inodes: 64, handles: 3 });
+    let f0 = c.lookup(ROOT_ID, "f0").nodeid;
+    let mut fhs: Vec<u64> = (0..3).map(|_| c.open(f0, libc::O_RDONLY).unwrap()).collect();
+    for _ in 0..1_000 {
+        assert_eq!(c.open(f0, libc::O_RDONLY), Err(libc::ENFILE));
+    }
+    assert_eq!(c.errno(Opcode::Opendir, ROOT_ID, OpenIn::default().as_slice()), libc::ENFILE);
+    let create =
+        CreateIn { flags: (libc::O_CREAT | libc::O_RDWR) as u32, mode: 0o644, umask: 0, fuse_flags: 0 };
+    assert_eq!(c.errno(Opcode::Create, ROOT_ID, &[create.as_slice(), &cstr("new")].concat()), libc::ENFILE);
+    // A release of a handle that does not exist frees no slot.
+    assert_eq!(
+        c.errno(Opcode::Release, f0, ReleaseIn { fh: 9_999, ..Default::default() }.as_slice()),
+        libc::EBADF
+    );
+    assert_eq!(c.open(f0, libc::O_RDONLY), Err(libc::ENFILE));
+    c.release(Opcode::Release, f0, fhs.pop().unwrap());
+    let dh: OpenOut = obj(&c.ok(Opcode::Opendir, ROOT_ID, OpenIn::default().as_slice()));
+    assert_eq!(c.open(f0, libc::O_RDONLY), Err(libc::ENFILE));
+    c.release(Opcode::Releasedir, ROOT_ID, dh.fh);
+    // A create takes one slot too.
+    let out = c.ok(Opcode::Create, ROOT_ID, &[create.as_slice(), &cstr("new")].concat());
+    let opened: OpenOut = obj(&out[size_of::<EntryOut>()..]);
+    assert_eq!(c.open(f0, libc::O_RDONLY), Err(libc::ENFILE));
+    c.release(Opcode::Release, obj::<EntryOut>(&out).nodeid, opened.fh);
+    c.open(f0, libc::O_RDONLY).unwrap();
+}
+
+#[test]
+fn readdirplus_at_the_inode_cap_still_lists_every_name() {
+    let (_dir, mut c) = capped(10, Limits { inodes: 3, handles: 64 });
+    let dh: OpenOut = obj(&c.ok(Opcode::Opendir, ROOT_ID, OpenIn::default().as_slice()));
+    let read = ReadIn { fh: dh.fh, offset: 0, size: 0x1_0000, ..Default::default() };
+    let out = c.ok(Opcode::Readdirplus, ROOT_ID, read.as_slice());
+    // (node id, name) of each entry.
+    let mut entries = Vec::new();
+    let mut at = 0;
+    while at < out.len() {
+        let entry: EntryOut = obj(&out[at..]);
+        let dirent: Dirent = obj(&out[at + size_of::<EntryOut>()..]);
+        let name_at = at + size_of::<EntryOut>() + size_of::<Dirent>();
+        let name = String::from_utf8(out[name_at..name_at + dirent.namelen as usize].to_vec()).unwrap();
+        entries.push((entry.nodeid, name));
+        at = (name_at + dirent.namelen as usize + 7) & !7;
+    }
+    let mut names: Vec<&str> = entries.iter().map(|(_, n)| n.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        (0..10).map(|i| format!("f{i}")).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    let with_lookup: Vec<&(u64, String)> = entries.iter().filter(|(n, _)| *n != 0).collect();
+    assert_eq!(with_lookup.len(), 3, "{entries:?}");
+    // A name listed without a lookup cannot be looked up either, until one is forgotten.
+    let (_, bare) = entries.iter().find(|(n, _)| *n == 0).unwrap();
+    assert_eq!(c.errno(Opcode::Lookup, ROOT_ID, &cstr(bare)), libc::ENFILE);
+    c.forget(with_lookup[0].0, 1);
+    c.lookup(ROOT_ID, bare);
 }

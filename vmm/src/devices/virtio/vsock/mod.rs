@@ -1,6 +1,8 @@
 //! virtio-vsock (spec 5.10) with a hybrid host side: streams end on Unix sockets, so the host
 //! needs no vhost-vsock module and every VM has its own socket namespace (see [`muxer`]).
 
+pub mod ctrl;
+pub mod deadline;
 pub mod muxer;
 pub mod packet;
 
@@ -61,8 +63,10 @@ fn run_worker(mut ctx: ActivateContext, mut muxer: Muxer, kill: EventFd) {
         }
     }
     let mut events = [EpollEvent::default(); 8];
+    let mut again = false;
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        // Straight round again when TX can resume (see below), after a look at the events.
+        let n = match epoll.wait(if again { 0 } else { -1 }, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return tracing::error!("vsock: epoll_wait: {e}"),
@@ -88,6 +92,9 @@ fn run_worker(mut ctx: ActivateContext, mut muxer: Muxer, kill: EventFd) {
                 ctx.interrupt.signal_used_queue();
             }
         }
+        // TX waits in its ring while control replies wait for RX buffers. When RX delivery has
+        // made room, nothing else would wake us for it: the guest notified TX long ago.
+        again = muxer.tx_resumable();
     }
 }
 
