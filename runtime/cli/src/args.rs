@@ -98,24 +98,9 @@ pub enum Command {
         quiet: bool,
     },
     /// Pull an image from a registry into husk's image store.
-    Pull {
-        /// Which image of a multi-platform image (OS/ARCH[/VARIANT]).
-        #[arg(long, default_value = "linux/amd64")]
-        platform: String,
-        /// Print only the manifest digest.
-        #[arg(short, long)]
-        quiet: bool,
-        /// NAME[:TAG|@DIGEST], with Docker's defaults (`alpine` is docker.io/library/alpine:latest).
-        name: String,
-    },
+    Pull(PullArgs),
     /// List the images in husk's image store.
-    Images {
-        #[arg(long, default_value = "table")]
-        format: String,
-        /// Print only image IDs.
-        #[arg(short, long)]
-        quiet: bool,
-    },
+    Images(ImagesArgs),
     /// Remove images by name or ID (and whatever only they used).
     Rmi {
         #[arg(required = true)]
@@ -153,25 +138,35 @@ pub enum ImageCommand {
     /// Remove every blob, unpacked snapshot and partial download no image needs.
     Prune,
     /// List images (as `husk images`).
-    Ls {
-        #[arg(long, default_value = "table")]
-        format: String,
-        #[arg(short, long)]
-        quiet: bool,
-    },
+    Ls(ImagesArgs),
     /// Remove images (as `husk rmi`).
     Rm {
         #[arg(required = true)]
         names: Vec<String>,
     },
     /// Pull an image (as `husk pull`).
-    Pull {
-        #[arg(long, default_value = "linux/amd64")]
-        platform: String,
-        #[arg(short, long)]
-        quiet: bool,
-        name: String,
-    },
+    Pull(PullArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// Which image of a multi-platform image (OS/ARCH[/VARIANT]).
+    #[arg(long, default_value = "linux/amd64")]
+    pub platform: String,
+    /// Print only the manifest digest.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// NAME[:TAG|@DIGEST], with Docker's defaults (`alpine` is docker.io/library/alpine:latest).
+    pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ImagesArgs {
+    #[arg(long, default_value = "table")]
+    pub format: String,
+    /// Print only image IDs.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 /// When `husk run IMAGE` pulls.

@@ -28,8 +28,8 @@ fn main() {
     let human = cli.log.is_none()
         && match &cli.command {
             Command::Run(r) => r.is_sandbox(),
-            Command::Pull { .. }
-            | Command::Images { .. }
+            Command::Pull(_)
+            | Command::Images(_)
             | Command::Rmi { .. }
             | Command::Image(_)
             | Command::Login { .. }
@@ -80,13 +80,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
     }
     // Image commands: the config, no container state.
     match &cli.command {
-        Command::Pull { platform, quiet, name }
-        | Command::Image(ImageCommand::Pull { platform, quiet, name }) => {
+        Command::Pull(p) | Command::Image(ImageCommand::Pull(p)) => {
             let cfg = husk_core::config::Config::load()?;
-            return commands::images::pull(&cfg, name, platform, *quiet).await;
+            return commands::images::pull(&cfg, &p.name, &p.platform, p.quiet).await;
         }
-        Command::Images { format, quiet } | Command::Image(ImageCommand::Ls { format, quiet }) => {
-            return commands::images::list(&husk_core::config::Config::load()?, format, *quiet);
+        Command::Images(l) | Command::Image(ImageCommand::Ls(l)) => {
+            return commands::images::list(&husk_core::config::Config::load()?, &l.format, l.quiet);
         }
         Command::Rmi { names } | Command::Image(ImageCommand::Rm { names }) => {
             return commands::images::remove(&husk_core::config::Config::load()?, names);
@@ -131,8 +130,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::List { format, quiet } => commands::list::run(&rt, &format, quiet).await?,
         Command::Features
         | Command::Spec { .. }
-        | Command::Pull { .. }
-        | Command::Images { .. }
+        | Command::Pull(_)
+        | Command::Images(_)
         | Command::Rmi { .. }
         | Command::Image(_)
         | Command::Login { .. }
