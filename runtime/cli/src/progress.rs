@@ -14,7 +14,8 @@ pub struct PullLines {
     bars: Option<(MultiProgress, Mutex<HashMap<String, ProgressBar>>)>,
 }
 
-fn short(digest: &str) -> &str {
+/// The first 12 hex digits of a digest, as image tools show them.
+pub(crate) fn short(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     &hex[..hex.len().min(12)]
 }

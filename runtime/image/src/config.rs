@@ -21,17 +21,22 @@ pub struct ImageConfig {
     pub user: String,
 }
 
+/// Whether a media type is an image config's (OCI or Docker schema 2).
+pub(crate) fn is_config(media_type: &MediaType) -> bool {
+    match media_type {
+        MediaType::ImageConfig => true,
+        MediaType::Other(s) => s == DOCKER_CONFIG,
+        _ => false,
+    }
+}
+
 /// Reads and verifies the image config blob `desc` and extracts what the image says to run.
 pub(crate) fn read_config(layout: &Path, desc: &Descriptor) -> Result<ImageConfig, ImageError> {
-    match desc.media_type() {
-        MediaType::ImageConfig => {}
-        MediaType::Other(s) if s == DOCKER_CONFIG => {}
-        other => {
-            return Err(ImageError::UnsupportedMediaType {
-                what: "an image config",
-                media_type: other.to_string(),
-            })
-        }
+    if !is_config(desc.media_type()) {
+        return Err(ImageError::UnsupportedMediaType {
+            what: "an image config",
+            media_type: desc.media_type().to_string(),
+        });
     }
     let (bytes, what) = read_json_blob(layout, desc, "image config")?;
     let image: ImageConfiguration = serde_json::from_slice(&bytes).map_err(json_err(&what))?;

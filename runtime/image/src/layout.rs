@@ -69,7 +69,7 @@ fn select_manifest<'a>(index: &'a ImageIndex, tag: &str) -> Result<&'a Descripto
     Err(ImageError::UnknownTag { tag: tag.to_owned(), available })
 }
 
-fn is_index(media_type: &MediaType) -> bool {
+pub(crate) fn is_index(media_type: &MediaType) -> bool {
     match media_type {
         MediaType::ImageIndex => true,
         MediaType::Other(s) => s == DOCKER_MANIFEST_LIST,
@@ -77,7 +77,7 @@ fn is_index(media_type: &MediaType) -> bool {
     }
 }
 
-fn is_manifest(media_type: &MediaType) -> bool {
+pub(crate) fn is_manifest(media_type: &MediaType) -> bool {
     match media_type {
         MediaType::ImageManifest => true,
         MediaType::Other(s) => s == DOCKER_MANIFEST,

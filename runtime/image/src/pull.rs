@@ -8,23 +8,17 @@ use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::{StreamExt as _, TryStreamExt as _};
-use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
+use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest, MediaType};
 use tracing::{debug, warn};
 
 use crate::blob::MAX_JSON;
+use crate::config::is_config;
 use crate::error::ImageError;
-use crate::layout::MAX_INDEX_DEPTH;
+use crate::layout::{is_index, is_manifest, MAX_INDEX_DEPTH};
 use crate::platform::Platform;
 use crate::registry::{ImageName, Registry};
 use crate::store::{check_digest, ImageRecord, Store};
 use crate::unpack::layer_compression;
-
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 
 /// How a pull goes.
 #[derive(Debug, Clone)]
@@ -66,14 +60,6 @@ impl PullProgress for Silent {
     fn event(&self, _: PullEvent<'_>) {}
 }
 
-fn is_index(media_type: &str) -> bool {
-    media_type == OCI_INDEX || media_type == DOCKER_LIST
-}
-
-fn is_manifest(media_type: &str) -> bool {
-    media_type == OCI_MANIFEST || media_type == DOCKER_MANIFEST
-}
-
 fn json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, ImageError> {
     serde_json::from_slice(bytes).map_err(|source| ImageError::Json { what: what.to_owned(), source })
 }
@@ -96,7 +82,7 @@ pub async fn pull(
     }
     let mut index_digest = None;
     let mut depth = 0;
-    while is_index(&doc.media_type) {
+    while is_index(&MediaType::from(doc.media_type.as_str())) {
         depth += 1;
         if depth > MAX_INDEX_DEPTH {
             return Err(ImageError::IndexTooDeep);
@@ -132,7 +118,7 @@ pub async fn pull(
         }
         doc = child;
     }
-    if !is_manifest(&doc.media_type) {
+    if !is_manifest(&MediaType::from(doc.media_type.as_str())) {
         return Err(ImageError::UnsupportedMediaType {
             what: "an image manifest",
             media_type: doc.media_type,
@@ -142,7 +128,7 @@ pub async fn pull(
 
     let config_desc = manifest.config();
     let config_type = config_desc.media_type().to_string();
-    if config_type != OCI_CONFIG && config_type != DOCKER_CONFIG {
+    if !is_config(config_desc.media_type()) {
         return Err(ImageError::NotAContainerImage { name: name.to_string(), media_type: config_type });
     }
     let config_digest = config_desc.digest().to_string();
@@ -247,6 +233,10 @@ mod tests {
 
     use super::*;
     use crate::registry::tests::{Fake, Req, Resp};
+
+    const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
     use crate::registry::RegistryOptions;
     use crate::testutil::{gzip, tar_bytes, TempDir, E, TAR_GZ};
 

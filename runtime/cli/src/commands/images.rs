@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::{check_format, out, ExitCode};
 use crate::error::CliError;
-use crate::progress::PullLines;
+use crate::progress::{short, PullLines};
 
 /// The store, a registry client and the unpacking caps, as this host's config sets them.
 #[derive(Debug)]
@@ -56,11 +56,6 @@ pub async fn pull(cfg: &Config, name: &str, platform: &str, quiet: bool) -> Resu
     }
     out!("{}", record.digest);
     Ok(0)
-}
-
-fn short(digest: &str) -> &str {
-    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    &hex[..hex.len().min(12)]
 }
 
 fn human_size(bytes: u64) -> String {

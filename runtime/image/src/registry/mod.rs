@@ -19,4 +19,5 @@ pub use auth::{
     default_auth_files, husk_auth_file, lookup_credentials, remove_credentials, store_credentials,
 };
 pub use client::{BlobStream, FetchedManifest, Registry, RegistryOptions};
+pub(crate) use name::check_digest;
 pub use name::ImageName;

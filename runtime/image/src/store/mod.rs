@@ -19,7 +19,6 @@ mod records;
 mod snapshot;
 
 use std::fs::{self, DirBuilder};
-use std::io::Read as _;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +32,7 @@ pub(crate) use ingest::Ingest;
 pub use records::ImageRecord;
 pub use snapshot::Snapshot;
 
-use crate::blob::{open_regular, MAX_JSON};
+use crate::blob::read_json_blob;
 use crate::config::{read_config, ImageConfig};
 use crate::error::{io_err, ImageError};
 use crate::registry::ImageName;
@@ -118,25 +117,20 @@ impl Store {
         w.commit()
     }
 
-    /// Reads a small blob (at most [`MAX_JSON`] bytes) and checks it hashes to its name.
+    /// Reads a small blob (at most [`crate::MAX_JSON`] bytes) and checks it hashes to its name.
     pub(crate) fn read_verified(&self, digest: &str) -> Result<Vec<u8>, ImageError> {
         let path = self.blob_path(digest)?;
-        let file = match open_regular(&path) {
-            Err(ImageError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        let size = match fs::symlink_metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ImageError::MissingBlob { digest: digest.to_owned() })
             }
-            other => other?,
+            Err(e) => return Err(io_err(&path)(e)),
         };
-        let mut buf = Vec::new();
-        file.take(MAX_JSON + 1).read_to_end(&mut buf).map_err(io_err(&path))?;
-        if buf.len() as u64 > MAX_JSON {
-            return Err(ImageError::TooLarge { what: format!("blob {digest}"), limit: MAX_JSON });
-        }
-        let actual = format!("{:x}", Sha256::digest(&buf));
-        if format!("sha256:{actual}") != digest {
-            return Err(ImageError::DigestMismatch { digest: digest.to_owned(), actual });
-        }
-        Ok(buf)
+        let digest: Digest = digest.parse().map_err(|_| ImageError::UnsupportedDigest(digest.to_owned()))?;
+        // The store's own size: the digest is what is checked.
+        let desc = Descriptor::new(MediaType::Other("blob".into()), size, digest);
+        read_json_blob(&self.dir, &desc, "blob").map(|(bytes, _)| bytes)
     }
 
     /// Every image the store holds, in pull order.
@@ -283,12 +277,8 @@ impl Store {
 
 /// The hex part of a `sha256:<64 lowercase hex>` digest; anything else is refused.
 pub(crate) fn check_digest(digest: &str) -> Result<&str, ImageError> {
-    let hex = digest.strip_prefix("sha256:").unwrap_or("");
-    if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        Ok(hex)
-    } else {
-        Err(ImageError::UnsupportedDigest(digest.to_owned()))
-    }
+    crate::registry::check_digest(digest).map_err(|_| ImageError::UnsupportedDigest(digest.to_owned()))?;
+    Ok(&digest["sha256:".len()..])
 }
 
 #[cfg(test)]
