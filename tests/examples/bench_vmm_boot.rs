@@ -1,7 +1,9 @@
 //! Boot benchmark: husk-vmm against `qemu-system-x86_64 -M microvm`, same kernel, initramfs,
 //! memory and command line, alternating runs in one test-host session. Prints the median
 //! time-to-marker of each, their ratio, and memory: peak RSS and VMM overhead (RSS minus the
-//! guest memory touched). Run it through `bench/vmm-boot.sh`.
+//! guest memory touched), and what confinement costs at start: husk-vmm unconfined
+//! (`--no-seccomp`, no jail) against husk-vmm as husk runs it (its seccomp filters and
+//! `--jail`). Run it through `bench/vmm-boot.sh`.
 
 use std::time::Duration;
 
@@ -40,12 +42,13 @@ fn main() -> anyhow::Result<()> {
     let script = format!(
         r#"
 common="--marker {MARKER} --guest-mem-mib {MEM_MIB} --runs 1"
-husk() {{ {b} --name husk $common -- {v} --kernel {k} --initramfs {i} --memory {MEM_MIB} --cmdline "{cmdline}"; }}
+husk() {{ {b} --name husk $common -- {v} --no-seccomp --kernel {k} --initramfs {i} --memory {MEM_MIB} --cmdline "{cmdline}"; }}
+huskc() {{ j=$(mktemp -d); {b} --name husk-confined $common -- {v} --jail $j --kernel {k} --initramfs {i} --memory {MEM_MIB} --cmdline "{cmdline}"; rmdir $j; }}
 qemu() {{ {b} --name qemu $common -- qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off,pit=off,pic=off,isa-serial=on \
     -enable-kvm -cpu host -m {MEM_MIB} -smp 1 -nodefaults -no-user-config -nographic -no-reboot \
     -serial stdio -device virtio-rng-device -kernel {k} -initrd {i} -append "{cmdline}"; }}
-husk >/dev/null; qemu >/dev/null   # warm caches
-for r in $(seq {runs}); do husk; qemu; done
+husk >/dev/null; huskc >/dev/null; qemu >/dev/null   # warm caches
+for r in $(seq {runs}); do husk; huskc; qemu; done
 "#
     );
     let job = Job::new(script)
@@ -60,6 +63,7 @@ for r in $(seq {runs}); do husk; qemu; done
         anyhow::bail!("benchmark script failed ({}):\n{}\n{}", out.exit_code, out.output, out.console);
     }
     let mut husk = Vec::new();
+    let mut confined = Vec::new();
     let mut qemu = Vec::new();
     for line in out.output.lines().filter(|l| l.starts_with('{')) {
         let j: serde_json::Value = serde_json::from_str(line)?;
@@ -72,11 +76,12 @@ for r in $(seq {runs}); do husk; qemu; done
         };
         match j["vmm"].as_str() {
             Some("husk") => husk.push(r),
+            Some("husk-confined") => confined.push(r),
             Some("qemu") => qemu.push(r),
             _ => {}
         }
     }
-    for (name, rs) in [("husk-vmm", &husk), ("qemu microvm", &qemu)] {
+    for (name, rs) in [("husk-vmm", &husk), ("husk-vmm confined", &confined), ("qemu microvm", &qemu)] {
         if rs.is_empty() || rs.iter().any(|r| r.exit != 0 || r.marker_ms.is_nan()) {
             anyhow::bail!("{name}: some runs failed: {rs:?}\n{}", out.output);
         }
@@ -91,6 +96,7 @@ for r in $(seq {runs}); do husk; qemu; done
     };
     let (ht, hpeak, hover, hguest) = summary(&husk);
     let (qt, qpeak, qover, qguest) = summary(&qemu);
+    let (ct, cpeak, cover, cguest) = summary(&confined);
     let where_ = match out.l1 {
         Some(_) => "inside the nested test host (L2 under QEMU TCG; ~10x slower than native)",
         None => "directly on this host's KVM",
@@ -100,11 +106,17 @@ for r in $(seq {runs}); do husk; qemu; done
         "{:<14} {:>16} {:>14} {:>20} {:>18}",
         "", "time-to-marker", "peak RSS", "VMM overhead RSS", "guest touched"
     );
-    for (n, t, p, o, g) in
-        [("husk-vmm", ht, hpeak, hover, hguest), ("qemu microvm", qt, qpeak, qover, qguest)]
-    {
+    for (n, t, p, o, g) in [
+        ("husk-vmm", ht, hpeak, hover, hguest),
+        ("  confined", ct, cpeak, cover, cguest),
+        ("qemu microvm", qt, qpeak, qover, qguest),
+    ] {
         println!("{n:<14} {t:>13.1} ms {p:>10.1} MiB {o:>16.1} MiB {g:>14.1} MiB");
     }
+    println!(
+        "ratio time-to-marker confined/unconfined husk-vmm: {:.3} (target <= 1.05; seccomp filters + jail)",
+        ct / ht
+    );
     println!("ratio time-to-marker qemu/husk: {:.2}x (>1 means husk-vmm boots faster)", qt / ht);
     println!(
         "ratio VMM overhead RSS qemu/husk: {:.2}x; husk-vmm overhead {hover:.1} MiB (target <= 4 MiB)",

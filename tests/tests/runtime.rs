@@ -52,7 +52,27 @@ leftovers() {
     for d in /run/husk /run/husk-oci /run/containerd/runc/default /run/husk/containerd/default; do
         find $d/containers $d/sandboxes $d/runs -mindepth 1 2>/dev/null | grep -q . && { echo "@@LEFT-STATE $1 $d"; find $d | head; }
     done
+    find /sys/fs/cgroup/husk -mindepth 1 -maxdepth 1 -type d 2>/dev/null | grep -q . && { echo "@@LEFT-CGROUP $1"; ls /sys/fs/cgroup/husk; }
     echo "@@CLEAN-CHECKED $1"
+}
+# confined PID: how the VMM with that pid is confined, as @@CF- lines.
+confined() {
+    for t in /proc/$1/task/*; do
+        c=$(cat $t/comm)
+        # KVM's own kernel worker threads are listed with the process but run no user code.
+        case $c in kvm-*) continue;; esac
+        grep -q '^Seccomp:[[:space:]]*2' $t/status || echo "@@CF-NO-SECCOMP $c"
+        grep -q '^NoNewPrivs:[[:space:]]*1' $t/status || echo "@@CF-NO-NNP $c"
+        echo "@@CF-THREAD $c $(grep CapEff $t/status | tr -d '\t ')"
+    done
+    echo "@@CF-ROOT $(ls /proc/$1/root | tr '\n' ' ')"
+    for ns in pid mnt ipc uts; do
+        [ "$(readlink /proc/$1/ns/$ns)" = "$(readlink /proc/self/ns/$ns)" ] && echo "@@CF-SAME-NS $ns"
+    done
+    cg=$(cut -d: -f3 /proc/$1/cgroup)
+    echo "@@CF-CGROUP $cg mem=$(cat /sys/fs/cgroup$cg/memory.max) pids=$(cat /sys/fs/cgroup$cg/pids.max) procs=$(cat /sys/fs/cgroup$cg/cgroup.procs | tr '\n' ' ')"
+    echo "@@CF-NOFILE $(grep 'Max open files' /proc/$1/limits | awk '{print $4}')"
+    echo "@@CF-FDS $(ls /proc/$1/fd | wc -l)"
 }
 mk_rootfs /var/bb
 # `husk run` here is on no network (no CNI plugins in this test host): tests/network.rs has that.
@@ -83,6 +103,9 @@ $H run --net none --image /var/img:bb; echo "@@IMAGE-RC $?"
 $H run --net none --image /var/img:nope -- true 2>&1; echo "@@IMAGE-BADTAG-RC $?"
 echo "--- tty"
 timeout 300 script -qec "stty rows 33 cols 111; $H run --net none -it --rootfs /var/bb -- sh -c 'tty; stty size; exit 5'" /dev/null; echo "@@TTY-RC $?"
+echo "--- seccomp"
+# A VMM that makes a syscall outside its filter dies by SIGSYS, and husk says so.
+HUSK_VMM_SECCOMP_SELFTEST=1 $H run --net none --rootfs /var/bb -- true 2>&1; echo "@@SECCOMP-KILL-RC $?"
 echo "--- missing pieces"
 HUSK_KERNEL=/nonexistent $H run --net none --rootfs /var/bb -- true; echo "@@NOKERNEL-RC $?"
 $H run --net none --rootfs /nonexistent -- true; echo "@@NOROOTFS-RC $?"
@@ -99,6 +122,9 @@ $H --root $R start c1; echo "@@START2-RC $?"
 until_ok 60 grep -q c1-out /var/c1.out && echo "@@STDOUT-RELAYED"
 until_ok 10 grep -q c1-err /var/c1.err && echo "@@STDERR-RELAYED"
 $H --root $R state c1 | grep -q '"status": "running"' && echo "@@STATE-RUNNING"
+vmm=$(sed -n 's/.*"vmm_pid": *\([0-9]*\).*/\1/p' $R/sandboxes/c1/sandbox.json)
+confined $vmm
+cfcg=$(cut -d: -f3 /proc/$vmm/cgroup)
 $H --root $R list | grep -q '^c1 .*running' && echo "@@LIST-RUNNING"
 $H --root $R ps --format json c1 | grep -q '^\[[0-9]' && echo "@@PS-JSON"
 $H --root $R ps c1 | grep -q 'sleep' && echo "@@PS-TABLE"
@@ -116,6 +142,7 @@ until_ok 30 sh -c "$H --root $R state c1 | grep -q '\"status\": \"stopped\"'" &&
 until_ok 10 sh -c "! kill -0 $(cat /var/c1.pid)" && echo "@@RELAY-EXITED"
 $H --root $R exec c1 true; echo "@@EXEC-STOPPED-RC $?"
 $H --root $R delete c1; echo "@@DELETE-RC $?"
+[ -n "$cfcg" ] && [ -e /sys/fs/cgroup$cfcg ] && echo "@@CF-CGROUP-LEFT $cfcg"
 $H --root $R state c1; echo "@@STATE-GONE-RC $?"
 echo "--- foreground run"
 bundle /var/b2 '["sh","-c","echo fg-out; exit 3"]'
@@ -324,6 +351,35 @@ fn expect(text: &str, needles: &[&str], part: &str) {
     }
 }
 
+/// The `confined` lines of the OCI part: every thread filtered and without privileges but the
+/// fs server's, root is the jail, namespaces and cgroup are the VMM's own, limits set.
+fn check_confinement(oci: &str) {
+    assert!(!oci.contains("@@CF-NO-"), "a thread is not confined:\n{oci}");
+    assert!(!oci.contains("@@CF-SAME-NS"), "the VMM shares a namespace with the host:\n{oci}");
+    assert!(!oci.contains("@@CF-CGROUP-LEFT"), "{oci}");
+    let threads: Vec<&str> = oci.lines().filter_map(|l| l.strip_prefix("@@CF-THREAD ")).collect();
+    for kind in ["husk-vmm", "vcpu0", "virtio-fs", "virtio-vsock", "virtio-rng"] {
+        assert!(threads.iter().any(|t| t.starts_with(kind)), "no {kind} thread in {threads:?}");
+    }
+    for t in &threads {
+        // Only the fs server keeps capabilities (chown, dac_*, fowner, fsetid, setuid/gid,
+        // mknod, setfcap: 0x880000df).
+        let want =
+            if t.starts_with("virtio-fs") { "CapEff:00000000880000df" } else { "CapEff:0000000000000000" };
+        assert!(t.ends_with(want), "{t}: expected {want}");
+    }
+    expect(oci, &["@@CF-ROOT shares vsock \n", "@@CF-NOFILE 65536"], "VMM jail");
+    let cg = oci.lines().find_map(|l| l.strip_prefix("@@CF-CGROUP ")).expect("cgroup line");
+    // 256 MiB of guest RAM plus the VMM's 256 MiB allowance; 160 + 1 vCPU pids.
+    assert!(cg.starts_with("/husk/c1 mem=536870912 pids=161 procs="), "{cg}");
+    let fds: usize = oci
+        .lines()
+        .find_map(|l| l.strip_prefix("@@CF-FDS "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("fd count");
+    assert!(fds < 200, "{fds} descriptors open in the VMM");
+}
+
 #[test]
 fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
     let kit = require!(RuntimeTestKit::find());
@@ -369,12 +425,20 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
         "husk run",
     );
     assert!(!run.contains("@@ROOTFS-CHANGED"), "husk run wrote into its rootfs:\n{run}");
+    // The seccomp self-test: the main thread's getppid (110) is outside its filter.
+    expect(
+        run,
+        &["killed by SIGSYS", &format!("the main thread made syscall {}", libc::SYS_getppid)],
+        "seccomp violation",
+    );
+    assert!(!run.contains("@@SECCOMP-KILL-RC 0"), "{run}");
     assert!(!run.contains("@@UMOCI-FAILED"), "{run}");
     for rc in ["@@IMAGE-BADTAG-RC 0", "@@NOKERNEL-RC 0", "@@NOROOTFS-RC 0"] {
         assert!(!run.contains(rc), "{rc} must fail:\n{run}");
     }
 
     let oci = section(o, "=== oci", Some("=== containerd"));
+    check_confinement(oci);
     expect(
         oci,
         &[

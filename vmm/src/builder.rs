@@ -48,6 +48,12 @@ pub enum BuildError {
     Queue(virtio_queue::Error),
     #[error("virtio-fs share {tag:?}: {source}")]
     FsShare { tag: String, source: std::io::Error },
+    #[error(transparent)]
+    Confine(#[from] crate::confine::ConfineError),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
+    #[error("device thread: {0}")]
+    Worker(#[source] crate::devices::virtio::ActivateError),
     #[error("virtio-net: {0}")]
     Tap(#[from] crate::devices::virtio::net::tap::TapError),
 }
@@ -79,8 +85,9 @@ impl VirtioPlacer {
         vm: &Vm,
         mem: &GuestMem,
         mmio: &mut Bus,
-        device: Box<dyn VirtioDevice>,
+        mut device: Box<dyn VirtioDevice>,
     ) -> Result<(), BuildError> {
+        device.start_threads().map_err(BuildError::Worker)?;
         let irq = VIRTIO_IRQ_START + self.next;
         if irq > IRQ_MAX {
             return Err(BuildError::OutOfIrqs);
@@ -107,6 +114,20 @@ impl VirtioPlacer {
 
 pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     cfg.validate()?;
+    crate::confine::enable(cfg.seccomp)?;
+    // The jail comes first: namespaces can only be entered while the VMM has one thread.
+    let (jail, jailed);
+    let cfg = match &cfg.jail {
+        Some(j) => {
+            let (built, c) = crate::jail::prepare(j, cfg)?;
+            (jail, jailed) = (Some(built), c);
+            &jailed
+        }
+        None => {
+            jail = None;
+            cfg
+        }
+    };
     // Images are loaded before KVM is touched so that bad input is reported as such on any host.
     let mem = create_guest_memory(cfg.memory_mib)?;
     let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
@@ -153,26 +174,42 @@ pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     )?;
     pio.insert(Arc::new(Mutex::new(PvPanic::new(exit.clone()))), pvpanic::PORT, pvpanic::PORT_LEN)?;
 
-    let mut placer = VirtioPlacer { next: 0, acpi: Vec::new() };
+    // Devices are made with the host's view (shares through their jail binds, taps); their
+    // threads start only once the VMM is in its jail.
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if cfg.rng {
-        placer.add(&vm, &mem, &mut mmio, Box::new(Rng::new()))?;
+        devices.push(Box::new(Rng::new()));
     }
     for share in &cfg.fs {
         let dev = crate::devices::virtio::fs::Fs::new(share)
             .map_err(|source| BuildError::FsShare { tag: share.tag.clone(), source })?;
-        placer.add(&vm, &mem, &mut mmio, Box::new(dev))?;
+        devices.push(Box::new(dev));
     }
     if let Some(v) = &cfg.vsock {
-        placer.add(&vm, &mem, &mut mmio, Box::new(Vsock::new(v.guest_cid, v.uds_path.clone())))?;
-        if let Some(f) = &cfg.loopback_forward {
-            crate::loopback_forward::start(f, v.uds_path.clone())
-                .map_err(|source| BuildError::Io { what: "loopback forward listener", source })?;
-        }
+        devices.push(Box::new(Vsock::new(v.guest_cid, v.uds_path.clone())));
     }
     for n in &cfg.net {
         let tap = crate::devices::virtio::net::tap::Tap::open(&n.tap)?;
         let mac = n.mac.map(|m| m.0).unwrap_or_else(random_mac);
-        placer.add(&vm, &mem, &mut mmio, Box::new(crate::devices::virtio::net::Net::new(tap, mac, n.mtu)))?;
+        devices.push(Box::new(crate::devices::virtio::net::Net::new(tap, mac, n.mtu)));
+    }
+    let listener = match (&cfg.vsock, &cfg.loopback_forward) {
+        (Some(_), Some(f)) => Some(
+            crate::loopback_forward::bind(f)
+                .map_err(|source| BuildError::Io { what: "loopback forward listener", source })?,
+        ),
+        _ => None,
+    };
+    if let Some(j) = jail {
+        j.enter()?;
+    }
+    let mut placer = VirtioPlacer { next: 0, acpi: Vec::new() };
+    for dev in devices {
+        placer.add(&vm, &mem, &mut mmio, dev)?;
+    }
+    if let (Some(l), Some(v)) = (listener, &cfg.vsock) {
+        crate::loopback_forward::start(l, v.uds_path.clone())
+            .map_err(|source| BuildError::Io { what: "loopback forward thread", source })?;
     }
 
     let cmdline = cfg.cmdline.clone();

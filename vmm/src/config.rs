@@ -45,6 +45,8 @@ pub enum ConfigError {
     VsockCid(u64),
     #[error("vsock socket {path}: {reason}")]
     VsockPath { path: PathBuf, reason: String },
+    #[error("jail root {path}: {reason}")]
+    Jail { path: PathBuf, reason: String },
     #[error("loopback_forward needs a vsock device and a listen_port other than 0")]
     LoopbackForward,
     #[error("net {spec:?}: {reason} (expected tap=NAME[,mac=MAC][,mtu=N])")]
@@ -381,6 +383,31 @@ pub struct VmConfig {
     /// TCP connections to this namespace's loopback carried to the guest's (needs `vsock`).
     #[serde(default)]
     pub loopback_forward: Option<LoopbackForward>,
+    /// Confine the VMM process: its own mount, IPC and UTS namespaces with a root of its own.
+    #[serde(default)]
+    pub jail: Option<JailConfig>,
+    /// What the per-thread seccomp filters do with a syscall outside them.
+    #[serde(default)]
+    pub seccomp: crate::confine::SeccompMode,
+}
+
+/// The VMM's jail: a root holding only its shares and its vsock socket directory (see `jail`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailConfig {
+    /// An empty directory; the VMM mounts a small tmpfs on it and pivots into it.
+    pub root: PathBuf,
+    /// RLIMIT_NOFILE for the VMM (lowered to the hard limit it inherits if above it).
+    #[serde(default = "default_nofile")]
+    pub nofile: u64,
+}
+
+/// Share inodes and open files (capped in `fs::limits`), vsock connections (1024) and a few
+/// dozen of the VMM's own.
+pub const DEFAULT_JAIL_NOFILE: u64 = 65_536;
+
+fn default_nofile() -> u64 {
+    DEFAULT_JAIL_NOFILE
 }
 
 /// husk-vmm listens on `127.0.0.1:<listen_port>` of its network namespace (the pod's) and
@@ -407,6 +434,8 @@ impl VmConfig {
             vsock: None,
             net: Vec::new(),
             loopback_forward: None,
+            jail: None,
+            seccomp: Default::default(),
         }
     }
 
@@ -457,6 +486,19 @@ impl VmConfig {
         if let Some(f) = &self.loopback_forward {
             if self.vsock.is_none() || f.listen_port == 0 {
                 return Err(ConfigError::LoopbackForward);
+            }
+        }
+        if let Some(j) = &self.jail {
+            let err = |reason: &str| ConfigError::Jail { path: j.root.clone(), reason: reason.into() };
+            if !j.root.is_absolute() {
+                return Err(err("must be an absolute path"));
+            }
+            let mut entries = std::fs::read_dir(&j.root).map_err(|e| err(&e.to_string()))?;
+            if entries.next().is_some() {
+                return Err(err("is not empty"));
+            }
+            if j.nofile < 64 {
+                return Err(err("nofile below 64"));
             }
         }
         Ok(())

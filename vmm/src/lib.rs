@@ -7,8 +7,10 @@
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod confine;
 pub mod devices;
 pub mod exit;
+pub mod jail;
 pub mod loopback_forward;
 pub mod memory;
 pub mod vmm;

@@ -33,11 +33,34 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h): the destination before NAT.
 const SO_ORIGINAL_DST: libc::c_int = 80;
 
-/// Binds the listener (so a taken port is a setup error) and serves it on a thread of its own.
-pub fn start(cfg: &LoopbackForward, vsock_uds: PathBuf) -> io::Result<()> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, cfg.listen_port))?;
-    let guest_port = cfg.guest_port;
+/// The bound listener (a taken port is a set-up error) and where connections go in the guest.
+#[derive(Debug)]
+pub struct Listener {
+    tcp: TcpListener,
+    guest_port: u32,
+}
+
+/// Binds the listener; [`start`] serves it.
+pub fn bind(cfg: &LoopbackForward) -> io::Result<Listener> {
+    Ok(Listener {
+        tcp: TcpListener::bind((Ipv4Addr::LOCALHOST, cfg.listen_port))?,
+        guest_port: cfg.guest_port,
+    })
+}
+
+/// Serves the listener on a thread of its own, confined before it accepts anything; its
+/// connection threads inherit that confinement.
+pub fn start(listener: Listener, vsock_uds: PathBuf) -> io::Result<()> {
+    let Listener { tcp: listener, guest_port } = listener;
+    let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new().name("husk-loopback-fwd".into()).spawn(move || {
+        let confined = crate::confine::confine_thread(crate::confine::ThreadKind::LoopbackForward)
+            .map_err(|e| io::Error::other(e.to_string()));
+        let ok = confined.is_ok();
+        let _ = ready_tx.send(confined);
+        if !ok {
+            return;
+        }
         let active = Arc::new(AtomicUsize::new(0));
         for conn in listener.incoming() {
             let conn = match conn {
@@ -65,7 +88,7 @@ pub fn start(cfg: &LoopbackForward, vsock_uds: PathBuf) -> io::Result<()> {
             }
         }
     })?;
-    Ok(())
+    ready.recv().map_err(|_| io::Error::other("the forwarder thread died starting"))?
 }
 
 /// The port the client dialled: the destination before the REDIRECT, or the listener's own
@@ -176,7 +199,8 @@ mod tests {
         // A free port for the listener (no REDIRECT here: the original port is its own).
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
         let agent = fake_agent(&uds, port);
-        start(&LoopbackForward { listen_port: port, guest_port: 1025 }, uds.clone()).expect("start");
+        let l = bind(&LoopbackForward { listen_port: port, guest_port: 1025 }).expect("bind");
+        start(l, uds.clone()).expect("start");
         let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         c.write_all(b"ping over the pod's loopback").expect("write");
         c.shutdown(Shutdown::Write).expect("shutdown");

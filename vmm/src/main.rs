@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use husk_vmm::config::{SerialConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB};
+use husk_vmm::config::{
+    JailConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_JAIL_NOFILE, DEFAULT_MEMORY_MIB,
+};
+use husk_vmm::confine::SeccompMode;
 use husk_vmm::{build_vmm, ExitReason};
 
 const EXIT_SETUP_FAILED: u8 = 1;
@@ -22,7 +25,7 @@ const EXIT_SETUP_FAILED: u8 = 1;
 )]
 struct Cli {
     /// JSON VM config (same field names as the flags below); excludes the other flags.
-    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "vcpus", "serial", "no_rng", "vsock", "fs", "net"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "memory", "vcpus", "serial", "no_rng", "vsock", "fs", "net", "jail"])]
     config: Option<PathBuf>,
     /// Guest kernel: ELF vmlinux with a PVH entry, or bzImage.
     #[arg(long, required_unless_present = "config")]
@@ -56,11 +59,37 @@ struct Cli {
     /// when no such interface exists).
     #[arg(long, value_name = "tap=NAME[,mac=MAC][,mtu=N]")]
     net: Vec<String>,
+    /// Confine the VMM in its own mount, IPC and UTS namespaces with this empty directory as
+    /// its root (holding only the shares and the vsock socket's directory).
+    #[arg(long, value_name = "DIR")]
+    jail: Option<PathBuf>,
+    /// What the per-thread seccomp filters do with a syscall outside them: enforce (SIGSYS,
+    /// the VMM stops), log (kernel audit log only) or off.
+    #[arg(long, value_name = "MODE", default_value = "enforce", value_parser = parse_seccomp)]
+    seccomp: SeccompMode,
+    /// Same as `--seccomp off`: for debugging only.
+    #[arg(long, conflicts_with = "seccomp")]
+    no_seccomp: bool,
+}
+
+fn parse_seccomp(s: &str) -> Result<SeccompMode, String> {
+    match s {
+        "enforce" => Ok(SeccompMode::Enforce),
+        "log" => Ok(SeccompMode::Log),
+        "off" => Ok(SeccompMode::Off),
+        _ => Err(format!("{s:?}: expected enforce, log or off")),
+    }
 }
 
 fn config_from(cli: Cli) -> anyhow::Result<VmConfig> {
+    let seccomp = if cli.no_seccomp { SeccompMode::Off } else { cli.seccomp };
     if let Some(path) = cli.config {
-        return Ok(VmConfig::from_json_file(&path)?);
+        let mut cfg = VmConfig::from_json_file(&path)?;
+        // The flags win over the file only when given (they default to enforce).
+        if seccomp != SeccompMode::Enforce {
+            cfg.seccomp = seccomp;
+        }
+        return Ok(cfg);
     }
     let kernel = cli.kernel.ok_or_else(|| anyhow::anyhow!("--kernel or --config is required"))?;
     Ok(VmConfig {
@@ -75,6 +104,8 @@ fn config_from(cli: Cli) -> anyhow::Result<VmConfig> {
         fs: cli.fs.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
         net: cli.net.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
         loopback_forward: None,
+        jail: cli.jail.map(|root| JailConfig { root, nofile: DEFAULT_JAIL_NOFILE }),
+        seccomp,
     })
 }
 

@@ -12,7 +12,7 @@ use crate::devices::legacy::SerialConsole;
 use crate::devices::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::memory::GuestMem;
-use crate::vstate::{Vcpu, VcpuHandle, Vm};
+use crate::vstate::{StartGate, Vcpu, VcpuHandle, Vm};
 
 const TOKEN_EXIT: u64 = 0;
 const TOKEN_STDIN: u64 = 1;
@@ -77,15 +77,27 @@ impl Vmm {
     /// Runs the guest until it powers off, panics, resets or fails.
     pub fn run(mut self) -> ExitReason {
         let mut handles: Vec<VcpuHandle> = Vec::new();
+        let gate = Arc::new(StartGate::default());
+        let mut started = true;
         for vcpu in self.vcpus.drain(..) {
             let stop = Arc::new(AtomicBool::new(false));
-            match vcpu.start(self.pio.clone(), self.mmio.clone(), self.exit.clone(), stop) {
+            match vcpu.start(self.pio.clone(), self.mmio.clone(), self.exit.clone(), stop, gate.clone()) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     self.exit.notify(ExitReason::VcpuError(e.to_string()));
+                    started = false;
                     break;
                 }
             }
+        }
+        // The main thread is the last to confine itself; the guest starts after that.
+        if let Err(e) = crate::confine::confine_thread(crate::confine::ThreadKind::Main) {
+            self.exit.notify(ExitReason::VcpuError(e.to_string()));
+            started = false;
+        }
+        gate.open(started);
+        if started && std::env::var_os("HUSK_VMM_SECCOMP_SELFTEST").is_some() {
+            crate::confine::forbidden_syscall();
         }
         let reason = match self.event_loop() {
             Ok(r) => r,

@@ -5,7 +5,7 @@
 //! lays them out, then `/usr/lib/husk`), the JSON file named by `HUSK_CONFIG` (default
 //! `/etc/husk/config.json`, optional), then `HUSK_VMM`, `HUSK_KERNEL`, `HUSK_INITRAMFS`,
 //! `HUSK_VM_MEMORY_MIB`, `HUSK_VM_VCPUS`, `HUSK_BOOT_TIMEOUT_SECS`, `HUSK_CNI_CONF_DIR`,
-//! `HUSK_IMAGE_ROOT`.
+//! `HUSK_IMAGE_ROOT`, `HUSK_VMM_JAIL`, `HUSK_VMM_SECCOMP`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,6 +41,26 @@ pub struct Config {
     pub cni_bin_dirs: Vec<PathBuf>,
     /// Images: where they are stored, which registries to reach how, unpacking caps.
     pub images: ImagesConfig,
+    /// How each sandbox's VMM is confined.
+    pub confinement: ConfinementConfig,
+}
+
+/// The config file's `confinement` section; env `HUSK_VMM_JAIL=0` and
+/// `HUSK_VMM_SECCOMP=enforce|log|off` override it. Turning anything off is for debugging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfinementConfig {
+    /// The VMM in its own PID, mount, IPC and UTS namespaces, pivoted into a jail, in a cgroup
+    /// of its own with memory and pids limits.
+    pub jail: bool,
+    /// The per-thread seccomp filters' action.
+    pub seccomp: husk_vmm::confine::SeccompMode,
+}
+
+impl Default for ConfinementConfig {
+    fn default() -> Self {
+        Self { jail: true, seccomp: husk_vmm::confine::SeccompMode::Enforce }
+    }
 }
 
 /// The config file's `images` section (husk-image's settings, kept as plain data here).
@@ -91,6 +111,7 @@ struct FileConfig {
     cni_conf_dir: Option<PathBuf>,
     cni_bin_dirs: Option<Vec<PathBuf>>,
     images: Option<ImagesConfig>,
+    confinement: Option<ConfinementConfig>,
 }
 
 /// Smallest sandbox VM the runtime makes (the VMM's own floor is lower; the agent needs this).
@@ -144,7 +165,27 @@ impl Config {
             cni_conf_dir: env("HUSK_CNI_CONF_DIR").map(PathBuf::from),
             cni_bin_dirs: None,
             images: None,
+            confinement: None,
         });
+        if let Some(v) = env("HUSK_VMM_JAIL") {
+            c.confinement.jail = match v.as_str() {
+                "1" | "true" => true,
+                "0" | "false" => false,
+                _ => {
+                    return Err(RuntimeError::InvalidArgument(format!(
+                        "HUSK_VMM_JAIL={v:?}: expected 0 or 1"
+                    )))
+                }
+            };
+        }
+        if let Some(v) = env("HUSK_VMM_SECCOMP") {
+            c.confinement.seccomp =
+                serde_json::from_value(serde_json::Value::String(v.clone())).map_err(|_| {
+                    RuntimeError::InvalidArgument(format!(
+                        "HUSK_VMM_SECCOMP={v:?}: expected enforce, log or off"
+                    ))
+                })?;
+        }
         if let Some(root) = env("HUSK_IMAGE_ROOT") {
             c.images.root = PathBuf::from(root);
         }
@@ -174,10 +215,14 @@ impl Config {
             cni_conf_dir: PathBuf::from(DEFAULT_CNI_CONF_DIR),
             cni_bin_dirs: DEFAULT_CNI_BIN_DIRS.iter().map(PathBuf::from).collect(),
             images: ImagesConfig::default(),
+            confinement: ConfinementConfig::default(),
         }
     }
 
     fn apply(&mut self, f: FileConfig) {
+        if let Some(v) = f.confinement {
+            self.confinement = v;
+        }
         if let Some(v) = f.vmm {
             self.vmm = v;
         }

@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod cni;
 pub mod config;
 pub mod error;
+pub mod fault;
 pub mod hooks;
 pub mod lifecycle;
 pub mod mounts;

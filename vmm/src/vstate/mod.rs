@@ -3,5 +3,5 @@
 pub mod vcpu;
 pub mod vm;
 
-pub use vcpu::{Vcpu, VcpuError, VcpuHandle};
+pub use vcpu::{StartGate, Vcpu, VcpuError, VcpuHandle};
 pub use vm::{Vm, VmError};

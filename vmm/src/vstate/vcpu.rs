@@ -74,6 +74,7 @@ impl Vcpu {
         mmio: Arc<Bus>,
         exit: Arc<ExitNotifier>,
         stop: Arc<AtomicBool>,
+        gate: Arc<StartGate>,
     ) -> Result<VcpuHandle, VcpuError> {
         // SAFETY: the handler does nothing; it exists only so the signal interrupts KVM_RUN.
         register_signal_handler(kick_signal(), noop_handler).map_err(|e| VcpuError::Spawn(e.into()))?;
@@ -82,7 +83,17 @@ impl Vcpu {
             .name(format!("vcpu{index}"))
             .spawn({
                 let stop = stop.clone();
-                move || self.run_loop(&pio, &mmio, &exit, &stop)
+                move || {
+                    // Confined before its first KVM_RUN; run only once every thread is.
+                    let confined = crate::confine::confine_thread(crate::confine::ThreadKind::Vcpu);
+                    if !gate.wait() {
+                        return;
+                    }
+                    match confined {
+                        Ok(()) => self.run_loop(&pio, &mmio, &exit, &stop),
+                        Err(e) => exit.notify(ExitReason::VcpuError(format!("vCPU {index}: {e}"))),
+                    }
+                }
             })
             .map_err(VcpuError::Spawn)?;
         Ok(VcpuHandle { thread: Some(thread), stop })
@@ -155,6 +166,32 @@ impl Vcpu {
             Err(e) => return Err(format!("KVM_RUN: {e}")),
         }
         Ok(None)
+    }
+}
+
+/// Holds vCPU threads back until the rest of the VMM is confined: the guest's first
+/// instruction runs only then.
+#[derive(Debug, Default)]
+pub struct StartGate {
+    state: std::sync::Mutex<Option<bool>>,
+    cv: std::sync::Condvar,
+}
+
+impl StartGate {
+    /// Lets the vCPUs run (`true`) or makes them return without running (`false`).
+    pub fn open(&self, run: bool) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(run);
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(run) = *s {
+                return run;
+            }
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 

@@ -3,18 +3,19 @@
 //! path works and every limit is husk-vmm's; its agent is reached through the VMM's hybrid
 //! vsock socket.
 
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use husk_proto as pb;
 use husk_vmm::config::{
-    FsCache, FsShareConfig, LoopbackForward, MacAddr, NetConfig, SerialConfig, VmConfig, VsockConfig,
+    FsCache, FsShareConfig, JailConfig, LoopbackForward, MacAddr, NetConfig, SerialConfig, VmConfig,
+    VsockConfig, DEFAULT_JAIL_NOFILE,
 };
 
-use super::{Booted, Calls, VmProcess, VmShape, Vms};
+use super::spawn::{spawn, Spawn};
+use super::{cgroup, Booted, Calls, VmExit, VmProcess, VmShape, Vms};
 use crate::agent::{Agent, GrpcAgent};
 use crate::config::Config;
 use crate::error::RuntimeError;
@@ -41,6 +42,8 @@ pub struct HuskVmm {
 
 /// husk-vmm's description of a sandbox VM whose vsock socket husk-vmm reaches as `vsock_arg`.
 fn vm_config(cfg: &Config, dir: &Path, shape: &VmShape, vsock_arg: &Path) -> VmConfig {
+    let jail =
+        cfg.confinement.jail.then(|| JailConfig { root: dir.join("jail"), nofile: DEFAULT_JAIL_NOFILE });
     let mut fs = vec![FsShareConfig {
         tag: SHARE_TAG.into(),
         path: dir.join("shared"),
@@ -81,7 +84,38 @@ fn vm_config(cfg: &Config, dir: &Path, shape: &VmShape, vsock_arg: &Path) -> VmC
             .as_ref()
             .and_then(|w| w.loopback_forward)
             .map(|listen_port| LoopbackForward { listen_port, guest_port: husk_proto::STDIO_PORT }),
+        jail,
+        seccomp: cfg.confinement.seccomp,
     }
+}
+
+/// The sandbox directory of a record: its vsock socket lives in `<dir>/vsock/`.
+fn sandbox_dir_of(rec: &SandboxRecord) -> Option<PathBuf> {
+    let parent = rec.vsock.parent()?;
+    if parent.file_name() == Some(OsStr::new("vsock")) {
+        parent.parent().map(Path::to_path_buf)
+    } else {
+        Some(parent.to_path_buf())
+    }
+}
+
+/// Why a VMM ended other than by the guest powering off, in words, with its last log line
+/// that says so (the seccomp report names the thread and the syscall).
+pub fn death_report(exit: VmExit, log: &str) -> Option<String> {
+    let last = log.lines().rev().find(|l| l.starts_with("husk-vmm:")).map(str::trim);
+    let what = match exit {
+        VmExit::Code(0) => return None,
+        VmExit::Signal(libc::SIGSYS) => "killed by SIGSYS (a syscall outside its seccomp filter)".to_string(),
+        VmExit::Signal(libc::SIGKILL) => {
+            "killed by SIGKILL (by husk, or the kernel out of memory)".to_string()
+        }
+        VmExit::Signal(n) => format!("killed by signal {n}"),
+        VmExit::Code(n) => format!("exited with status {n}"),
+    };
+    Some(match last {
+        Some(l) => format!("husk-vmm {what}: {l}"),
+        None => format!("husk-vmm {what}"),
+    })
 }
 
 impl HuskVmm {
@@ -100,13 +134,13 @@ impl HuskVmm {
                 c = &mut connect => break c?,
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {
                     // A caller that reaps every child (a shim) leaves `exited` nothing to see.
-                    if process.exited() || !procinfo::alive(record.vmm_pid, record.vmm_start) {
-                        let tail = std::fs::read_to_string(log).unwrap_or_default();
-                        let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                        return Err(RuntimeError::Vm(format!(
-                            "husk-vmm exited before its agent answered: {}",
-                            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-                        )));
+                    let exit = process.try_wait();
+                    if exit.is_some() || !procinfo::alive(record.vmm_pid, record.vmm_start) {
+                        let text = std::fs::read_to_string(log).unwrap_or_default();
+                        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+                        let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+                        let how = exit.and_then(|e| death_report(e, "")).unwrap_or_else(|| "husk-vmm exited".into());
+                        return Err(RuntimeError::Vm(format!("{how} before its agent answered: {tail}")));
                     }
                 }
             }
@@ -127,6 +161,7 @@ impl HuskVmm {
                 routes,
             })
             .await?;
+        crate::fault::point("agent-connected");
         Ok(agent)
     }
 }
@@ -146,8 +181,22 @@ impl Vms for HuskVmm {
         let shared = share::shared_dir(state, sid);
         std::fs::create_dir_all(&shared)
             .map_err(RuntimeError::io(format!("creating {}", shared.display())))?;
-        let vsock = dir.join("vsock.sock");
+        // The socket gets a directory of its own: that directory is all of the state dir the
+        // jailed VMM sees.
+        let vsock_dir = dir.join("vsock");
+        std::fs::create_dir_all(&vsock_dir)
+            .map_err(RuntimeError::io(format!("creating {}", vsock_dir.display())))?;
+        let vsock = vsock_dir.join("vsock.sock");
         let _ = std::fs::remove_file(&vsock);
+        let confined = cfg.confinement.jail;
+        if confined {
+            let jail = dir.join("jail");
+            let _ = std::fs::remove_dir(&jail);
+            std::fs::create_dir(&jail).map_err(RuntimeError::io(format!("creating {}", jail.display())))?;
+            // Mounts made under the share later (container root filesystems) must reach the
+            // VMM's own mount namespace.
+            share::make_propagating(&shared)?;
+        }
         let log_path = dir.join("vmm.log");
         let log = std::fs::File::create(&log_path)
             .map_err(RuntimeError::io(format!("creating {}", log_path.display())))?;
@@ -157,7 +206,6 @@ impl Vms for HuskVmm {
         // directory, inherited as this fd.
         let (vsock_arg, vsock_dir) = uds::inherited_path(&vsock, VSOCK_DIR_FD)
             .map_err(RuntimeError::io(format!("vsock socket {}", vsock.display())))?;
-        let vsock_dir_fd = vsock_dir.as_ref().map(|d| d.as_raw_fd());
         let config_path = dir.join("vm.json");
         let json = serde_json::to_vec_pretty(&vm_config(cfg, &dir, shape, &vsock_arg))
             .map_err(|e| RuntimeError::Internal(format!("encoding the VM config: {e}")))?;
@@ -172,41 +220,33 @@ impl Vms for HuskVmm {
             ),
             None => None,
         };
-        let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
-        let mut cmd = Command::new(&cfg.vmm);
-        cmd.arg("--config").arg(&config_path);
-        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
-        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // functions (setsid, close_range, fcntl, dup2); it allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Its own session: a caller's Ctrl-C or hang-up must not take the sandbox down.
-                libc::setsid();
-                if let Some(fd) = netns_fd {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                procinfo::cloexec_from_3();
-                if let Some(fd) = vsock_dir_fd {
-                    let ok = if fd == VSOCK_DIR_FD {
-                        libc::fcntl(fd, libc::F_SETFD, 0) == 0
-                    } else {
-                        libc::dup2(fd, VSOCK_DIR_FD) == VSOCK_DIR_FD
-                    };
-                    if !ok {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let spawned = cmd.spawn();
-        drop(vsock_dir);
-        drop(netns);
-        let child = spawned.map_err(RuntimeError::io(format!("starting {}", cfg.vmm.display())))?;
-        let pid = child.id() as i32;
-        let mut process = VmProcess::new(child);
+        // Its own PID namespace and, from its first instruction, its sandbox's cgroup.
+        let cgroup = if confined {
+            Some(cgroup::create(sid, shape.memory_mib.into(), shape.vcpus).map_err(RuntimeError::io(
+                format!("creating the VMM cgroup {}", cgroup::path(sid).display()),
+            ))?)
+        } else {
+            None
+        };
+        let spawned = spawn(Spawn {
+            program: &cfg.vmm,
+            args: vec![OsStr::new("--config"), config_path.as_os_str()],
+            stdout: OwnedFd::from(log),
+            stderr: OwnedFd::from(log2),
+            netns: netns.map(OwnedFd::from),
+            fd3: vsock_dir,
+            cgroup,
+            new_pid_ns: confined,
+        });
+        let pid = match spawned {
+            Ok(pid) => pid,
+            Err(e) => {
+                cgroup::remove(sid);
+                return Err(RuntimeError::io(format!("starting {}", cfg.vmm.display()))(e));
+            }
+        };
+        crate::fault::point("vmm-booting");
+        let mut process = VmProcess::new(pid);
         let record = SandboxRecord {
             id: sid.to_string(),
             vmm_pid: pid,
@@ -222,6 +262,7 @@ impl Vms for HuskVmm {
             Err(e) => {
                 process.kill();
                 process.reap().await;
+                cgroup::remove(sid);
                 Err(e)
             }
         }
@@ -244,7 +285,8 @@ impl Vms for HuskVmm {
     }
 
     async fn power_off(&self, rec: &SandboxRecord, mut process: VmProcess) {
-        if self.alive(rec) {
+        let was_alive = self.alive(rec);
+        if was_alive {
             match GrpcAgent::connect(&rec.vsock, Duration::from_secs(5), Some(RPC_TIMEOUT)).await {
                 Ok(c) => {
                     if let Err(e) = c.destroy_sandbox().await {
@@ -261,7 +303,23 @@ impl Vms for HuskVmm {
                 tracing::warn!("sandbox {}: husk-vmm did not exit after power-off; killed", rec.id);
             }
         }
-        process.reap().await;
+        let exit = process.reap().await;
+        // A VMM that died on its own (or one whose end we saw) is reported with its reason.
+        if !was_alive || matches!(exit, Some(VmExit::Signal(libc::SIGSYS))) {
+            let log = sandbox_dir_of(rec)
+                .and_then(|d| std::fs::read_to_string(d.join("vmm.log")).ok())
+                .unwrap_or_default();
+            // Not our child (a later `delete`): its log still says what happened.
+            let why = match exit {
+                Some(e) => death_report(e, &log),
+                None => log.lines().rev().find(|l| l.starts_with("husk-vmm:")).map(|l| l.trim().to_string()),
+            };
+            if let Some(why) = why {
+                tracing::warn!("sandbox {}: the VM had stopped: {why}", rec.id);
+            }
+        }
+        let id = rec.id.clone();
+        let _ = tokio::task::spawn_blocking(move || cgroup::remove(&id)).await;
         if let Some(w) = rec.network.clone() {
             let _ = tokio::task::spawn_blocking(move || crate::network::unwire(&w)).await;
         }

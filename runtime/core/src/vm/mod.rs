@@ -1,11 +1,12 @@
 //! Sandbox VMs behind a trait: the lifecycle boots, reaches and destroys them through [`Vms`],
 //! which is husk-vmm processes ([`husk_vmm::HuskVmm`]) in use and a fake in unit tests.
 
+pub mod cgroup;
 pub mod husk_vmm;
+pub mod spawn;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::process::Child;
 
 use crate::agent::Agent;
 use crate::error::RuntimeError;
@@ -30,32 +31,86 @@ pub struct VmShape {
     pub network: Option<crate::network::Wired>,
 }
 
-/// The VMM process this process started, while it lives (so a long-lived caller such as
-/// `husk run` reaps it). Reaping happens off the async runtime threads.
+/// The VMM process this process started (a child, by pid), while it lives, so a long-lived
+/// caller such as `husk run` reaps it. Reaping happens off the async runtime threads.
 #[derive(Debug, Default)]
-pub struct VmProcess(Option<Child>);
+pub struct VmProcess {
+    pid: Option<i32>,
+    /// The wait status, once reaped.
+    status: Option<i32>,
+}
+
+/// How a VMM process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl VmExit {
+    fn from_status(status: i32) -> Self {
+        if libc::WIFSIGNALED(status) {
+            Self::Signal(libc::WTERMSIG(status))
+        } else {
+            Self::Code(libc::WEXITSTATUS(status))
+        }
+    }
+}
 
 impl VmProcess {
-    pub fn new(child: Child) -> Self {
-        Self(Some(child))
+    pub fn new(pid: i32) -> Self {
+        Self { pid: Some(pid), status: None }
+    }
+
+    /// How it ended, if it has (and is our child).
+    pub fn try_wait(&mut self) -> Option<VmExit> {
+        if let Some(s) = self.status {
+            return Some(VmExit::from_status(s));
+        }
+        let pid = self.pid?;
+        let mut status = 0;
+        // SAFETY: waitpid on our own child; WNOHANG never blocks.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        (r == pid).then(|| {
+            self.status = Some(status);
+            VmExit::from_status(status)
+        })
     }
 
     /// Whether it has exited (false when there is no child to ask).
     pub fn exited(&mut self) -> bool {
-        self.0.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+        self.try_wait().is_some()
     }
 
     pub fn kill(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
+        if let (Some(pid), None) = (self.pid, self.status) {
+            // SAFETY: the child is not reaped, so `pid` is still ours.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 
-    /// Waits for the child to exit, on a blocking thread.
-    pub async fn reap(self) {
-        if let Some(mut c) = self.0 {
-            let _ = tokio::task::spawn_blocking(move || c.wait()).await;
+    /// Waits for the child to exit, on a blocking thread; how it ended, if it was ours.
+    pub async fn reap(mut self) -> Option<VmExit> {
+        if let Some(e) = self.try_wait() {
+            return Some(e);
         }
+        let pid = self.pid?;
+        tokio::task::spawn_blocking(move || {
+            let mut status = 0;
+            loop {
+                // SAFETY: a blocking waitpid on our own child.
+                let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+                if r == pid {
+                    return Some(VmExit::from_status(status));
+                }
+                if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    return None;
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
     }
 }
 

@@ -1,12 +1,13 @@
 //! What a virtio device implements; the transport owns registers, queues and status.
 
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::VirtioInterrupt;
+use crate::confine::ThreadKind;
 use crate::memory::GuestMem;
 
 /// Everything a device needs to run once the driver sets DRIVER_OK.
@@ -41,6 +42,10 @@ pub trait VirtioDevice: Send {
     /// Most device configs are read-only; the default ignores writes.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Starts the device's worker thread ahead of the guest (see [`Worker`]).
+    fn start_threads(&mut self) -> Result<(), ActivateError> {
+        Ok(())
+    }
     /// Stops any worker and drops the queues; the transport then resets its own state.
     fn reset(&mut self);
 }
@@ -64,33 +69,140 @@ pub fn check_queue_count(ctx: &ActivateContext, needed: usize) -> Result<(), Act
     Ok(())
 }
 
-/// A device's queue-serving thread and the eventfd that tells it to stop. Dropping it stops
-/// and joins the thread, so a reset or a VMM exit never leaves a worker touching guest memory.
+type Job = Box<dyn FnOnce(EventFd) + Send>;
+
+/// A device's queue-serving thread. It is started (and confines itself) before the guest runs,
+/// because the vCPU thread that activates a device may not start threads under its seccomp
+/// filter; each activation hands it a job, and a reset stops that job through the kill
+/// eventfd. Dropping it stops and joins the thread, so a reset or a VMM exit never leaves a
+/// worker touching guest memory.
 #[derive(Debug)]
 pub struct Worker {
+    name: &'static str,
+    kind: ThreadKind,
+    thread: Option<WorkerThread>,
+    running: bool,
+}
+
+#[derive(Debug)]
+struct WorkerThread {
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::Receiver<()>,
     kill: EventFd,
-    handle: Option<JoinHandle<()>>,
+    handle: JoinHandle<()>,
 }
 
 impl Worker {
-    /// Runs `run` on a thread named `name`; `run` gets its copy of the kill eventfd and must
-    /// return soon after it becomes readable.
-    pub fn spawn(name: &str, run: impl FnOnce(EventFd) + Send + 'static) -> Result<Self, ActivateError> {
+    pub fn new(name: &'static str, kind: ThreadKind) -> Self {
+        Self { name, kind, thread: None, running: false }
+    }
+
+    /// Starts the thread, confined as its kind, and returns once it is. Idempotent.
+    pub fn start_thread(&mut self) -> Result<(), ActivateError> {
+        if self.thread.is_some() {
+            return Ok(());
+        }
         let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let worker_kill = kill.try_clone().map_err(ActivateError::Worker)?;
+        let (jobs, job_rx) = mpsc::channel::<Job>();
+        let (done_tx, done) = mpsc::channel();
+        let (ready_tx, ready) = mpsc::sync_channel(1);
+        let kind = self.kind;
         let handle = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || run(worker_kill))
+            .name(self.name.into())
+            .spawn(move || {
+                let confined = prepare_thread(kind).and_then(|()| {
+                    crate::confine::confine_thread(kind).map_err(|e| std::io::Error::other(e.to_string()))
+                });
+                let ok = confined.is_ok();
+                let _ = ready_tx.send(confined);
+                if !ok {
+                    return;
+                }
+                while let Ok(job) = job_rx.recv() {
+                    // A stop that came after the previous job had ended on its own.
+                    let _ = worker_kill.read();
+                    match worker_kill.try_clone() {
+                        Ok(k) => job(k),
+                        Err(e) => tracing::error!("device worker: {e}"),
+                    }
+                    let _ = done_tx.send(());
+                }
+            })
             .map_err(ActivateError::Worker)?;
-        Ok(Self { kill, handle: Some(handle) })
+        match ready.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                return Err(ActivateError::Worker(e));
+            }
+            Err(_) => {
+                let _ = handle.join();
+                return Err(ActivateError::Worker(std::io::Error::other("worker thread died starting")));
+            }
+        }
+        self.thread = Some(WorkerThread { jobs, done, kill, handle });
+        Ok(())
+    }
+
+    /// Runs `run` on the worker thread (started now if it was not, which only tests rely on);
+    /// `run` gets a copy of the kill eventfd and must return soon after it becomes readable.
+    pub fn start(&mut self, run: impl FnOnce(EventFd) + Send + 'static) -> Result<(), ActivateError> {
+        self.stop();
+        self.start_thread()?;
+        let t =
+            self.thread.as_ref().ok_or_else(|| ActivateError::Worker(std::io::Error::other("no worker")))?;
+        t.jobs
+            .send(Box::new(run))
+            .map_err(|_| ActivateError::Worker(std::io::Error::other("worker thread is gone")))?;
+        self.running = true;
+        Ok(())
+    }
+
+    /// Runs `f` on the worker thread after stopping any job, and waits for it: work that needs
+    /// the worker's syscalls, capabilities or umask but is asked for on another thread (a
+    /// reset from a vCPU, teardown from the main thread).
+    pub fn run_and_wait(&mut self, f: impl FnOnce() + Send + 'static) -> Result<(), ActivateError> {
+        self.start(move |_kill| f())?;
+        self.running = false;
+        if let Some(t) = &self.thread {
+            let _ = t.done.recv();
+        }
+        Ok(())
+    }
+
+    /// Stops the running job, if any, and waits until it has returned.
+    pub fn stop(&mut self) {
+        if !self.running {
+            return;
+        }
+        self.running = false;
+        if let Some(t) = &self.thread {
+            let _ = t.kill.write(1);
+            let _ = t.done.recv();
+        }
+    }
+
+    /// Whether a job is running (it may have ended on its own).
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+}
+
+/// Per-kind set-up a thread does for itself before it is confined.
+fn prepare_thread(kind: ThreadKind) -> std::io::Result<()> {
+    match kind {
+        ThreadKind::VirtioFs => super::fs::prepare_server_thread(),
+        _ => Ok(()),
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        if let Some(handle) = self.handle.take() {
-            let _ = self.kill.write(1);
-            let _ = handle.join();
+        self.stop();
+        if let Some(t) = self.thread.take() {
+            drop(t.jobs);
+            let _ = t.handle.join();
         }
     }
 }

@@ -8,6 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{check_queue_count, read_config_bytes, Worker};
 use super::{ActivateContext, ActivateError, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
+use crate::confine::ThreadKind;
 use crate::memory::GuestMem;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -20,12 +21,12 @@ const TOKEN_KILL: u64 = 1;
 
 #[derive(Debug)]
 pub struct Rng {
-    worker: Option<Worker>,
+    worker: Worker,
 }
 
 impl Rng {
     pub fn new() -> Self {
-        Self { worker: None }
+        Self { worker: Worker::new("virtio-rng", ThreadKind::VirtioRng) }
     }
 }
 
@@ -146,12 +147,15 @@ impl VirtioDevice for Rng {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         check_queue_count(&ctx, QUEUE_SIZES.len())?;
         self.reset();
-        self.worker = Some(Worker::spawn("virtio-rng", move |kill| run_worker(ctx, kill))?);
-        Ok(())
+        self.worker.start(move |kill| run_worker(ctx, kill))
+    }
+
+    fn start_threads(&mut self) -> Result<(), ActivateError> {
+        self.worker.start_thread()
     }
 
     fn reset(&mut self) {
-        self.worker = None;
+        self.worker.stop();
     }
 }
 

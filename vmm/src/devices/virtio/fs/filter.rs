@@ -1,7 +1,8 @@
 //! A [`FileSystem`] wrapper around `PassthroughFs` that adds what husk's shares need on top of
 //! it: read-only shares (every mutating request gets `EROFS`, like a read-only mount), no device
-//! nodes on the host, no process-wide `umask(0)` left behind by the passthrough's root import,
-//! and caps on the inodes and open handles the guest can make it hold ([`super::limits`]).
+//! nodes on the host, no `umask(0)` left behind by the passthrough's root import on a thread
+//! that shares the process's umask, and caps on the inodes and open handles the guest can make
+//! it hold ([`super::limits`]).
 //!
 //! Every method that `PassthroughFs` implements is forwarded explicitly: a method left out here
 //! would silently fall back to the trait's default (usually `ENOSYS`), not to the inner file
@@ -157,13 +158,15 @@ impl ShareFs {
         }
     }
 
-    /// `PassthroughFs::import` (run by `init` and `destroy`) sets the *process* umask to 0 so
-    /// that guest-chosen modes land unmasked. That would also make every file the VMM itself
-    /// creates later (sockets, logs) world-writable, so the umask is put back afterwards; the
-    /// host umask then also applies to files the guest creates, which only ever removes bits.
+    /// `PassthroughFs::import` (run by `init` and `destroy`) sets the calling thread's umask to
+    /// 0 so that guest-chosen modes land unmasked. On the server thread that umask is its own
+    /// ([`super::prepare_server_thread`]) and this puts the 0 back. On any other thread (a
+    /// reset, tests, fuzz targets) it is the process's, and would make every file the VMM
+    /// creates later (sockets, logs) world-writable: this puts the process's umask back, though
+    /// the process still runs with 0 for the moment in between.
     fn with_umask_restored<T>(f: impl FnOnce() -> T) -> T {
-        // SAFETY: umask(2) only swaps the process file mode creation mask (it can only be read
-        // by setting it; `f` sets it again anyway).
+        // SAFETY: umask(2) takes no pointers and cannot fail; it swaps this thread's mask (the
+        // process's, unless unshared), which can only be read by setting it; `f` sets it again.
         let old = unsafe { libc::umask(0o077) };
         let out = f();
         // SAFETY: umask(2) takes no pointers and cannot fail; this puts back the mask saved above.

@@ -40,6 +40,7 @@ use self::limits::Limits;
 use super::device::{check_queue_count, read_config_bytes, Worker};
 use super::{ActivateContext, ActivateError, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1};
 use crate::config::{FsCache, FsShareConfig};
+use crate::confine::ThreadKind;
 use crate::memory::GuestMem;
 
 /// Size of the tag field in the config space; shorter tags are NUL padded.
@@ -61,7 +62,7 @@ pub struct Fs {
     config: [u8; CONFIG_LEN],
     fs: Arc<ShareFs>,
     server: Arc<FsServer>,
-    worker: Option<Worker>,
+    worker: Worker,
 }
 
 impl std::fmt::Debug for Fs {
@@ -92,7 +93,13 @@ fn passthrough_config(root_dir: String, cache: FsCache) -> PassthroughConfig {
         writeback: false,
         no_open: false,
         no_opendir: false,
-        killpriv_v2: false,
+        // FUSE_HANDLE_KILLPRIV_V2: the guest kernel leaves clearing setuid/setgid to the server
+        // and flags the requests that must clear them (WRITE, truncating SETATTR, OPEN with
+        // O_TRUNC and CREATE whose caller lacks CAP_FSETID; every chown). The passthrough drops
+        // CAP_FSETID on the serving thread for a flagged request, since this server holds it
+        // and the host kernel would otherwise keep the bits. Without it the guest clears them
+        // itself with a separate SETATTR, racing with other writers.
+        killpriv_v2: true,
         ..Default::default()
     }
 }
@@ -112,10 +119,35 @@ fn raise_nofile_limit() {
     }
 }
 
+/// Sets up the calling thread to serve a share; the device's worker runs it before its first
+/// request (and before it is confined).
+///
+/// The passthrough sets the umask to 0 when it imports the root (FUSE_INIT, FUSE_DESTROY) and
+/// relies on it staying 0: it applies the guest's umask to guest-chosen modes itself, so any
+/// other umask would strip bits the guest asked for. `unshare(CLONE_FS)` gives this thread its
+/// own umask (and its own copy of the cwd and root, the ones the process has now, jail
+/// included), so that 0 never applies to files the rest of the VMM creates.
+pub(crate) fn prepare_server_thread() -> io::Result<()> {
+    // SAFETY: unshare(CLONE_FS) takes no pointers; it only gives this thread a private copy of
+    // the process's umask, cwd and root. The fd table and memory stay shared.
+    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: umask(2) takes no pointers and cannot fail; after the unshare it sets this
+    // thread's mask only.
+    unsafe { libc::umask(0) };
+    Ok(())
+}
+
 impl Fs {
     /// Opens the share; the config must have been validated (tag length, directory path).
+    ///
+    /// A relative path is the jail's (`shares/<n>`, see `jail`): the passthrough opens its
+    /// root again at every FUSE_INIT, which comes after the pivot, and that path names the
+    /// share's bind mount both from the jail directory before it and from `/` after it.
     pub fn new(share: &FsShareConfig) -> io::Result<Self> {
-        let root = std::fs::canonicalize(&share.path)?;
+        let root =
+            if share.path.is_relative() { share.path.clone() } else { std::fs::canonicalize(&share.path)? };
         if !root.is_dir() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a directory"));
         }
@@ -144,7 +176,7 @@ impl Fs {
         config[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
         let fs = Arc::new(fs);
         let server = Arc::new(Server::new(fs.clone()));
-        Ok(Self { config, fs, server, worker: None })
+        Ok(Self { config, fs, server, worker: Worker::new("virtio-fs", ThreadKind::VirtioFs) })
     }
 
     /// The FUSE server the device's queues are served by, for driving [`process_queue`]
@@ -274,15 +306,23 @@ impl VirtioDevice for Fs {
         check_queue_count(&ctx, QUEUE_SIZES.len())?;
         self.reset();
         let server = self.server.clone();
-        self.worker = Some(Worker::spawn("virtio-fs", move |kill| run_worker(ctx, server, kill))?);
-        Ok(())
+        self.worker.start(move |kill| run_worker(ctx, server, kill))
+    }
+
+    fn start_threads(&mut self) -> Result<(), ActivateError> {
+        self.worker.start_thread()
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            drop(worker);
+        if self.worker.is_running() {
+            self.worker.stop();
             // The driver starts over with FUSE_INIT: drop every inode and open file it held.
-            self.fs.destroy();
+            // On the server thread: the caller (a vCPU, or main at teardown) may neither open
+            // files nor touch the umask under its seccomp filter.
+            let fs = self.fs.clone();
+            if let Err(e) = self.worker.run_and_wait(move || fs.destroy()) {
+                tracing::error!("virtio-fs: reset: {e}");
+            }
         }
     }
 }

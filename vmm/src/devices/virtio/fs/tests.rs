@@ -6,10 +6,14 @@ use std::mem::size_of;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use caps::{CapSet, Capability};
 use fuse_backend_rs::abi::fuse_abi::{
-    AttrOut, CreateIn, Dirent, EntryOut, ForgetIn, GetattrIn, InHeader, InitIn, InitOut, MkdirIn, MknodIn,
-    Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn, SetattrIn, WriteIn, KERNEL_VERSION,
-    ROOT_ID,
+    AttrOut, CreateIn, Dirent, EntryOut, ForgetIn, FsOptions, GetattrIn, InHeader, InitIn, InitOut, MkdirIn,
+    MknodIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn, SetattrIn, SetattrValid,
+    WriteIn, FOPEN_IN_KILL_SUIDGID, KERNEL_VERSION, ROOT_ID, WRITE_KILL_PRIV,
 };
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -54,7 +58,11 @@ fn share(read_only: bool) -> (TempDir, Fs) {
     std::fs::create_dir(root.join("sub")).unwrap();
     std::os::unix::fs::symlink("/", root.join("escape")).unwrap();
     let cfg = FsShareConfig { tag: "share".into(), path: root.into(), read_only, cache: FsCache::Auto };
-    (dir, Fs::new(&cfg).unwrap())
+    let dev = Fs::new(&cfg).unwrap();
+    // The test thread serves the requests, so it is set up like the device's worker: FUSE_INIT
+    // (the passthrough's umask(0)) then leaves the process's umask alone under the other tests.
+    prepare_server_thread().unwrap();
+    (dir, dev)
 }
 
 /// Serves `descs` (one or more chains) from a fresh queue; returns the used length of each.
@@ -114,9 +122,15 @@ impl Client {
     }
 
     fn init(&mut self) {
-        let init = InitIn { major: KERNEL_VERSION, minor: 31, max_readahead: 0x2_0000, flags: 0 };
+        self.init_with(0);
+    }
+
+    /// FUSE_INIT offering `flags`; returns the reply.
+    fn init_with(&mut self, flags: u32) -> InitOut {
+        let init = InitIn { major: KERNEL_VERSION, minor: 31, max_readahead: 0x2_0000, flags };
         let out: InitOut = obj(&self.ok(Opcode::Init, 0, init.as_slice()));
         assert_eq!(out.major, KERNEL_VERSION);
+        out
     }
 
     fn lookup(&mut self, parent: u64, name: &str) -> EntryOut {
@@ -124,7 +138,11 @@ impl Client {
     }
 
     fn open(&mut self, nodeid: u64, flags: i32) -> Result<u64, i32> {
-        let body = OpenIn { flags: flags as u32, fuse_flags: 0 };
+        self.open_with(nodeid, flags, 0)
+    }
+
+    fn open_with(&mut self, nodeid: u64, flags: i32, fuse_flags: u32) -> Result<u64, i32> {
+        let body = OpenIn { flags: flags as u32, fuse_flags };
         match self.call(Opcode::Open, nodeid, body.as_slice()) {
             (0, out) => Ok(obj::<OpenOut>(&out).fh),
             (e, _) => Err(-e),
@@ -517,7 +535,7 @@ fn worker_serves_both_queues_and_resets() {
 
     // Reset stops the worker and forgets every inode the driver had.
     dev.reset();
-    assert!(dev.worker.is_none());
+    assert!(!dev.worker.is_running());
     let mut c = Client { dev, unique: 10 };
     assert_eq!(c.errno(Opcode::Getattr, nodeid, GetattrIn::default().as_slice()), libc::EBADF);
     c.ok(Opcode::Getattr, ROOT_ID, GetattrIn::default().as_slice());
@@ -555,6 +573,7 @@ fn capped(files: usize, limits: Limits) -> (TempDir, Client) {
     let root = std::fs::canonicalize(dir.as_path()).unwrap().to_str().unwrap().to_string();
     let inner = PassthroughFs::new(passthrough_config(root, FsCache::Auto)).unwrap();
     let dev = Fs::with_fs("share", ShareFs::with_limits(inner, false, limits)).unwrap();
+    prepare_server_thread().unwrap();
     let mut c = Client { dev, unique: 0 };
     c.init();
     (dir, c)
@@ -674,4 +693,133 @@ fn readdirplus_at_the_inode_cap_still_lists_every_name() {
     assert_eq!(c.errno(Opcode::Lookup, ROOT_ID, &cstr(bare)), libc::ENFILE);
     c.forget(with_lookup[0].0, 1);
     c.lookup(ROOT_ID, bare);
+}
+
+const KILLPRIV_V2: u32 = FsOptions::HANDLE_KILLPRIV_V2.bits() as u32;
+
+fn host_mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+}
+
+fn set_host_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    assert_eq!(host_mode(path), mode);
+}
+
+/// The guest kernel (FUSE_HANDLE_KILLPRIV_V2) flags the requests whose caller lacks
+/// CAP_FSETID, and the server, which has it, must then clear setuid/setgid on the host file
+/// itself; unflagged requests keep the bits, as for a local root writer.
+#[test]
+fn killpriv_v2_requests_clear_setuid_and_setgid() {
+    const SUGID: u32 = 0o6755;
+    let (dir, dev) = share(false);
+    let mut c = Client { dev, unique: 0 };
+    assert_ne!(c.init_with(KILLPRIV_V2).flags & KILLPRIV_V2, 0, "KILLPRIV_V2 not negotiated");
+    let path = dir.as_path().join("hello.txt");
+    let file = c.lookup(ROOT_ID, "hello.txt").nodeid;
+    let fh = c.open(file, libc::O_RDWR).unwrap();
+    let write = |c: &mut Client, fuse_flags: u32| {
+        let w = WriteIn { fh, offset: 0, size: 1, fuse_flags, ..Default::default() };
+        c.ok(Opcode::Write, file, &[w.as_slice(), b"H"].concat());
+    };
+    let setattr = |c: &mut Client, s: SetattrIn| obj::<AttrOut>(&c.ok(Opcode::Setattr, file, s.as_slice()));
+    let has_fsetid = || caps::has_cap(None, CapSet::Effective, Capability::CAP_FSETID).unwrap();
+    assert!(has_fsetid(), "tests run as root");
+
+    set_host_mode(&path, SUGID);
+    write(&mut c, 0);
+    assert_eq!(host_mode(&path), SUGID, "unflagged write");
+    write(&mut c, WRITE_KILL_PRIV);
+    assert_eq!(host_mode(&path), 0o755, "flagged write");
+    assert!(has_fsetid(), "CAP_FSETID is back after the request");
+
+    // Truncate: SETATTR(SIZE), flagged when the caller lacks CAP_FSETID.
+    set_host_mode(&path, SUGID);
+    setattr(&mut c, SetattrIn { valid: SetattrValid::SIZE.bits(), size: 4, ..Default::default() });
+    assert_eq!(host_mode(&path), SUGID, "unflagged truncate");
+    let valid = (SetattrValid::SIZE | SetattrValid::KILL_SUIDGID).bits();
+    let out = setattr(&mut c, SetattrIn { valid, size: 2, ..Default::default() });
+    assert_eq!((host_mode(&path), out.attr.mode & 0o7777), (0o755, 0o755), "flagged truncate");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 2);
+
+    // chown: always flagged by the guest (and always clears on the host).
+    set_host_mode(&path, SUGID);
+    let valid = (SetattrValid::UID | SetattrValid::GID | SetattrValid::KILL_SUIDGID).bits();
+    setattr(&mut c, SetattrIn { valid, uid: 1000, gid: 1000, ..Default::default() });
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), host_mode(&path)), (1000, 1000, 0o755), "chown");
+
+    // OPEN with O_TRUNC, and CREATE of an existing file.
+    set_host_mode(&path, SUGID);
+    c.open_with(file, libc::O_WRONLY | libc::O_TRUNC, 0).unwrap();
+    assert_eq!(host_mode(&path), SUGID, "unflagged O_TRUNC");
+    c.open_with(file, libc::O_WRONLY | libc::O_TRUNC, FOPEN_IN_KILL_SUIDGID).unwrap();
+    assert_eq!(host_mode(&path), 0o755, "flagged O_TRUNC");
+    set_host_mode(&path, SUGID);
+    let flags = (libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC) as u32;
+    let create = CreateIn { flags, mode: libc::S_IFREG | 0o644, umask: 0, fuse_flags: FOPEN_IN_KILL_SUIDGID };
+    c.ok(Opcode::Create, ROOT_ID, &[create.as_slice(), &cstr("hello.txt")].concat());
+    assert_eq!(host_mode(&path), 0o755, "flagged create of an existing file");
+    assert!(has_fsetid());
+}
+
+#[test]
+fn killpriv_v2_on_a_read_only_share_changes_nothing() {
+    let (dir, dev) = share(true);
+    let mut c = Client { dev, unique: 0 };
+    assert_ne!(c.init_with(KILLPRIV_V2).flags & KILLPRIV_V2, 0);
+    let path = dir.as_path().join("hello.txt");
+    set_host_mode(&path, 0o6755);
+    let file = c.lookup(ROOT_ID, "hello.txt").nodeid;
+    assert_eq!(c.open_with(file, libc::O_WRONLY | libc::O_TRUNC, FOPEN_IN_KILL_SUIDGID), Err(libc::EROFS));
+    let valid = (SetattrValid::SIZE | SetattrValid::KILL_SUIDGID).bits();
+    assert_eq!(
+        c.errno(Opcode::Setattr, file, SetattrIn { valid, ..Default::default() }.as_slice()),
+        libc::EROFS
+    );
+    // A flag the kernel would not send on a read-only open does nothing either.
+    let fh = c.open_with(file, libc::O_RDONLY, FOPEN_IN_KILL_SUIDGID).unwrap();
+    let w = WriteIn { fh, offset: 0, size: 1, fuse_flags: WRITE_KILL_PRIV, ..Default::default() };
+    assert_eq!(c.errno(Opcode::Write, file, &[w.as_slice(), b"H"].concat()), libc::EROFS);
+    assert_eq!(host_mode(&path), 0o6755);
+    assert_eq!(std::fs::read(&path).unwrap(), HELLO);
+}
+
+/// The umask(0) the passthrough needs holds on the server thread only: the process keeps its
+/// own, and guest-chosen modes land exactly, masked only by the umask the guest sends.
+#[test]
+fn umask_zero_is_the_server_threads_alone() {
+    let dir = TempDir::new_with_prefix("/tmp/husk-fs-").unwrap();
+    let cfg = FsShareConfig {
+        tag: "share".into(),
+        path: dir.as_path().into(),
+        read_only: false,
+        cache: FsCache::Auto,
+    };
+    // SAFETY: umask(2) takes no pointers and cannot fail; this test thread has not unshared its
+    // umask, so this sets the process's (the usual 022; the old one is put back below).
+    let saved = unsafe { libc::umask(0o022) };
+    let dev = Fs::new(&cfg).unwrap();
+    // The device's worker, with FUSE_INIT (the passthrough's umask(0)) and FUSE_DESTROY.
+    std::thread::spawn(move || {
+        prepare_server_thread().unwrap();
+        let mut c = Client { dev, unique: 0 };
+        c.init();
+        let create = |c: &mut Client, name: &str, umask: u32| {
+            let flags = (libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY) as u32;
+            let body = CreateIn { flags, mode: libc::S_IFREG | 0o666, umask, fuse_flags: 0 };
+            c.ok(Opcode::Create, ROOT_ID, &[body.as_slice(), &cstr(name)].concat());
+        };
+        create(&mut c, "open", 0);
+        create(&mut c, "masked", 0o027);
+        c.ok(Opcode::Mkdir, ROOT_ID, &[MkdirIn { mode: 0o777, umask: 0 }.as_slice(), &cstr("d")].concat());
+        c.dev.fs.destroy();
+    })
+    .join()
+    .unwrap();
+    // SAFETY: as above; puts the saved mask back and reads the one in force.
+    let now = unsafe { libc::umask(saved) };
+    assert_eq!(now, 0o022, "the process umask changed");
+    let mode = |name: &str| host_mode(&dir.as_path().join(name));
+    assert_eq!((mode("open"), mode("masked"), mode("d")), (0o666, 0o640, 0o777));
 }

@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{check_queue_count, read_config_bytes, Worker};
 use super::{ActivateContext, ActivateError, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use crate::confine::ThreadKind;
 use crate::memory::GuestMem;
 use header::TxOffloads;
 use queues::{process_rx, process_tx, RxFrame};
@@ -126,12 +127,12 @@ pub struct Net {
     tap: Arc<Tap>,
     mac: [u8; 6],
     mtu: Option<u16>,
-    worker: Option<Worker>,
+    worker: Worker,
 }
 
 impl Net {
     pub fn new(tap: Tap, mac: [u8; 6], mtu: Option<u16>) -> Self {
-        Self { tap: Arc::new(tap), mac, mtu, worker: None }
+        Self { tap: Arc::new(tap), mac, mtu, worker: Worker::new("virtio-net", ThreadKind::VirtioNet) }
     }
 
     /// mac, status, max_virtqueue_pairs, mtu (spec 5.1.4).
@@ -340,16 +341,23 @@ impl VirtioDevice for Net {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         check_queue_count(&ctx, QUEUE_SIZES.len())?;
         self.reset();
-        self.tap
-            .set_offload(tap_offloads(ctx.acked_features))
-            .map_err(|e| ActivateError::Device(e.to_string()))?;
         let tap = SharedTap(self.tap.clone());
-        self.worker = Some(Worker::spawn("virtio-net", move |kill| run_worker(ctx, tap, kill))?);
-        Ok(())
+        // On the worker: the vCPU thread that activates us may not make tap ioctls.
+        self.worker.start(move |kill| {
+            if let Err(e) = tap.0.set_offload(tap_offloads(ctx.acked_features)) {
+                tracing::error!("virtio-net: tap offloads: {e}; the device stays idle");
+                return;
+            }
+            run_worker(ctx, tap, kill)
+        })
+    }
+
+    fn start_threads(&mut self) -> Result<(), ActivateError> {
+        self.worker.start_thread()
     }
 
     fn reset(&mut self) {
-        self.worker = None;
+        self.worker.stop();
     }
 }
 

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{check_queue_count, read_config_bytes, Worker};
 use super::{ActivateContext, ActivateError, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use crate::confine::ThreadKind;
 use muxer::Muxer;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -36,12 +37,17 @@ pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
     config: [u8; 8],
-    worker: Option<Worker>,
+    worker: Worker,
 }
 
 impl Vsock {
     pub fn new(guest_cid: u64, uds_path: PathBuf) -> Self {
-        Self { guest_cid, uds_path, config: guest_cid.to_le_bytes(), worker: None }
+        Self {
+            guest_cid,
+            uds_path,
+            config: guest_cid.to_le_bytes(),
+            worker: Worker::new("virtio-vsock", ThreadKind::VirtioVsock),
+        }
     }
 }
 
@@ -118,14 +124,20 @@ impl VirtioDevice for Vsock {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         check_queue_count(&ctx, QUEUE_SIZES.len())?;
         self.reset();
-        let muxer =
-            Muxer::new(self.guest_cid, &self.uds_path).map_err(|e| ActivateError::Device(e.to_string()))?;
-        self.worker = Some(Worker::spawn("virtio-vsock", move |kill| run_worker(ctx, muxer, kill))?);
-        Ok(())
+        let (cid, path) = (self.guest_cid, self.uds_path.clone());
+        // The socket is bound on the worker: the vCPU thread that activates us may not.
+        self.worker.start(move |kill| match Muxer::new(cid, &path) {
+            Ok(muxer) => run_worker(ctx, muxer, kill),
+            Err(e) => tracing::error!("virtio-vsock: {e}; the device stays idle"),
+        })
+    }
+
+    fn start_threads(&mut self) -> Result<(), ActivateError> {
+        self.worker.start_thread()
     }
 
     fn reset(&mut self) {
         // Stopping the worker drops the muxer: host streams close and the socket file goes.
-        self.worker = None;
+        self.worker.stop();
     }
 }

@@ -1,0 +1,256 @@
+//! Starting husk-vmm in namespaces of its own. std's `Command` cannot ask for a PID namespace
+//! (the new process must be made by clone with CLONE_NEWPID to be its init), so the VMM is
+//! started with clone3: in a new PID namespace, straight into its sandbox's cgroup
+//! (CLONE_INTO_CGROUP, so not one instruction runs outside the limits), in the pod's network
+//! namespace, in a session of its own, with only the descriptors listed here.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// `struct clone_args` (linux/sched.h), version 2 (with `cgroup`).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// What the new process gets.
+#[derive(Debug)]
+pub struct Spawn<'a> {
+    pub program: &'a Path,
+    pub args: Vec<&'a OsStr>,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// A network namespace to join.
+    pub netns: Option<OwnedFd>,
+    /// A descriptor the process inherits as fd 3.
+    pub fd3: Option<OwnedFd>,
+    /// A cgroup v2 directory to start in.
+    pub cgroup: Option<OwnedFd>,
+    pub new_pid_ns: bool,
+}
+
+fn cstring(b: &[u8]) -> io::Result<CString> {
+    CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in an argument"))
+}
+
+/// A descriptor at 10 or above, so the moves to 0-3 in the child never overwrite a source.
+fn high(fd: OwnedFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a live descriptor; the result is a fresh descriptor we own.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `n` was just returned by fcntl and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// Starts the process and returns its pid (in our PID namespace) once it has exec'd.
+pub fn spawn(s: Spawn<'_>) -> io::Result<i32> {
+    // Everything the child touches is prepared here: after clone it may only make syscalls.
+    let program = cstring(s.program.as_os_str().as_bytes())?;
+    let mut argv_c = vec![program.clone()];
+    for a in &s.args {
+        argv_c.push(cstring(a.as_bytes())?);
+    }
+    let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let env_c: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
+    envp.push(std::ptr::null());
+
+    let devnull = high(OwnedFd::from(std::fs::File::open("/dev/null")?))?;
+    let stdout = high(s.stdout)?;
+    let stderr = high(s.stderr)?;
+    let netns = s.netns.map(high).transpose()?;
+    let fd3 = s.fd3.map(high).transpose()?;
+    let mut pipe = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `pipe`.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned here only.
+    let (err_r, err_w) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    let err_w = high(err_w)?;
+
+    let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
+    if s.new_pid_ns {
+        args.flags |= libc::CLONE_NEWPID as u64;
+    }
+    if let Some(cg) = &s.cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = cg.as_raw_fd() as u64;
+    }
+    let raw = |f: &Option<OwnedFd>| f.as_ref().map_or(-1, |f| f.as_raw_fd());
+    let (null_fd, out_fd, err_fd, netns_fd, fd3_fd, errpipe) = (
+        devnull.as_raw_fd(),
+        stdout.as_raw_fd(),
+        stderr.as_raw_fd(),
+        raw(&netns),
+        raw(&fd3),
+        err_w.as_raw_fd(),
+    );
+
+    // SAFETY: clone3 without CLONE_VM behaves as fork: the child gets a copy of this address
+    // space with only the calling thread. The child below only makes raw syscalls on memory
+    // prepared above (no allocation, no locks), then execs or exits.
+    let pid = unsafe {
+        libc::syscall(libc::SYS_clone3, &mut args as *mut CloneArgs, std::mem::size_of::<CloneArgs>())
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: async-signal-safe syscalls on descriptors and strings that stay valid until
+        // execve or _exit.
+        unsafe { child(null_fd, out_fd, err_fd, netns_fd, fd3_fd, errpipe, &argv, &envp) }
+    }
+    drop(err_w);
+    // The write end closes at exec; anything read first is the child's errno.
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        // SAFETY: reading into the rest of `buf`.
+        let n = unsafe { libc::read(err_r.as_raw_fd(), buf[got..].as_mut_ptr().cast(), 4 - got) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        if n <= 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    if got == 4 {
+        let mut status = 0;
+        // SAFETY: reaping the child that failed to exec.
+        unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)));
+    }
+    Ok(pid as i32)
+}
+
+/// The child between clone3 and execve.
+///
+/// # Safety
+/// Must only run in the freshly cloned child; `argv` and `envp` are NULL-terminated arrays of
+/// valid C strings.
+#[allow(clippy::too_many_arguments)]
+unsafe fn child(
+    null_fd: RawFd,
+    out_fd: RawFd,
+    err_fd: RawFd,
+    netns_fd: RawFd,
+    fd3: RawFd,
+    errpipe: RawFd,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> ! {
+    let fail = |errno: i32| -> ! {
+        let b = errno.to_ne_bytes();
+        // SAFETY: writing 4 bytes from a live buffer, then leaving without running any
+        // destructor or atexit handler of the parent's copy.
+        unsafe {
+            libc::write(errpipe, b.as_ptr().cast(), 4);
+            libc::_exit(127)
+        }
+    };
+    let errno = || io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+    // SAFETY: plain syscalls on descriptors this child owns a copy of, and on the argument
+    // arrays the caller vouches for.
+    unsafe {
+        // Its own session: a caller's Ctrl-C or hang-up must not take the sandbox down.
+        libc::setsid();
+        if netns_fd >= 0 && libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+            fail(errno());
+        }
+        for (from, to) in [(null_fd, 0), (out_fd, 1), (err_fd, 2)] {
+            if libc::dup2(from, to) != to {
+                fail(errno());
+            }
+        }
+        if fd3 >= 0 && libc::dup2(fd3, 3) != 3 {
+            fail(errno());
+        }
+        // Nothing else is inherited.
+        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+        let first: libc::c_uint = if fd3 >= 0 { 4 } else { 3 };
+        libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
+        // The error pipe must survive until exec (close_range marked it close-on-exec).
+        libc::execve(argv[0], argv.as_ptr(), envp.as_ptr());
+        fail(errno())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipe_fds() -> (OwnedFd, OwnedFd) {
+        let mut p = [0; 2];
+        // SAFETY: pipe2 fills `p` with two fresh descriptors.
+        assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: fresh descriptors owned here only.
+        unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+    }
+
+    #[test]
+    fn spawns_with_fd3_and_reports_exec_errors() {
+        let (r, w) = pipe_fds();
+        let dir = std::fs::File::open("/").expect("open /");
+        let pid = spawn(Spawn {
+            program: Path::new("/bin/sh"),
+            args: vec![OsStr::new("-c"), OsStr::new("ls /proc/self/fd; readlink /proc/self/fd/3")],
+            stdout: w.try_clone().expect("dup"),
+            stderr: w,
+            netns: None,
+            fd3: Some(dir.into()),
+            cgroup: None,
+            new_pid_ns: false,
+        })
+        .expect("spawn");
+        let mut status = 0;
+        // SAFETY: reaping our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let out = std::io::read_to_string(std::fs::File::from(r)).expect("read");
+        let fds: Vec<&str> = out.lines().collect();
+        // 0-3 and the fd ls itself opened; nothing else leaked in.
+        assert_eq!(fds[..4], ["0", "1", "2", "3"], "{out}");
+        assert!(out.ends_with("/\n"), "{out}");
+
+        let (_r, w) = pipe_fds();
+        let e = spawn(Spawn {
+            program: Path::new("/nonexistent/husk-vmm"),
+            args: vec![],
+            stdout: w.try_clone().expect("dup"),
+            stderr: w,
+            netns: None,
+            fd3: None,
+            cgroup: None,
+            new_pid_ns: false,
+        })
+        .expect_err("no such program");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+}

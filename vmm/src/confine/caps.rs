@@ -1,0 +1,65 @@
+//! Capabilities per thread kind. Only the virtio-fs server keeps any: it acts on the share for
+//! guest processes of every uid, as virtiofsd does. Each one and why:
+//! - CAP_CHOWN: files the guest creates or chowns get the guest's owner;
+//! - CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH: the guest kernel already checked permissions
+//!   against its own users, and the server must reach files its uid does not own;
+//! - CAP_FOWNER: chmod, utimes and xattrs on files owned by other uids;
+//! - CAP_FSETID: keeps setuid/setgid bits the guest sets (it is dropped around writes that must
+//!   clear them, the KILLPRIV_V2 contract);
+//! - CAP_SETUID, CAP_SETGID: creates run with the requesting guest's uid/gid (setresuid on the
+//!   server thread only);
+//! - CAP_MKNOD: device nodes in container root filesystems;
+//! - CAP_SETFCAP: `security.capability` xattrs (file capabilities in images).
+//!
+//! Everything else, CAP_SYS_ADMIN included, is gone from every thread's permitted, effective,
+//! inheritable, ambient and bounding sets.
+
+use caps::{CapSet, Capability, CapsHashSet};
+
+use super::ThreadKind;
+
+const FS_SERVER: [Capability; 10] = [
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_DAC_READ_SEARCH,
+    Capability::CAP_FOWNER,
+    Capability::CAP_FSETID,
+    Capability::CAP_SETUID,
+    Capability::CAP_SETGID,
+    Capability::CAP_MKNOD,
+    Capability::CAP_SETFCAP,
+    // Lets the thread drop its bounding set; it is itself dropped last.
+    Capability::CAP_SETPCAP,
+];
+
+/// The capabilities a thread of `kind` keeps.
+pub fn needed(kind: ThreadKind) -> CapsHashSet {
+    match kind {
+        ThreadKind::VirtioFs => FS_SERVER.iter().copied().filter(|c| *c != Capability::CAP_SETPCAP).collect(),
+        _ => CapsHashSet::new(),
+    }
+}
+
+fn io(e: caps::errors::CapsError) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// Narrows the calling thread to `keep`. Without CAP_SETPCAP (an unprivileged husk-vmm) the
+/// bounding set cannot change; the other sets still shrink.
+pub fn restrict_thread(keep: CapsHashSet) -> std::io::Result<()> {
+    let may_setpcap = caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).map_err(io)?;
+    if may_setpcap {
+        for cap in caps::runtime::thread_all_supported() {
+            if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).map_err(io)? {
+                caps::drop(None, CapSet::Bounding, cap).map_err(io)?;
+            }
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(io)?;
+    caps::clear(None, CapSet::Inheritable).map_err(io)?;
+    let permitted = caps::read(None, CapSet::Permitted).map_err(io)?;
+    let kept: CapsHashSet = permitted.intersection(&keep).copied().collect();
+    caps::set(None, CapSet::Effective, &kept).map_err(io)?;
+    caps::set(None, CapSet::Permitted, &kept).map_err(io)?;
+    Ok(())
+}

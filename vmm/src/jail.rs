@@ -1,0 +1,206 @@
+//! The VMM's jail. Before it opens anything for the guest, husk-vmm moves into mount, IPC and
+//! UTS namespaces of its own (husk also starts it in a PID namespace of its own and in the
+//! sandbox's cgroup), mounts a small tmpfs on the jail directory and binds into it only:
+//! - each virtio-fs share, at `/shares/<n>`: the passthrough opens the share through that bind
+//!   mount, whose root is the share, so a directory moved out of the share on the host can no
+//!   longer be walked above (the kernel refuses `..` that leaves a bind mount's root);
+//! - the vsock socket's directory, at `/vsock`, where it listens and reaches host listeners.
+//!
+//! Kernel, initramfs, `/dev/kvm`, taps and the console file are opened before the pivot; after
+//! it the VMM's root is the jail (read-only, nosuid, nodev, noexec) and the host's tree is gone
+//! from its view. The host's later mounts under a share (container root filesystems) still
+//! arrive: the mount namespace is a slave of the host's.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::{JailConfig, VmConfig};
+
+#[derive(Debug, thiserror::Error)]
+#[error("jail: {what}: {source}")]
+pub struct JailError {
+    what: String,
+    #[source]
+    source: io::Error,
+}
+
+fn fail(what: impl Into<String>) -> impl FnOnce(io::Error) -> JailError {
+    let what = what.into();
+    move |source| JailError { what, source }
+}
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn mount(
+    src: Option<&Path>,
+    dst: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let src = src.map(cstr).transpose()?;
+    let dst = cstr(dst)?;
+    let fstype =
+        fstype.map(CString::new).transpose().map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let data =
+        data.map(CString::new).transpose().map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call, or null where
+    // mount(2) accepts null.
+    check(unsafe {
+        libc::mount(ptr(&src), dst.as_ptr(), ptr(&fstype), flags, ptr(&data).cast::<libc::c_void>())
+    })
+}
+
+const LOCKDOWN: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+
+/// A jail being built: namespaces entered and binds in place, root not yet pivoted.
+#[derive(Debug)]
+pub struct Jail {
+    root: PathBuf,
+}
+
+/// Enters the namespaces, builds the jail and returns it with `cfg` rewritten to the paths the
+/// VMM uses: shares at their bind mounts (opened before the pivot), the vsock socket at its
+/// in-jail path (bound after it). Must run before the VMM starts any thread.
+pub fn prepare(j: &JailConfig, cfg: &VmConfig) -> Result<(Jail, VmConfig), JailError> {
+    // The vsock directory is entered before the namespace changes: a path through an inherited
+    // descriptor (`/proc/self/fd/3/...`, for long state paths) names a mount of the old
+    // namespace, which cannot be bound in the new one, while the working directory moves
+    // into the new namespace with the process.
+    // Resolved first, with the host's view and working directory, so a symlinked share path
+    // is fixed at start.
+    let share_srcs = cfg
+        .fs
+        .iter()
+        .map(|s| std::fs::canonicalize(&s.path).map_err(fail(format!("share {}", s.path.display()))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let vsock_dir = cfg.vsock.as_ref().map(|v| match v.uds_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    });
+    if let Some(dir) = &vsock_dir {
+        std::env::set_current_dir(dir)
+            .map_err(fail(format!("entering vsock directory {}", dir.display())))?;
+    }
+    // SAFETY: unshare only changes this (still single-threaded) process's namespaces.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) })
+        .map_err(fail("unshare(mount, IPC, UTS namespaces)"))?;
+    // Receive the host's mount events (container root filesystems), never send ours back.
+    mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_SLAVE, None)
+        .map_err(fail("making / a slave"))?;
+    let root = j.root.clone();
+    mount(
+        Some(Path::new("husk-jail")),
+        &root,
+        Some("tmpfs"),
+        LOCKDOWN,
+        Some("size=64k,nr_inodes=64,mode=0755"),
+    )
+    .map_err(fail(format!("tmpfs on {}", root.display())))?;
+    let mut out = cfg.clone();
+    let mkdir = |p: &Path| std::fs::create_dir_all(p).map_err(fail(format!("mkdir {}", p.display())));
+    if let (Some(v), Some(dir)) = (out.vsock.as_mut(), &vsock_dir) {
+        let name = v.uds_path.file_name().ok_or_else(|| JailError {
+            what: format!("vsock socket {}", v.uds_path.display()),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })?;
+        let target = root.join("vsock");
+        mkdir(&target)?;
+        mount(Some(Path::new(".")), &target, None, libc::MS_BIND, None)
+            .map_err(fail(format!("binding vsock directory {}", dir.display())))?;
+        mount(None, &target, None, libc::MS_REMOUNT | libc::MS_BIND | LOCKDOWN, None)
+            .map_err(fail("locking down the vsock directory"))?;
+        v.uds_path = Path::new("/vsock").join(name);
+    }
+    for (i, share) in out.fs.iter_mut().enumerate() {
+        let target = root.join("shares").join(i.to_string());
+        mkdir(&target)?;
+        let src = &share_srcs[i];
+        mount(Some(src), &target, None, libc::MS_BIND | libc::MS_REC, None)
+            .map_err(fail(format!("binding share {}", src.display())))?;
+        let ro = if share.read_only { libc::MS_RDONLY } else { 0 };
+        mount(None, &target, None, libc::MS_REMOUNT | libc::MS_BIND | LOCKDOWN | ro, None)
+            .map_err(fail(format!("locking down share {}", src.display())))?;
+        // Relative to the jail directory, which is the working directory from here on (and
+        // `/` after the pivot): see `Fs::new`.
+        share.path = Path::new("shares").join(i.to_string());
+    }
+    std::env::set_current_dir(&root).map_err(fail("entering the jail directory"))?;
+    // Inherited descriptors (the vsock directory's, when its path was long) are done with.
+    // SAFETY: close_range only closes this process's descriptors above stderr, and nothing
+    // of ours is open there yet.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    set_limits(j.nofile).map_err(fail("resource limits"))?;
+    Ok((Jail { root }, out))
+}
+
+/// RLIMIT_NOFILE to `nofile` (never above the inherited hard limit) and no core dumps: a core
+/// of the VMM would hold the guest's memory.
+fn set_limits(nofile: u64) -> io::Result<()> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit/prctl read and write only `lim` and process attributes.
+    unsafe {
+        check(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
+        let n = nofile.min(lim.rlim_max);
+        check(libc::setrlimit(libc::RLIMIT_NOFILE, &libc::rlimit { rlim_cur: n, rlim_max: n }))?;
+        check(libc::setrlimit(libc::RLIMIT_CORE, &libc::rlimit { rlim_cur: 0, rlim_max: 0 }))?;
+        check(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0))?;
+    }
+    Ok(())
+}
+
+impl Jail {
+    /// Makes the jail the VMM's root and drops the host's tree from its view.
+    pub fn enter(self) -> Result<(), JailError> {
+        let root = cstr(&self.root).map_err(fail("jail path"))?;
+        // SAFETY: chdir with a valid C string.
+        check(unsafe { libc::chdir(root.as_ptr()) }).map_err(fail("chdir into the jail"))?;
+        let dot = c".";
+        // pivot_root(".", "."): the old root is stacked under the new one and detached below.
+        // SAFETY: both arguments are valid C strings.
+        let pivoted =
+            check(unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } as i32);
+        match pivoted {
+            Ok(()) => {
+                // SAFETY: umount2 of the old root stacked on "."; MNT_DETACH lets busy mounts go.
+                check(unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) })
+                    .map_err(fail("detaching the old root"))?;
+            }
+            // The host runs from its initramfs (rootfs cannot be pivoted away): move the jail
+            // over / and chroot, as runc's no-pivot mode does. The chroot cannot be left: the
+            // VMM keeps neither CAP_SYS_CHROOT nor the chroot syscall.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!("pivot_root: {e}; moving the jail over / instead");
+                mount(Some(Path::new(".")), Path::new("/"), None, libc::MS_MOVE, None)
+                    .map_err(fail("moving the jail over /"))?;
+                // SAFETY: chroot with a valid C string.
+                check(unsafe { libc::chroot(dot.as_ptr()) }).map_err(fail("chroot into the jail"))?;
+            }
+            Err(e) => return Err(fail("pivot_root")(e)),
+        }
+        // SAFETY: chdir with a valid C string.
+        check(unsafe { libc::chdir(c"/".as_ptr()) }).map_err(fail("chdir /"))?;
+        mount(
+            None,
+            Path::new("/"),
+            None,
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | LOCKDOWN,
+            None,
+        )
+        .map_err(fail("making the jail root read-only"))?;
+        Ok(())
+    }
+}
