@@ -21,6 +21,12 @@ pub struct ContainerCgroup {
     manager: libcgroups::v2::manager::Manager,
 }
 
+impl std::fmt::Debug for ContainerCgroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerCgroup").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
 impl ContainerCgroup {
     pub fn new(container_id: &str) -> Result<Self, AgentError> {
         let rel = PathBuf::from(format!("husk/{container_id}"));

@@ -7,26 +7,22 @@
 //! - `husk-agent __oci OP`: internal, one libcontainer operation in a fresh process.
 
 mod agent;
-mod cgroup;
-mod confine;
-mod error;
 mod fdio;
 mod init;
 mod lifeline;
 mod listener;
-mod network;
 mod oci;
 mod oom;
 mod pipes;
 mod procfs;
-mod propagation;
 mod reaper;
 mod rootfs;
 mod service;
-mod spec;
 mod stdio;
 mod tty;
-mod validate;
+
+// In the library (src/lib.rs), so that the fuzz targets reach them too.
+use husk_agent::{cgroup, confine, error, network, propagation, spec, validate};
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;

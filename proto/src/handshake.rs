@@ -66,7 +66,9 @@ impl Request {
     pub fn encode(&self) -> Vec<u8> {
         match self {
             Request::Connect(port) => format!("CONNECT {port}\n"),
-            Request::Stdio(name) => format!("STDIO {name}\n"),
+            // A newline in the name would end the line early and hand the peer a different name
+            // (`a\nb` reads as `STDIO a`); as a space, which no valid name has, it is refused.
+            Request::Stdio(name) => format!("STDIO {}\n", name.replace('\n', " ")),
             Request::Forward(port) => format!("FORWARD {port}\n"),
         }
         .into_bytes()
@@ -251,6 +253,21 @@ mod tests {
             assert_eq!(Request::parse_line(body(&r.encode())), Ok(r));
         }
         assert_eq!(Request::Forward(8080).encode(), b"FORWARD 8080\n");
+    }
+
+    #[test]
+    fn invalid_stdio_names_encode_to_a_refused_line() {
+        // Found by the vsock_handshake fuzz target: "CONNEC\n" was read back as `STDIO CONNEC`.
+        for name in ["CONNEC\n", "a\nb", "\n", "ok\nSTDIO other"] {
+            let line = Request::Stdio(name.into()).encode();
+            let mut r = LineReader::new();
+            let first = line.iter().find_map(|&b| r.push_byte(b).expect("short line"));
+            assert_eq!(first.as_deref(), Some(body(&line)), "{name:?} encodes to one line");
+            assert!(
+                matches!(Request::parse_line(body(&line)), Err(HandshakeError::BadStdioName(_))),
+                "{name:?}"
+            );
+        }
     }
 
     #[test]

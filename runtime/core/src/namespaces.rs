@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType};
@@ -73,7 +74,18 @@ pub fn validate(ns: &LinuxNamespace) -> Result<(), RuntimeError> {
     if !path.is_absolute() {
         return Err(fail("must be absolute".into()));
     }
-    let f = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    // Namespace files (nsfs) are regular files. Anything else is refused before it is opened:
+    // opening a FIFO waits for a writer (`husk create` hung on one) and opening a device can act
+    // (a watchdog starts counting). O_NONBLOCK in case the path changes after the check.
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("is not a namespace file".into()));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| fail(e.to_string()))?;
     // SAFETY: NS_GET_NSTYPE takes no argument and only reads the descriptor, which `f` keeps
     // open for the call.
     let got = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE) };
@@ -149,11 +161,35 @@ mod tests {
         let e = validate(&ns("network", "/run/netns/does-not-exist")).expect_err("missing").to_string();
         assert!(e.contains("No such file"), "{e}");
         assert!(validate(&ns("uts", "/etc/hostname")).is_err());
+        assert!(validate(&ns("uts", "/dev/null")).is_err());
         assert!(validate(&ns("uts", "proc/self/ns/uts")).is_err());
         // A peer's path by a PID only the client knows: checked by kind first, as a file later.
         assert!(precheck(&ns("pid", "/proc/999999/ns/pid")).is_ok());
         let e = precheck(&ns("pid", "/proc/999999/ns/ipc")).expect_err("kind").to_string();
         assert!(e.contains("of type ipc"), "{e}");
         assert!(precheck(&ns("cgroup", "/proc/self/ns/ipc")).is_err());
+    }
+
+    /// Found by the runtime_spec fuzz target: a namespace path naming a FIFO hung the bundle
+    /// check in open(2), waiting for a writer that never came.
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = std::env::temp_dir().join(format!("husk-ns-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR)
+            .expect("mkfifo");
+        let path = fifo.to_str().expect("utf-8 path").to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // On its own thread, so that a regression fails the test instead of hanging it.
+        std::thread::spawn(move || {
+            let r = validate(&ns("network", &path)).map_err(|e| e.to_string());
+            let _ = tx.send(r);
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("validate returned");
+        let e = got.expect_err("a FIFO is not a namespace");
+        assert!(e.contains("is not a namespace file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -204,8 +204,11 @@ fn remove_any(path: &Path) -> Result<(), ImageError> {
     result.map_err(io_err(path))
 }
 
+/// A header's mtime as a time to set. Headers reach 2^64 - 1 seconds (base-256), past what
+/// `SystemTime` holds, where adding would panic: such times become the latest one it holds, as
+/// [`special`] does for device nodes (the kernel clamps to what the file system stores).
 fn mtime(secs: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs.min(i64::MAX as u64))
 }
 
 /// The entry's numeric uid and gid.

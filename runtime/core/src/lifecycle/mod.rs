@@ -7,7 +7,8 @@ mod control;
 mod create;
 mod delete;
 mod exec;
-mod shape;
+/// VM sizing from a bundle; public for the fuzz targets (runtime/fuzz).
+pub mod shape;
 #[cfg(test)]
 mod tests;
 

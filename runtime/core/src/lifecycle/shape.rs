@@ -100,7 +100,7 @@ fn host_cpus() -> u32 {
 }
 
 /// The VM for the container of `b` that starts it.
-pub(super) fn vm_shape(cfg: &Config, b: &Bundle, opts: &CreateOpts) -> Result<VmShape, RuntimeError> {
+pub fn vm_shape(cfg: &Config, b: &Bundle, opts: &CreateOpts) -> Result<VmShape, RuntimeError> {
     let ann = b.annotations();
     let (ann_memory, ann_vcpus) = husk_annotations(&ann)?;
     let pod = cri_sandbox_limits(&ann)?;
@@ -126,11 +126,7 @@ pub(super) fn vm_shape(cfg: &Config, b: &Bundle, opts: &CreateOpts) -> Result<Vm
 
 /// Whether container `id` with resources `res` fits in the VM of `vm`: a VM does not grow, so
 /// a limit it cannot give is refused rather than silently capped.
-pub(super) fn check_fits(
-    id: &str,
-    res: Option<&LinuxResources>,
-    vm: &SandboxRecord,
-) -> Result<(), RuntimeError> {
+pub fn check_fits(id: &str, res: Option<&LinuxResources>, vm: &SandboxRecord) -> Result<(), RuntimeError> {
     let want = limits(res);
     let hint = "size the pod's VM for it: declare the pod's resources (limits), or set the pod annotation";
     if let Some(bytes) = want.memory.filter(|_| vm.memory_mib > 0) {

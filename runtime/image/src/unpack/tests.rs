@@ -667,3 +667,29 @@ fn pax_values_with_newlines() {
         );
     }
 }
+
+/// Found by the image_unpack fuzz target: a directory whose mtime is past what `SystemTime`
+/// holds (a base-256 header field) made `finish` panic ("overflow when adding duration to
+/// instant"), which aborts a release build.
+#[test]
+fn directory_mtimes_beyond_system_time_do_not_panic() {
+    let tmp = TempDir::new();
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, mtime) in [("far", u64::MAX), ("edge", i64::MAX as u64 + 1)] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(T::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(mtime);
+        b.append_data(&mut h, path, io::empty()).expect("dir");
+    }
+    let layer = b.into_inner().expect("tar");
+    let layout = single(&tmp, &[(TAR, layer)]);
+    let dest = tmp.sub("rootfs");
+    // The kernel clamps the time to what the file system stores.
+    let result = unpack(&layout, "t", &dest);
+    assert!(result.is_ok(), "{result:?}");
+    assert!(dest.join("far").is_dir() && dest.join("edge").is_dir());
+}
