@@ -397,7 +397,7 @@ pub struct VmConfig {
 pub struct JailConfig {
     /// An empty directory; the VMM mounts a small tmpfs on it and pivots into it.
     pub root: PathBuf,
-    /// RLIMIT_NOFILE for the VMM (lowered to the hard limit it inherits if above it).
+    /// RLIMIT_NOFILE for the VMM (kept within the inherited hard limit without CAP_SYS_RESOURCE).
     #[serde(default = "default_nofile")]
     pub nofile: u64,
 }

@@ -154,8 +154,11 @@ fn set_limits(nofile: u64) -> io::Result<()> {
     // SAFETY: getrlimit/setrlimit/prctl read and write only `lim` and process attributes.
     unsafe {
         check(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
-        let n = nofile.min(lim.rlim_max);
-        check(libc::setrlimit(libc::RLIMIT_NOFILE, &libc::rlimit { rlim_cur: n, rlim_max: n }))?;
+        // Raising the hard limit needs CAP_SYS_RESOURCE; without it, stay within it.
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &libc::rlimit { rlim_cur: nofile, rlim_max: nofile }) != 0 {
+            let n = nofile.min(lim.rlim_max);
+            check(libc::setrlimit(libc::RLIMIT_NOFILE, &libc::rlimit { rlim_cur: n, rlim_max: n }))?;
+        }
         check(libc::setrlimit(libc::RLIMIT_CORE, &libc::rlimit { rlim_cur: 0, rlim_max: 0 }))?;
         check(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0))?;
     }

@@ -148,7 +148,17 @@ pub fn to_guest(
         }
         Err(e) => {
             mounts::unmount_all(&done);
-            let _ = std::fs::remove_dir_all(shared.join(cid));
+            // Removing through a mount that did not go would delete the host's files.
+            let dir = shared.join(cid);
+            match mounts::first_mount_under(&dir) {
+                Ok(None) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Ok(Some(m)) => {
+                    tracing::warn!("not removing {}: {} is still mounted", dir.display(), m.display())
+                }
+                Err(e) => tracing::warn!("not removing {}: {e}", dir.display()),
+            }
             Err(e)
         }
     }

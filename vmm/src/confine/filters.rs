@@ -258,12 +258,15 @@ pub fn compile(kind: ThreadKind, mode: SeccompMode, pid: i32) -> Result<Vec<BpfP
     if starts_threads {
         allow(&mut rules, &[libc::SYS_clone3]);
     }
-    let mut progs = vec![SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)?.try_into()?];
+    let mut progs = Vec::new();
+    // The ENOSYS program goes in first: installing a program takes prctl(NO_NEW_PRIVS) and
+    // seccomp(), which the kind's own program then forbids.
     if starts_threads {
         let mut clone3 = Rules::new();
         allow(&mut clone3, &[libc::SYS_clone3]);
         let enosys = SeccompAction::Errno(libc::ENOSYS as u32);
         progs.push(SeccompFilter::new(clone3, SeccompAction::Allow, enosys, arch)?.try_into()?);
     }
+    progs.push(SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)?.try_into()?);
     Ok(progs)
 }
