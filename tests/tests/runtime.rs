@@ -73,6 +73,8 @@ confined() {
     echo "@@CF-CGROUP $cg mem=$(cat /sys/fs/cgroup$cg/memory.max) pids=$(cat /sys/fs/cgroup$cg/pids.max) procs=$(cat /sys/fs/cgroup$cg/cgroup.procs | tr '\n' ' ')"
     echo "@@CF-NOFILE $(grep 'Max open files' /proc/$1/limits | awk '{print $4}')"
     echo "@@CF-FDS $(ls /proc/$1/fd | wc -l)"
+    # Mounts the host made read-only after boot are read-only in the VMM's namespace too.
+    awk '$5 ~ /^\/shares\/0\/.*\/mounts\// {print "@@CF-SHARE-MOUNT", $5, $6}' /proc/$1/mountinfo
 }
 mk_rootfs /var/bb
 # `husk run` here is on no network (no CNI plugins in this test host): tests/network.rs has that.
@@ -368,10 +370,16 @@ fn check_confinement(oci: &str) {
             if t.starts_with("virtio-fs") { "CapEff:00000000880000df" } else { "CapEff:0000000000000000" };
         assert!(t.ends_with(want), "{t}: expected {want}");
     }
-    expect(oci, &["@@CF-ROOT shares vsock \n", "@@CF-NOFILE 65536"], "VMM jail");
+    expect(oci, &["@@CF-ROOT proc shares vsock \n", "@@CF-NOFILE 65536"], "VMM jail");
     let cg = oci.lines().find_map(|l| l.strip_prefix("@@CF-CGROUP ")).expect("cgroup line");
     // 256 MiB of guest RAM plus the VMM's 256 MiB allowance; 160 + 1 vCPU pids.
     assert!(cg.starts_with("/husk/c1 mem=536870912 pids=161 procs="), "{cg}");
+    let share_mounts: Vec<&str> = oci.lines().filter_map(|l| l.strip_prefix("@@CF-SHARE-MOUNT ")).collect();
+    assert!(
+        !share_mounts.is_empty()
+            && share_mounts.iter().all(|m| m.split(' ').nth(1).is_some_and(|o| o.starts_with("ro"))),
+        "the read-only volume must be read-only in the VMM's mount namespace: {share_mounts:?}"
+    );
     let fds: usize = oci
         .lines()
         .find_map(|l| l.strip_prefix("@@CF-FDS "))

@@ -4,7 +4,8 @@
 //! - each virtio-fs share, at `/shares/<n>`: the passthrough opens the share through that bind
 //!   mount, whose root is the share, so a directory moved out of the share on the host can no
 //!   longer be walked above (the kernel refuses `..` that leaves a bind mount's root);
-//! - the vsock socket's directory, at `/vsock`, where it listens and reaches host listeners.
+//! - the vsock socket's directory, at `/vsock`, where it listens and reaches host listeners;
+//! - its own `/proc/self/fd` directory (the passthrough's xattr calls go through those paths).
 //!
 //! Kernel, initramfs, `/dev/kvm`, taps and the console file are opened before the pivot; after
 //! it the VMM's root is the jail (read-only, nosuid, nodev, noexec) and the host's tree is gone
@@ -138,6 +139,14 @@ pub fn prepare(j: &JailConfig, cfg: &VmConfig) -> Result<(Jail, VmConfig), JailE
         // `/` after the pivot): see `Fs::new`.
         share.path = Path::new("shares").join(i.to_string());
     }
+    // The passthrough reaches xattrs through `/proc/self/fd/N` paths: the VMM's own fd
+    // directory, and nothing else of /proc, is bound at that path.
+    let fd_dir = root.join("proc/self/fd");
+    mkdir(&fd_dir)?;
+    mount(Some(Path::new("/proc/self/fd")), &fd_dir, None, libc::MS_BIND, None)
+        .map_err(fail("binding the VMM's /proc/self/fd"))?;
+    mount(None, &fd_dir, None, libc::MS_REMOUNT | libc::MS_BIND | LOCKDOWN | libc::MS_RDONLY, None)
+        .map_err(fail("locking down /proc/self/fd"))?;
     std::env::set_current_dir(&root).map_err(fail("entering the jail directory"))?;
     // Inherited descriptors (the vsock directory's, when its path was long) are done with.
     // SAFETY: close_range only closes this process's descriptors above stderr, and nothing

@@ -18,6 +18,16 @@ pub fn bind(source: &Path, target: &Path, recursive: bool, read_only: bool) -> R
     }
     if meta.is_dir() { std::fs::create_dir_all(target) } else { std::fs::File::create(target).map(drop) }
         .map_err(RuntimeError::io(format!("creating mount point {}", target.display())))?;
+    if read_only {
+        // Read-only before it is attached: the copies that propagate into the VMM's mount
+        // namespace are made at attach time with the flags the mount has then, and a later
+        // remount would leave them writable.
+        return bind_read_only(source, target, recursive).map_err(RuntimeError::io(format!(
+            "bind-mounting {} read-only on {}",
+            source.display(),
+            target.display()
+        )));
+    }
     let flags = if recursive { MsFlags::MS_BIND | MsFlags::MS_REC } else { MsFlags::MS_BIND };
     mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(RuntimeError::errno(format!(
         "bind-mounting {} on {}",
@@ -26,13 +36,79 @@ pub fn bind(source: &Path, target: &Path, recursive: bool, read_only: bool) -> R
     )))?;
     // Our bookkeeping mounts must not propagate into other mount namespaces.
     let _ = mount(None::<&str>, target, None::<&str>, MsFlags::MS_PRIVATE | MsFlags::MS_REC, None::<&str>);
-    if read_only {
-        let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        if let Err(e) = mount(None::<&str>, target, None::<&str>, ro, None::<&str>) {
-            let _ = umount2(target, MntFlags::MNT_DETACH);
-            return Err(RuntimeError::errno(format!("remounting {} read-only", target.display()))(e));
-        }
+    Ok(())
+}
+
+/// `struct mount_attr` (linux/mount.h).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// A detached copy of `source` (open_tree), made read-only (and private) while detached
+/// (mount_setattr), then attached on `target` (move_mount).
+fn bind_read_only(source: &Path, target: &Path, recursive: bool) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    const OPEN_TREE_CLONE: libc::c_ulong = 1;
+    const AT_RECURSIVE: libc::c_ulong = 0x8000;
+    const MOUNT_ATTR_RDONLY: u64 = 1;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_ulong = 4;
+    let cstr = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (src, dst) = (cstr(source)?, cstr(target)?);
+    let rec = if recursive { AT_RECURSIVE } else { 0 };
+    // SAFETY: open_tree with a valid C string; the result is a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_ulong | rec,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: open_tree returned a fresh descriptor nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let attr =
+        MountAttr { attr_set: MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: libc::MS_PRIVATE, userns_fd: 0 };
+    // SAFETY: mount_setattr reads `attr` (its size given) and changes only the detached tree.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_ulong | rec,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: move_mount of our detached tree onto a valid C string path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // As for the writable binds: later events under it stay here.
+    let _ = mount(None::<&str>, target, None::<&str>, MsFlags::MS_PRIVATE | MsFlags::MS_REC, None::<&str>);
     Ok(())
 }
 

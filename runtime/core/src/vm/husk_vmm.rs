@@ -223,7 +223,11 @@ impl Vms for HuskVmm {
         // Its own PID namespace and, from its first instruction, its sandbox's cgroup.
         let cgroup = if confined {
             Some(cgroup::create(sid, shape.memory_mib.into(), shape.vcpus).map_err(RuntimeError::io(
-                format!("creating the VMM cgroup {}", cgroup::path(sid).display()),
+                format!(
+                    "creating the VMM cgroup {} (VMMs are confined on cgroup v2 hosts; \
+                     HUSK_VMM_JAIL=0 runs them unconfined, for debugging)",
+                    cgroup::path(sid).display()
+                ),
             ))?)
         } else {
             None
