@@ -321,6 +321,7 @@ impl Agent {
         let (init, cgroup, lifeline) = match result {
             Ok(v) => v,
             Err(e) => {
+                self.clear_leftovers(&id).await;
                 let _ = std::fs::remove_dir_all(&bundle);
                 if overlay.is_some() {
                     rootfs::remove_overlay(&overlay_dir);
@@ -453,6 +454,34 @@ impl Agent {
         });
     }
 
+    /// What a create helper that died mid-way (killed, or the VM short of memory) may have left
+    /// of container `id`: libcontainer's state, an init waiting for Start, its cgroup. All of
+    /// it goes, so the id can be created again; libcontainer cleans up after its own errors, so
+    /// usually there is nothing.
+    async fn clear_leftovers(&self, id: &str) {
+        let state = self.lc_root().join(id);
+        if !state.exists() {
+            return;
+        }
+        tracing::warn!("container {id}: clearing what a failed create left");
+        if let Ok(cg) = ContainerCgroup::new(id) {
+            let _ = cg.freeze(false);
+            let _ = cg.signal_all(nix::sys::signal::Signal::SIGKILL);
+        }
+        let delete = async {
+            let null = StdioFds::null_triple()?;
+            let op = Op::Delete { root: self.lc_root(), id: id.to_string(), force: true };
+            oci::run(&self.reaper, op, null).await
+        };
+        if let Err(e) = delete.await {
+            tracing::warn!("container {id}: libcontainer delete: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&state);
+        if let Ok(cg) = ContainerCgroup::new(id) {
+            cg.remove();
+        }
+    }
+
     pub async fn start_container(&self, id: &str) -> Result<(), AgentError> {
         let c = self.container(id)?;
         let status = c.status();
@@ -495,6 +524,8 @@ impl Agent {
                 .await
         {
             tracing::warn!("container {id}: libcontainer delete: {e}");
+            // Its processes are dead already; its state must not block the id's next create.
+            let _ = std::fs::remove_dir_all(self.lc_root().join(id));
         }
         c.cgroup.remove();
         let _ = std::fs::remove_dir_all(&c.bundle);

@@ -33,6 +33,8 @@ const LOG_FD: i32 = 4;
 const MAX_LOG: usize = 4096;
 /// How long a report may lag behind the helper's exit.
 const REPORT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// Where a fault point that fired leaves its marker (see [`fault_point`]).
+const FAULT_MARKER_DIR: &str = "/run";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -213,6 +215,28 @@ pub fn helper_main(op_json: &str) -> ! {
     std::process::exit(if report.error.is_some() { 1 } else { 0 });
 }
 
+/// Test hook: `husk.fault=POINT[@ID][,POINT[@ID]...]` on the guest kernel's command line (husk's
+/// `HUSK_CMDLINE`) makes the helper SIGKILL itself at POINT, for container ID only if one is
+/// given, once per boot, so a test sees what a helper dying there leaves behind. Points:
+/// `oci-create` (before libcontainer builds the container), `oci-created` (after, before the
+/// report), `oci-start`, `oci-exec`, `oci-delete`. Without the parameter nothing changes.
+fn fault_point(point: &str, id: &str) {
+    let Ok(cmdline) = std::fs::read_to_string("/proc/cmdline") else { return };
+    let Some(list) = cmdline.split_whitespace().find_map(|a| a.strip_prefix("husk.fault=")) else {
+        return;
+    };
+    let hit = list.split(',').find(|f| match f.split_once('@') {
+        Some((p, i)) => p == point && i == id,
+        None => *f == point,
+    });
+    let Some(hit) = hit else { return };
+    // Once per boot: a retry of the same step must be able to succeed.
+    let marker = std::path::Path::new(FAULT_MARKER_DIR).join(format!("husk-fault-{hit}"));
+    if std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_ok() {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 fn load(root: &std::path::Path, id: &str) -> Result<Container, String> {
     Container::load(root.join(id)).map_err(|e| format!("container {id}: {e}"))
 }
@@ -220,6 +244,7 @@ fn load(root: &std::path::Path, id: &str) -> Result<Container, String> {
 fn perform(op: Op) -> Result<Option<i32>, String> {
     match op {
         Op::Create { root, id, bundle, console_socket, no_pivot, start, propagation } => {
+            fault_point("oci-create", &id);
             let mut container = ContainerBuilder::new(id.clone(), SyscallType::Linux)
                 .with_root_path(root)
                 .map_err(|e| e.to_string())?
@@ -231,6 +256,7 @@ fn perform(op: Op) -> Result<Option<i32>, String> {
                 .with_no_pivot(no_pivot)
                 .build()
                 .map_err(|e| format!("creating container {id}: {e}"))?;
+            fault_point("oci-created", &id);
             let pid = container.pid().map(|p| p.as_raw());
             if let Some(pid) = pid {
                 if let Err(e) = crate::propagation::apply(pid, &propagation) {
@@ -242,10 +268,12 @@ fn perform(op: Op) -> Result<Option<i32>, String> {
             Ok(pid)
         }
         Op::Start { root, id } => {
+            fault_point("oci-start", &id);
             load(&root, &id)?.start().map_err(|e| format!("starting container {id}: {e}"))?;
             Ok(None)
         }
         Op::Exec { root, id, process_json, console_socket, start } => {
+            fault_point("oci-exec", &id);
             let pid = ContainerBuilder::new(id.clone(), SyscallType::Linux)
                 .with_root_path(root)
                 .map_err(|e| e.to_string())?
@@ -259,6 +287,7 @@ fn perform(op: Op) -> Result<Option<i32>, String> {
             Ok(Some(pid.as_raw()))
         }
         Op::Delete { root, id, force } => {
+            fault_point("oci-delete", &id);
             load(&root, &id)?.delete(force).map_err(|e| format!("deleting container {id}: {e}"))?;
             Ok(None)
         }

@@ -1,6 +1,8 @@
 //! Host processes husk left behind (VMMs, relays), recognised by PID plus start time so that a
 //! reused PID is never taken for them.
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 /// The start time (clock ticks since boot) of `pid`, unless it is gone or a zombie.
@@ -33,6 +35,19 @@ pub fn signal(pid: i32, start: u64, signal: nix::sys::signal::Signal) -> bool {
     alive(pid, start) && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).is_ok()
 }
 
+/// The live processes (PID, start time) with `arg` as one of their command-line arguments: how
+/// a process that was started but never recorded (its starter killed in between) is found.
+pub fn with_arg(arg: &OsStr) -> Vec<(i32, u64)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+        })
+        .filter_map(|pid| Some((pid, start_time(pid)?)))
+        .collect()
+}
+
 /// Marks every inherited descriptor from 3 up close-on-exec, so long-lived children (VMM,
 /// relays) never hold a caller's pipe open: a client waiting for EOF on one would hang.
 /// Async-signal-safe: meant for `pre_exec`.
@@ -55,6 +70,26 @@ mod tests {
         let z = "123 (x) Z 1 123 123 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 4567 1000 10";
         assert_eq!(parse_stat(z), None);
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn processes_are_found_by_an_argument() {
+        use std::os::unix::process::CommandExt;
+        let marker = format!("husk-procinfo-test-{}", std::process::id());
+        let mut child = std::process::Command::new("sleep").arg0(&marker).arg("30").spawn().expect("sleep");
+        // Its command line shows a moment after spawn returns (the exec is still finishing).
+        let mut found = Vec::new();
+        for _ in 0..250 {
+            found = with_arg(OsStr::new(&marker));
+            if !found.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(found.iter().map(|f| f.0).collect::<Vec<_>>(), [child.id() as i32]);
+        assert!(with_arg(OsStr::new("husk-procinfo-no-such-argument")).is_empty());
     }
 
     #[test]

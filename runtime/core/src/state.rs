@@ -166,6 +166,27 @@ impl StateDir {
             .ok_or_else(|| RuntimeError::NotFound(id.to_string()))
     }
 
+    /// Removes a container directory that was reserved but never recorded (its create was
+    /// killed first). A create still under way holds the lock: it is waited for, and what it
+    /// recorded kept.
+    pub fn remove_unrecorded_container(&self, id: &str) -> Result<(), RuntimeError> {
+        check_id(id)?;
+        let dir = self.container_dir(id);
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        let _lock = match Lock::take(&dir.join("lock")) {
+            Ok(l) => l,
+            // Removed meanwhile (a failed create cleans up after itself).
+            Err(RuntimeError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if dir.join("state.json").exists() {
+            return Ok(());
+        }
+        self.remove_container(id)
+    }
+
     pub fn write_container(&self, rec: &ContainerRecord) -> Result<(), RuntimeError> {
         write_json(&self.container_dir(&rec.id).join("state.json"), rec)
     }
@@ -221,6 +242,13 @@ impl StateDir {
     pub async fn reserve_container_async(&self, id: &str) -> Result<Lock, RuntimeError> {
         let (s, id) = (self.clone(), id.to_string());
         blocking(move || s.reserve_container(&id)).await
+    }
+
+    /// [`remove_unrecorded_container`](Self::remove_unrecorded_container) off the async
+    /// runtime's threads.
+    pub async fn remove_unrecorded_container_async(&self, id: &str) -> Result<(), RuntimeError> {
+        let (s, id) = (self.clone(), id.to_string());
+        blocking(move || s.remove_unrecorded_container(&id)).await
     }
 
     /// [`lock_sandbox`](Self::lock_sandbox) off the async runtime's threads.
@@ -360,11 +388,20 @@ mod tests {
         assert!(s.container_ids().expect("ids").is_empty());
         s.write_container(&record("c1")).expect("write");
         drop(lock);
-        let (_l, rec) = s.lock_container("c1").expect("lock");
+        let (l, rec) = s.lock_container("c1").expect("lock");
         assert_eq!(rec, record("c1"));
         assert_eq!(s.container_ids().expect("ids"), vec!["c1".to_string()]);
+        drop(l);
+        // A recorded container is no leftover reservation.
+        s.remove_unrecorded_container("c1").expect("kept");
+        assert!(s.container_dir("c1").join("state.json").is_file());
         s.remove_container("c1").expect("remove");
         assert!(matches!(s.read_container("c1"), Err(RuntimeError::NotFound(_))));
+        // A reservation whose create died (its lock released, nothing recorded) goes.
+        drop(s.reserve_container("c2").expect("reserve"));
+        s.remove_unrecorded_container("c2").expect("remove reservation");
+        assert!(!s.container_dir("c2").exists());
+        s.remove_unrecorded_container("c2").expect("nothing to remove");
         assert!(matches!(s.lock_container("../x"), Err(RuntimeError::InvalidId(_))));
         let _ = std::fs::remove_dir_all(&root);
     }

@@ -115,11 +115,18 @@ thread_local! {
 pub fn enable(mode: SeccompMode) -> Result<(), ConfineError> {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
-    // glibc sizes its malloc arena pool lazily, the first time a thread needs a new arena,
-    // by reading /sys/devices/system/cpu/online: that openat would come from a confined thread
-    // in the middle of a burst. A fixed pool is decided now and never reads anything.
-    // SAFETY: mallopt only sets an allocator parameter.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) };
+    // glibc's malloc opens files lazily, from whichever thread gets there first: it sizes its
+    // arena pool from /sys/devices/system/cpu/online, and reads
+    // /proc/sys/vm/overcommit_memory the first time it shrinks a thread's heap (the vsock
+    // worker did, after a 64 MiB stream). Both would be an openat on a confined thread. A fixed
+    // pool, large blocks mapped (and unmapped) on their own, and thread heaps never trimmed
+    // mean neither happens.
+    // SAFETY: mallopt only sets allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 8);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
     if mode == SeccompMode::Off || POLICY.get().is_some() {
         // Filters are compiled once per process (tests build several VMs in one).
         return Ok(());

@@ -16,7 +16,11 @@ impl<V: Vms> Runtime<V> {
         let (_lock, rec) = self.state.lock_container_async(id).await?;
         let (status, agent) = self.status(&rec).await?;
         match (status, agent) {
-            (Status::Created, Some(a)) => a.start_container(id).await?,
+            (Status::Created, Some(a)) => {
+                crate::fault::point("start-before-agent");
+                a.start_container(id).await?;
+                crate::fault::point("start-after-agent");
+            }
             (Status::Stopped, _) => {
                 return Err(RuntimeError::WrongState("cannot start a container that has stopped".into()))
             }

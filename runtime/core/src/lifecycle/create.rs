@@ -203,8 +203,10 @@ impl<V: Vms> Runtime<V> {
             rootfs: Some(rootfs),
             stdio: Some(stdio),
         };
+        crate::fault::point("create-before-agent");
         let guest_pid = agent.create_container(req).await?;
         partial.created_in = Some(agent.clone());
+        crate::fault::point("create-after-agent");
 
         let (relay_pid, relay_start) = match &relay {
             Some(r) => (r.pid, r.start),
@@ -231,6 +233,7 @@ impl<V: Vms> Runtime<V> {
         self.state.write_container(&rec)?;
         srec.containers.push(id.into());
         self.state.write_sandbox(&srec)?;
+        crate::fault::point("create-recorded");
         // From here a failure must also take the container out of the sandbox record.
         let finish = async {
             if let StdioStrategy::Relay { pid_file: Some(p), .. } = &opts.stdio {

@@ -15,6 +15,11 @@ use crate::{mounts, procinfo, share};
 
 /// How long a delete waits for a container's relay to notice the process is gone.
 const RELAY_EXIT_WAIT: Duration = Duration::from_secs(5);
+/// How long a killed VMM that was never recorded gets to be gone.
+const UNRECORDED_VMM_WAIT: Duration = Duration::from_secs(10);
+/// The VM description husk-vmm is started with (`--config <sandbox dir>/vm.json`, see
+/// `vm::husk_vmm`), by which a VMM that was never recorded is recognised.
+const VM_CONFIG_FILE: &str = "vm.json";
 
 impl<V: Vms> Runtime<V> {
     /// A stopped container (VM gone included) needs no `force`; `vm` is the VMM this process
@@ -22,9 +27,13 @@ impl<V: Vms> Runtime<V> {
     pub async fn delete(&self, id: &str, force: bool, vm: VmProcess) -> Result<(), RuntimeError> {
         let (lock, rec) = match self.state.lock_container_async(id).await {
             // As runc: forcing the delete of a container that is gone succeeds, so a caller
-            // retrying a delete (containerd does) is done. A sandbox of that name that no
-            // container holds (its creator was killed before recording one) goes too.
-            Err(RuntimeError::NotFound(_)) if force => return self.remove_orphan_sandbox(id).await,
+            // retrying a delete (containerd does) is done. What a create killed before it
+            // recorded the container left goes too: its reservation, and a sandbox of that name
+            // that no container holds.
+            Err(RuntimeError::NotFound(_)) if force => {
+                self.state.remove_unrecorded_container_async(id).await?;
+                return self.remove_orphan_sandbox(id).await;
+            }
             r => r?,
         };
         let (status, agent) = self.status(&rec).await?;
@@ -41,6 +50,7 @@ impl<V: Vms> Runtime<V> {
                 }
             }
         }
+        crate::fault::point("delete-after-agent");
         // The relay ends once its process is gone; one whose VM vanished may need a push.
         let me = std::process::id() as i32;
         let deadline = Instant::now() + RELAY_EXIT_WAIT;
@@ -58,6 +68,7 @@ impl<V: Vms> Runtime<V> {
         mounts::unmount_under(&mine)?;
         let _ = std::fs::remove_dir_all(&mine);
         self.leave_sandbox(&rec.sandbox_id, id, vm).await?;
+        crate::fault::point("delete-sandbox-left");
         self.state.remove_container(id)?;
         drop(lock);
         let state = HookState {
@@ -82,6 +93,7 @@ impl<V: Vms> Runtime<V> {
         if srec.containers.is_empty() {
             mounts::unmount_under(&share::shared_dir(&self.state, sid))?;
             self.vms.power_off(&srec, vm).await;
+            crate::fault::point("delete-vm-off");
             self.release_sandbox(sid).await
         } else {
             self.state.write_sandbox(&srec)
@@ -118,8 +130,29 @@ impl<V: Vms> Runtime<V> {
                 mounts::unmount_under(&share::shared_dir(&self.state, sid))?;
                 self.vms.power_off(&r, VmProcess::default()).await;
             }
-            None => {}
+            // Killed while its VM booted, before the VM was recorded: the VMM may still run.
+            None => self.kill_unrecorded_vmm(sid).await,
         }
         self.release_sandbox(sid).await
+    }
+
+    /// Kills the VMM of sandbox `sid` that runs without a record (its create was killed between
+    /// starting it and writing `sandbox.json`), and removes its cgroup. The caller holds the
+    /// sandbox's lock, so no create of `sid` is under way. Found by its config file argument,
+    /// which names this state root's sandbox directory (the cgroup is per sandbox id only, and
+    /// another state root may use the same id).
+    async fn kill_unrecorded_vmm(&self, sid: &str) {
+        let config = self.state.sandbox_dir(sid).join(VM_CONFIG_FILE);
+        let vmms = procinfo::with_arg(config.as_os_str());
+        for &(pid, start) in &vmms {
+            tracing::info!("sandbox {sid}: killing husk-vmm {pid}, which runs without a record");
+            procinfo::signal(pid, start, Signal::SIGKILL);
+        }
+        let deadline = Instant::now() + UNRECORDED_VMM_WAIT;
+        while vmms.iter().any(|&(pid, start)| procinfo::alive(pid, start)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let sid = sid.to_string();
+        let _ = tokio::task::spawn_blocking(move || crate::vm::cgroup::remove(&sid)).await;
     }
 }

@@ -51,7 +51,9 @@ impl<V: Vms> Runtime<V> {
             oci_process_json: opts.process_json,
             stdio: Some(pstdio),
         };
+        crate::fault::point("exec-before-agent");
         let guest_pid = agent.exec_process(req).await?;
+        crate::fault::point("exec-after-agent");
         let pid = relay.as_ref().map(|r| r.pid).unwrap_or(std::process::id() as i32);
         if let StdioStrategy::Relay { pid_file: Some(p), .. } = &opts.stdio {
             crate::state::write_atomic(p, &pid.to_string())?;

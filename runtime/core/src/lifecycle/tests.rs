@@ -342,6 +342,19 @@ async fn a_network_no_container_holds_goes_with_a_forced_delete() {
 }
 
 #[tokio::test]
+async fn a_forced_delete_clears_what_a_create_killed_before_recording_left() {
+    let f = Fixture::new("killed-create");
+    // The create reserved the id and locked its sandbox, then died (its locks went with it).
+    drop(f.rt.state.reserve_container("c1").expect("reserve"));
+    drop(f.rt.state.lock_sandbox("c1").expect("sandbox dir"));
+    assert!(matches!(f.rt.state.read_container("c1"), Err(RuntimeError::NotFound(_))));
+    f.rt.delete("c1", true, VmProcess::default()).await.expect("forced delete");
+    f.assert_gone("c1");
+    // The id is free again.
+    f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create");
+}
+
+#[tokio::test]
 async fn a_failed_del_keeps_the_record_for_the_next_delete() {
     let f = Fixture::new("cni-del-fails");
     let plugins = FakePlugins::new("lifecycle-del-fails");
