@@ -3,7 +3,7 @@
 //! call exactly between two of its steps and check what a crash there leaves behind (and that
 //! `delete --force` clears it). Without the variable, or with it naming another point, nothing
 //! changes. The points are listed where they are called (`fault::point("...")`);
-//! tests/tests/faults.rs drives each of them.
+//! the fault and leak test drives each of them.
 
 use nix::sys::signal::{raise, Signal};
 
