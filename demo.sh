@@ -9,6 +9,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 ./tests/build-artifacts.sh
 t=$PWD/target
 script='
+# husk puts each VMM in a cgroup v2 of its own.
+mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup
 r=/var/demo-rootfs
 mkdir -p $r/bin $r/proc $r/sys $r/dev $r/tmp $r/etc
 cp /bin/busybox $r/bin/busybox
