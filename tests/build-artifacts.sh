@@ -49,7 +49,7 @@ LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
 RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release --target x86_64-unknown-linux-gnu -p husk-test-init -p husk-agent >&2
 gbin="$target/x86_64-unknown-linux-gnu/release"
-for b in husk-test-init husk-agent husk-pause husk-udp-echo; do
+for b in husk-test-init husk-agent husk-pause husk-udp-echo husk-tcp-hello; do
     file -L "$gbin/$b" | grep -q 'static' || { log "$b is not statically linked"; exit 1; }
 done
 "$target/release/husk-rootfs-builder" --output "$out/test-init.cpio" --init "$gbin/husk-test-init"

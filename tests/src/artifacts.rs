@@ -214,6 +214,8 @@ pub struct NetTestKit {
     pub probe: PathBuf,
     /// husk-udp-echo (static, for the container rootfs).
     pub udp_echo: PathBuf,
+    /// husk-tcp-hello (static, for the container rootfs): the many-connections check's server.
+    pub tcp_hello: PathBuf,
     /// CNI plugins, iptables and its extensions, netavark where podman would use it.
     pub net_files: Vec<PathBuf>,
 }
@@ -255,7 +257,13 @@ impl NetTestKit {
         if Path::new("/usr/lib/podman/netavark").exists() {
             net_files.push(PathBuf::from("/usr/lib/podman"));
         }
-        Ok(Self { runtime, probe: bin("husk-net-probe")?, udp_echo: guest_bin("husk-udp-echo")?, net_files })
+        Ok(Self {
+            runtime,
+            probe: bin("husk-net-probe")?,
+            udp_echo: guest_bin("husk-udp-echo")?,
+            tcp_hello: guest_bin("husk-tcp-hello")?,
+            net_files,
+        })
     }
 
     /// Everything the job needs in L1: only the runtime peers it drives (podman, conmon), since
@@ -263,7 +271,7 @@ impl NetTestKit {
     pub fn files(&self) -> Vec<PathBuf> {
         let k = &self.runtime;
         let peers = k.peers.iter().filter(|p| p.ends_with("podman") || p.ends_with("conmon"));
-        [&k.husk, &k.vmm, &k.kernel, &k.initrd, &k.busybox, &self.probe, &self.udp_echo]
+        [&k.husk, &k.vmm, &k.kernel, &k.initrd, &k.busybox, &self.probe, &self.udp_echo, &self.tcp_hello]
             .into_iter()
             .chain(peers)
             .chain(&self.net_files)

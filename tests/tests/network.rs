@@ -1,7 +1,9 @@
 //! Networking end to end, in one test-host boot: `husk run` on its default CNI network (the
 //! `10-husk.conflist` husk writes: bridge `husk0` on 10.77.0.0/16, host-local, portmap) and
 //! podman 4.3 on its own default network with husk as its runtime. L1's side is
-//! `husk-net-probe`; the guest serves busybox httpd and `husk-udp-echo`.
+//! `husk-net-probe`; the guest serves busybox httpd, `husk-udp-echo`, and `husk-tcp-hello` for
+//! the burst of connections (httpd's listen backlog of 9 would make that check time SYN
+//! retransmits in the slow nested guest).
 //!
 //! Checked: published TCP and UDP ports on L1's 127.0.0.1 and the guest's CNI address, the
 //! guest reaching L1, 64 MiB each way byte for byte, 100 concurrent connections, `--net none`
@@ -77,10 +79,11 @@ mk_rootfs() {
     echo "root:x:0:0:root:/root:/bin/sh" > $1/etc/passwd
     echo "root:x:0:" > $1/etc/group
     cp @UDPECHO@ $1/bin/husk-udp-echo
+    cp @TCPHELLO@ $1/bin/husk-tcp-hello
     echo hello-from-guest > $1/www/index.html
 }
 mk_rootfs /var/bb
-# Part 1's guest: HTTP and UDP echo servers, its interfaces, then 64 MiB from L1 into /www (the
+# Part 1's guest: HTTP servers and a UDP echo server, its interfaces, then 64 MiB from L1 into /www (the
 # overlay over the read-only rootfs is tmpfs-backed), hashed here and served back for L1 to hash:
 # each direction is checked against L1's own sum, and nothing is generated or hashed twice in
 # the slow nested guest.
@@ -88,6 +91,7 @@ cat > /var/bb/bin/net-guest <<'EOG'
 #!/bin/sh
 httpd -f -p 80 -h /www &
 husk-udp-echo 5353 &
+husk-tcp-hello 81 hello-from-guest &
 echo "@@G-IFACES $(ls /sys/class/net | tr '\n' ' ')"
 ip -o -4 addr show eth0 | sed 's/^/@@G-ADDR /'
 ip route | sed 's/^/@@G-ROUTE /'
@@ -128,7 +132,7 @@ $P get GUEST-TCP ${gaddr:-10.77.255.254}:80 /index.html --contains hello-from-gu
 t fetch-64m
 $P get GUEST-TO-L1-64M ${gaddr:-10.77.255.254}:80 /blob --len $BLOB --sha256 ${L1SUM:-none}
 t conns
-$P conns CONNS-100 ${gaddr:-10.77.255.254}:80 100 /index.html hello-from-guest
+$P conns CONNS-100 ${gaddr:-10.77.255.254}:81 100 /index.html hello-from-guest
 t udp
 $P udp PUBLISHED-UDP 127.0.0.1:5353 50 --wait 30
 $P udp GUEST-UDP ${gaddr:-10.77.255.254}:5353 50 --wait 30
@@ -194,7 +198,8 @@ fn husk_run_and_podman_on_cni_networks() {
         .replace("@HUSK@", &d(&kit.runtime.husk))
         .replace("@PROBE@", &d(&kit.probe))
         .replace("@BUSYBOX@", &d(&kit.runtime.busybox))
-        .replace("@UDPECHO@", &d(&kit.udp_echo));
+        .replace("@UDPECHO@", &d(&kit.udp_echo))
+        .replace("@TCPHELLO@", &d(&kit.tcp_hello));
     let mut job = Job::new(script).timeout(Duration::from_secs(1200));
     job.files = kit.files();
     job.net = true;
