@@ -10,7 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 t=$PWD/target
 script='
 # husk puts each VMM in a cgroup v2 of its own.
-mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup
+grep -q " /sys/fs/cgroup cgroup2 " /proc/mounts || mount -t cgroup2 cgroup2 /sys/fs/cgroup
 r=/var/demo-rootfs
 mkdir -p $r/bin $r/proc $r/sys $r/dev $r/tmp $r/etc
 cp /bin/busybox $r/bin/busybox
