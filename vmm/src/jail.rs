@@ -174,9 +174,18 @@ fn set_limits(nofile: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// How the jail became the root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootChange {
+    /// pivot_root, the old root detached: the usual case.
+    Pivoted,
+    /// Moved over `/` and chrooted: the host runs from its initramfs.
+    MovedOverInitramfs,
+}
+
 impl Jail {
     /// Makes the jail the VMM's root and drops the host's tree from its view.
-    pub fn enter(self) -> Result<(), JailError> {
+    pub fn enter(self) -> Result<RootChange, JailError> {
         let root = cstr(&self.root).map_err(fail("jail path"))?;
         // SAFETY: chdir with a valid C string.
         check(unsafe { libc::chdir(root.as_ptr()) }).map_err(fail("chdir into the jail"))?;
@@ -185,11 +194,12 @@ impl Jail {
         // SAFETY: both arguments are valid C strings.
         let pivoted =
             check(unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } as i32);
-        match pivoted {
+        let how = match pivoted {
             Ok(()) => {
                 // SAFETY: umount2 of the old root stacked on "."; MNT_DETACH lets busy mounts go.
                 check(unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) })
                     .map_err(fail("detaching the old root"))?;
+                RootChange::Pivoted
             }
             // The host runs from its initramfs (rootfs cannot be pivoted away): move the jail
             // over / and chroot, as runc's no-pivot mode does. The chroot cannot be left: the
@@ -200,9 +210,10 @@ impl Jail {
                     .map_err(fail("moving the jail over /"))?;
                 // SAFETY: chroot with a valid C string.
                 check(unsafe { libc::chroot(dot.as_ptr()) }).map_err(fail("chroot into the jail"))?;
+                RootChange::MovedOverInitramfs
             }
             Err(e) => return Err(fail("pivot_root")(e)),
-        }
+        };
         // SAFETY: chdir with a valid C string.
         check(unsafe { libc::chdir(c"/".as_ptr()) }).map_err(fail("chdir /"))?;
         mount(
@@ -213,6 +224,96 @@ impl Jail {
             None,
         )
         .map_err(fail("making the jail root read-only"))?;
-        Ok(())
+        Ok(how)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// The jail changes the whole process, so it is built in a child: this test binary run
+    /// again for this one test, with `HUSK_JAIL_CHILD` naming a scratch directory.
+    #[test]
+    fn jail_child() {
+        let Ok(dir) = std::env::var("HUSK_JAIL_CHILD") else { return };
+        let d = Path::new(&dir);
+        let cfg = VmConfig::from_json(&format!(
+            r#"{{"kernel":"/k","vsock":{{"uds_path":"{dir}/v/vsock.sock"}},
+                "fs":[{{"tag":"rw","path":"{dir}/share"}},{{"tag":"ro","path":"{dir}/ro","read_only":true}}]}}"#
+        ))
+        .expect("config");
+        let (jail, out) = prepare(&JailConfig { root: d.join("root"), nofile: 1024 }, &cfg).expect("prepare");
+        let how = jail.enter().expect("enter");
+        let mut names: Vec<String> = std::fs::read_dir("/")
+            .expect("read /")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let shared = std::fs::read_to_string(out.fs[0].path.join("hello")).unwrap_or_default();
+        let rw = std::fs::write(out.fs[0].path.join("new"), b"x").is_ok();
+        let ro = std::fs::write(out.fs[1].path.join("new"), b"x").map_err(|e| e.raw_os_error());
+        let root = std::fs::write("/new", b"x").map_err(|e| e.raw_os_error());
+        let up = std::fs::read_dir("/..").map(|r| r.count()).unwrap_or(0);
+        let mut o = std::io::stdout();
+        writeln!(o, "@@how {how:?}").ok();
+        writeln!(o, "@@root {} up={up}", names.join(" ")).ok();
+        writeln!(o, "@@share {} rw={rw} ro={ro:?} rootfs={root:?}", shared.trim()).ok();
+        writeln!(o, "@@vsock {}", out.vsock.map(|v| v.uds_path.display().to_string()).unwrap_or_default())
+            .ok();
+        writeln!(o, "@@fd {}", Path::new("/proc/self/fd/0").exists()).ok();
+    }
+
+    /// Whether `/` is an initramfs here, where pivot_root cannot work.
+    fn root_is_initramfs() -> bool {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        info.lines().any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let fstype = l.split(" - ").nth(1).and_then(|r| r.split(' ').next());
+            f.get(4) == Some(&"/") && matches!(fstype, Some("rootfs"))
+        })
+    }
+
+    #[test]
+    fn the_jail_holds_only_shares_vsock_and_fds_and_pivots() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: building a jail needs root (mount namespaces and mounts)");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("husk-jail-test-{}", std::process::id()));
+        for sub in ["root", "v", "share", "ro"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
+        }
+        std::fs::write(dir.join("share/hello"), "hello-through-the-jail").expect("write");
+        let exe = std::env::current_exe().expect("test binary");
+        let out = std::process::Command::new(exe)
+            .args(["--exact", "jail::tests::jail_child", "--test-threads=1", "--nocapture"])
+            .env("HUSK_JAIL_CHILD", &dir)
+            .output()
+            .expect("run child");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(out.status.success(), "{out:?}");
+        let how = if root_is_initramfs() { "MovedOverInitramfs" } else { "Pivoted" };
+        for want in [
+            format!("@@how {how}"),
+            // `/..` is `/`: nothing of the host above the jail.
+            "@@root proc shares vsock up=3".to_string(),
+            format!(
+                "@@share hello-through-the-jail rw=true ro=Err(Some({})) rootfs=Err(Some({}))",
+                libc::EROFS,
+                libc::EROFS
+            ),
+            "@@vsock /vsock/vsock.sock".to_string(),
+            "@@fd true".to_string(),
+        ] {
+            assert!(text.contains(&want), "want {want:?} in:\n{text}");
+        }
+        // The jail's mounts lived in the child's namespace only.
+        assert!(!std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .contains("husk-jail-test"));
     }
 }
