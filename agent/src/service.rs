@@ -147,6 +147,9 @@ impl pb::health_server::Health for Service {
         ok(pb::HealthResponse {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             api_version: pb::API_VERSION,
+            init_started_ns: self.0.init_started_ns.load(std::sync::atomic::Ordering::Relaxed),
+            agent_ready_ns: self.0.ready_ns.load(std::sync::atomic::Ordering::Relaxed),
+            guest_now_ns: crate::init::boottime_ns(),
         })
     }
 }

@@ -25,6 +25,13 @@ for r in @RUNTIMES@; do
 done
 @PROBE@ time husk-run-bundle-true-ms @N@ @HUSK@ --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle"
 @PROBE@ time husk-run-rootfs-true-ms @N@ @HUSK@ run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs"
+i=0
+while [ $i -lt @N@ ]; do
+    @HUSK@ run --timings --net none --rootfs /var/bb -- true 2>/tmp/timings >/dev/null || echo "FAIL husk run --timings"
+    sed 's/^/TIMINGS /' /tmp/timings
+    echo "TIMINGS-END"
+    i=$((i+1))
+done
 @HUSK@ --root /run/hs run -d --bundle /var/oci-sleep s1 >/dev/null 2>&1 || echo "FAIL husk run -d"
 sleep 2
 vmm=$(sed -n 's/.*"vmm_pid": \([0-9]*\).*/\1/p' /run/hs/sandboxes/s1/sandbox.json)
@@ -38,6 +45,54 @@ awk '/^[0-9a-f]+-[0-9a-f]+ /{big=0} /^Size:/{size=$2} /^Rss:/{ if (size >= 13107
 "##;
 
 const N: usize = 10;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The median `husk run --timings` breakdown over the runs (phases by name, a repeated name
+/// numbered by its occurrence in the run), in the order of the first run.
+fn print_breakdown(output: &str, wall_ms: f64) {
+    let mut order: Vec<String> = Vec::new();
+    let mut values: std::collections::HashMap<String, (Vec<f64>, Vec<f64>)> = Default::default();
+    let mut runs = 0;
+    for run in output.split("TIMINGS-END") {
+        let text: String =
+            run.lines().filter_map(|l| l.strip_prefix("TIMINGS ")).map(|l| format!("{l}\n")).collect();
+        let phases = husk_core::timeline::parse(&text);
+        if phases.is_empty() {
+            continue;
+        }
+        runs += 1;
+        let mut seen: std::collections::HashMap<String, usize> = Default::default();
+        for (name, at, delta) in phases {
+            let n = seen.entry(name.clone()).or_default();
+            *n += 1;
+            let key = if *n == 1 { name } else { format!("{name} #{n}") };
+            if !values.contains_key(&key) {
+                order.push(key.clone());
+            }
+            let e = values.entry(key).or_default();
+            e.0.push(at);
+            e.1.push(delta);
+        }
+    }
+    if runs == 0 {
+        println!("no `husk run --timings` breakdown in the output");
+        return;
+    }
+    println!("`husk run --timings --rootfs DIR -- true`, median per phase of {runs} runs (ms since CLI start, ms since the phase before; the whole run took {wall_ms:.1} ms by the clock above):");
+    let width = order.iter().map(|k| k.len()).max().unwrap_or(0);
+    for k in &order {
+        let (at, delta) = &values[k];
+        println!("  {k:<width$}  {:>9.1}  {:>8.1}", median(at.clone()), median(delta.clone()));
+    }
+}
 
 fn main() -> anyhow::Result<()> {
     let kit = RuntimeTestKit::find().map_err(anyhow::Error::msg)?;
@@ -85,6 +140,7 @@ fn main() -> anyhow::Result<()> {
             rootfs / t
         );
     }
+    print_breakdown(&out.output, rootfs);
     let (vmm, guest, relay) = (get("vmm-rss-kib")?, get("vmm-guest-ram-rss-kib")?, get("relay-rss-kib")?);
     println!(
         "per running sandbox: husk-vmm RSS {vmm:.0} KiB (guest RAM touched {guest:.0} KiB, VMM overhead {:.0} KiB), relay RSS {relay:.0} KiB",

@@ -83,7 +83,8 @@ mkdir -p /var/vol && echo vol-data > /var/vol/f
 ( while sleep 120; do echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; done ) & watch=$!
 
 echo "=== husk run"
-$H run --net none --rootfs /var/bb -- sh -c 'echo hello-from-vm; hostname; exit 7'; echo "@@RUN-RC $?"
+$H run --timings --net none --rootfs /var/bb -- sh -c 'echo hello-from-vm; hostname; exit 7' 2>/var/timings; echo "@@RUN-RC $?"
+echo "@@TIMINGS-BEGIN"; cat /var/timings; echo "@@TIMINGS-END"
 echo piped-in | $H run --net none -i --rootfs /var/bb -- sh -c 'read x; echo got:$x'; echo "@@RUN-I-RC $?"
 $H run --net none --rootfs /var/bb -- sh -c 'echo scratch > /written && cat /written'
 [ -e /var/bb/written ] && echo "@@ROOTFS-CHANGED"
@@ -355,6 +356,48 @@ fn expect(text: &str, needles: &[&str], part: &str) {
 
 /// The `confined` lines of the OCI part: every thread filtered and without privileges but the
 /// fs server's, root is the jail, namespaces and cgroup are the VMM's own, limits set.
+/// `husk run --timings`: every phase of the run is there, in the order it happens, and the
+/// deltas add up to the total.
+fn check_timings(text: &str) {
+    let phases = husk_core::timeline::parse(text);
+    let at = |name: &str| {
+        phases
+            .iter()
+            .find(|(n, _, _)| n.starts_with(name))
+            .map(|p| p.1)
+            .unwrap_or_else(|| panic!("no phase {name:?} in the timings:\n{text}"))
+    };
+    let order = [
+        "cli start",
+        "create: container reserved",
+        "create: sandbox lock taken",
+        "vmm config written",
+        "vmm: process started",
+        "vmm: VM built",
+        "vmm: first vCPU entry",
+        "guest: kernel hands over to init",
+        "guest: agent ready",
+        "agent connected",
+        "agent: CreateSandbox answered",
+        "agent: CreateContainer answered",
+        "create done",
+        "container started",
+        "relay: exit seen",
+        "vmm exited",
+        "teardown done",
+    ];
+    let times: Vec<f64> = order.iter().map(|n| at(n)).collect();
+    for (w, n) in times.windows(2).zip(order.windows(2)) {
+        assert!(w[0] <= w[1], "{} ({} ms) after {} ({} ms):\n{text}", n[0], w[0], n[1], w[1]);
+    }
+    // One agent connection for the whole run (stdio streams are not agent connections).
+    let conns = phases.iter().filter(|(n, _, _)| n.starts_with("agent connected")).count();
+    assert_eq!(conns, 1, "agent connections:\n{text}");
+    let (total, sum) = (phases.last().map_or(0.0, |p| p.1), phases.iter().map(|p| p.2).sum::<f64>());
+    assert!((total - sum).abs() < 0.1 * phases.len() as f64, "deltas {sum} ms vs total {total} ms:\n{text}");
+    assert!(total > 0.0 && total < 600_000.0, "total {total} ms:\n{text}");
+}
+
 fn check_confinement(oci: &str) {
     assert!(!oci.contains("@@CF-NO-"), "a thread is not confined:\n{oci}");
     assert!(!oci.contains("@@CF-SAME-NS"), "the VMM shares a namespace with the host:\n{oci}");
@@ -433,6 +476,7 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
         "husk run",
     );
     assert!(!run.contains("@@ROOTFS-CHANGED"), "husk run wrote into its rootfs:\n{run}");
+    check_timings(section(run, "@@TIMINGS-BEGIN", Some("@@TIMINGS-END")));
     // The seccomp self-test: the main thread's getppid (110) is outside its filter.
     expect(
         run,

@@ -259,6 +259,9 @@ pub struct Run {
     /// Publish a port (sandbox mode; repeatable): [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp].
     #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:CONTAINER[/PROTO]")]
     pub publish: Vec<String>,
+    /// Print how long each phase of the run took (a breakdown on stderr at the end).
+    #[arg(long)]
+    pub timings: bool,
     /// Accepted for Docker habits: sandbox runs are always removed.
     #[arg(long, hide = true, default_value_t = true)]
     pub rm: bool,

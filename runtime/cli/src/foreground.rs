@@ -31,6 +31,7 @@ pub async fn relay(rt: &Rt, held: Held, terminal: bool) -> Result<(Outcome, VmPr
         .ok_or_else(|| RuntimeError::NotFound(target.container_id.clone()))?;
     // A connection of its own: bounded calls give up after a timeout, a wait must not.
     let agent = rt.vms.connect(&srec, Calls::Long).await?;
+    husk_core::timeline::mark("relay: connected");
     if terminal {
         let fd = nix::unistd::dup(0).map_err(RuntimeError::errno("dup stdin"))?;
         // SAFETY: dup returned a fresh descriptor that nothing else owns.
@@ -41,8 +42,11 @@ pub async fn relay(rt: &Rt, held: Held, terminal: bool) -> Result<(Outcome, VmPr
         if let Some(t) = saved {
             let _ = nix::sys::termios::tcsetattr(&restore, nix::sys::termios::SetArg::TCSANOW, &t);
         }
+        husk_core::timeline::mark("relay: exit seen");
         Ok((outcome, vm))
     } else {
-        Ok((relay::relay(agent, &target, relay::stdio_fds()?, guest).await, vm))
+        let outcome = relay::relay(agent, &target, relay::stdio_fds()?, guest).await;
+        husk_core::timeline::mark("relay: exit seen");
+        Ok((outcome, vm))
     }
 }

@@ -17,6 +17,7 @@ use error::CliError;
 use husk_core::RuntimeError;
 
 fn main() {
+    husk_core::timeline::process_started();
     // Internal: the detached relay behind a container's --pid-file.
     let mut argv = std::env::args();
     if argv.nth(1).as_deref() == Some("__relay") {
@@ -37,7 +38,12 @@ fn main() {
             _ => false,
         };
     let to_stderr = !runlog::logs_to_stderr(cli.log.as_deref());
-    let code = match run(cli) {
+    if matches!(&cli.command, Command::Run(r) if r.timings) {
+        husk_core::timeline::enable();
+    }
+    let result = run(cli);
+    husk_core::timeline::print_if_enabled();
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             if human {

@@ -23,6 +23,7 @@ pub mod share;
 pub mod signals;
 pub mod state;
 pub mod stdio;
+pub mod timeline;
 pub mod uds;
 pub mod vm;
 

@@ -50,6 +50,11 @@ pub fn refuse_preserve_fds(n: u32) -> Result<(), RuntimeError> {
 pub fn runtime(root: &std::path::Path) -> Result<Rt, RuntimeError> {
     let cfg = husk_core::config::Config::load()?;
     let state = husk_core::state::StateDir::new(root)?;
+    // One short-lived process: each VM's agent is dialled once, whatever the command's steps
+    // (HUSK_SHARE_CONNECTIONS=0 dials per step, to measure the difference).
+    if std::env::var_os("HUSK_SHARE_CONNECTIONS").is_none_or(|v| v != "0") {
+        husk_core::vm::husk_vmm::share_connections();
+    }
     Ok(husk_core::Runtime::new(state, cfg.clone(), HuskVmm { cfg }))
 }
 

@@ -38,6 +38,7 @@ pub async fn run(rt: &Rt, a: OciRun) -> Result<ExitCode, RuntimeError> {
     let (outcome, vm) = foreground::relay(rt, held, terminal).await?;
     if !a.keep {
         rt.delete(&a.id, true, vm).await?;
+        husk_core::timeline::mark("teardown done");
     }
     Ok(outcome.code())
 }

@@ -180,6 +180,7 @@ pub async fn run(rt: &Rt, a: SandboxRun) -> Result<ExitCode, CliError> {
         tracing::warn!("sandbox {id}: {e}");
     }
     let _ = std::fs::remove_dir_all(&work);
+    husk_core::timeline::mark("teardown done");
     result
 }
 
@@ -230,6 +231,7 @@ async fn run_in(
         }
     };
     let mut spec = run_spec(a, &rootfs, &img)?;
+    husk_core::timeline::mark("run: rootfs and spec ready");
     // Ctrl-C while the network is set up or the VM boots: finish, then remove everything and
     // exit 130.
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -281,6 +283,7 @@ async fn run_in(
     }
     let (outcome, vm) = foreground::relay(rt, held, a.tty).await?;
     rt.delete(id, true, vm).await?;
+    husk_core::timeline::mark("delete done");
     Ok(outcome.code())
 }
 

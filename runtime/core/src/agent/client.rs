@@ -83,6 +83,11 @@ pub struct GrpcAgent {
     processes: ProcessesClient<Channel>,
     events: EventsClient<Channel>,
     health: HealthClient<Channel>,
+    /// The guest's clock as its first health answer gave it, when timings are collected.
+    guest_clock: Option<crate::timeline::GuestClock>,
+    /// Longest a call through this handle may take (None: as long as it lasts). Per handle,
+    /// not per connection, so bounded and long calls can share one connection.
+    call_timeout: Option<Duration>,
 }
 
 impl GrpcAgent {
@@ -103,7 +108,21 @@ impl GrpcAgent {
                 .await
                 {
                     // A mismatched agent will not change by waiting: refused at once.
-                    Ok(Ok(r)) => return check_api(uds, &r.into_inner()).map(|()| c),
+                    Ok(Ok(r)) => {
+                        let h = r.into_inner();
+                        check_api(uds, &h)?;
+                        if crate::timeline::enabled() {
+                            let now = crate::timeline::now_ns();
+                            crate::timeline::mark_at("agent connected (one connection + health check)", now);
+                            c.guest_clock = Some(crate::timeline::GuestClock {
+                                init_started_ns: h.init_started_ns,
+                                agent_ready_ns: h.agent_ready_ns,
+                                guest_now_ns: h.guest_now_ns,
+                                host_reply_ns: now,
+                            });
+                        }
+                        return Ok(c);
+                    }
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => "no answer to the health check".to_string(),
                 },
@@ -119,10 +138,7 @@ impl GrpcAgent {
     async fn try_connect(uds: &Path, rpc_timeout: Option<Duration>) -> AgentResult<Self> {
         let path = uds.to_path_buf();
         // The URI is a placeholder: every connection goes through the connector.
-        let mut endpoint = Endpoint::from_static("http://husk-agent");
-        if let Some(t) = rpc_timeout {
-            endpoint = endpoint.timeout(t);
-        }
+        let endpoint = Endpoint::from_static("http://husk-agent");
         let channel = endpoint
             .connect_with_connector(tower::service_fn(move |_| {
                 let path = path.clone();
@@ -136,7 +152,38 @@ impl GrpcAgent {
             processes: ProcessesClient::new(channel.clone()),
             events: EventsClient::new(channel.clone()),
             health: HealthClient::new(channel),
+            guest_clock: None,
+            call_timeout: rpc_timeout,
         })
+    }
+
+    /// This connection, with calls bounded by `t` (or not, with None).
+    pub fn with_call_timeout(&self, t: Option<Duration>) -> Self {
+        Self { call_timeout: t, ..self.clone() }
+    }
+
+    /// One request, bounded by this handle's call timeout; with timings on, its answer is a
+    /// point of the timeline.
+    async fn call<T>(
+        &self,
+        name: &'static str,
+        request: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> AgentResult<tonic::Response<T>> {
+        let r = match self.call_timeout {
+            Some(t) => tokio::time::timeout(t, request)
+                .await
+                .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded(format!("no answer in {t:?}")))),
+            None => request.await,
+        };
+        if crate::timeline::enabled() {
+            crate::timeline::mark(&format!("agent: {name} answered"));
+        }
+        r.map_err(AgentError::rpc(name))
+    }
+
+    /// The guest's clock as this connection's health answer gave it (timings on only).
+    pub fn guest_clock(&self) -> Option<crate::timeline::GuestClock> {
+        self.guest_clock
     }
 
     /// The raw tonic clients, for tools that test the agent's wire API itself (the runtime
@@ -180,132 +227,93 @@ impl RawClients {
 
 impl Agent for GrpcAgent {
     async fn create_sandbox(&self, req: pb::CreateSandboxRequest) -> AgentResult<()> {
-        self.sandbox.clone().create_sandbox(req).await.map_err(AgentError::rpc("CreateSandbox"))?;
+        self.call("CreateSandbox", self.sandbox.clone().create_sandbox(req)).await?;
         Ok(())
     }
 
     async fn destroy_sandbox(&self) -> AgentResult<()> {
-        self.sandbox
-            .clone()
-            .destroy_sandbox(pb::Empty {})
-            .await
-            .map_err(AgentError::rpc("DestroySandbox"))?;
+        self.call("DestroySandbox", self.sandbox.clone().destroy_sandbox(pb::Empty {})).await?;
         Ok(())
     }
 
     async fn create_container(&self, req: pb::CreateContainerRequest) -> AgentResult<u32> {
-        let r = self
-            .containers
-            .clone()
-            .create_container(req)
-            .await
-            .map_err(AgentError::rpc("CreateContainer"))?;
+        let r = self.call("CreateContainer", self.containers.clone().create_container(req)).await?;
         Ok(r.into_inner().pid)
     }
 
     async fn start_container(&self, id: &str) -> AgentResult<()> {
-        self.containers
-            .clone()
-            .start_container(Self::cref(id))
-            .await
-            .map_err(AgentError::rpc("StartContainer"))?;
+        self.call("StartContainer", self.containers.clone().start_container(Self::cref(id))).await?;
         Ok(())
     }
 
     async fn container_status(&self, id: &str) -> AgentResult<Option<Status>> {
         let l = self
-            .containers
-            .clone()
-            .list_containers(pb::Empty {})
-            .await
-            .map_err(AgentError::rpc("ListContainers"))?
+            .call("ListContainers", self.containers.clone().list_containers(pb::Empty {}))
+            .await?
             .into_inner();
         l.containers.iter().find(|c| c.container_id == id).map(|c| Status::from_wire(c.status)).transpose()
     }
 
     async fn remove_container(&self, id: &str, force: bool) -> AgentResult<()> {
         let req = pb::RemoveContainerRequest { container_id: id.into(), force };
-        self.containers.clone().remove_container(req).await.map_err(AgentError::rpc("RemoveContainer"))?;
+        self.call("RemoveContainer", self.containers.clone().remove_container(req)).await?;
         Ok(())
     }
 
     async fn pause_container(&self, id: &str) -> AgentResult<()> {
-        self.containers
-            .clone()
-            .pause_container(Self::cref(id))
-            .await
-            .map_err(AgentError::rpc("PauseContainer"))?;
+        self.call("PauseContainer", self.containers.clone().pause_container(Self::cref(id))).await?;
         Ok(())
     }
 
     async fn resume_container(&self, id: &str) -> AgentResult<()> {
-        self.containers
-            .clone()
-            .resume_container(Self::cref(id))
-            .await
-            .map_err(AgentError::rpc("ResumeContainer"))?;
+        self.call("ResumeContainer", self.containers.clone().resume_container(Self::cref(id))).await?;
         Ok(())
     }
 
     async fn update_container(&self, id: &str, resources_json: Vec<u8>) -> AgentResult<()> {
         let req = pb::UpdateContainerRequest { container_id: id.into(), resources_json };
-        self.containers.clone().update_container(req).await.map_err(AgentError::rpc("UpdateContainer"))?;
+        self.call("UpdateContainer", self.containers.clone().update_container(req)).await?;
         Ok(())
     }
 
     async fn list_processes(&self, id: &str) -> AgentResult<Vec<pb::ProcessInfo>> {
-        let r = self
-            .containers
-            .clone()
-            .list_processes(Self::cref(id))
-            .await
-            .map_err(AgentError::rpc("ListProcesses"))?;
+        let r = self.call("ListProcesses", self.containers.clone().list_processes(Self::cref(id))).await?;
         Ok(r.into_inner().processes)
     }
 
     async fn container_stats(&self, id: &str) -> AgentResult<pb::ContainerStatsResponse> {
-        let r = self
-            .containers
-            .clone()
-            .container_stats(Self::cref(id))
-            .await
-            .map_err(AgentError::rpc("ContainerStats"))?;
+        let r = self.call("ContainerStats", self.containers.clone().container_stats(Self::cref(id))).await?;
         Ok(r.into_inner())
     }
 
     async fn exec_process(&self, req: pb::ExecProcessRequest) -> AgentResult<u32> {
-        let r = self.processes.clone().exec_process(req).await.map_err(AgentError::rpc("ExecProcess"))?;
+        let r = self.call("ExecProcess", self.processes.clone().exec_process(req)).await?;
         Ok(r.into_inner().pid)
     }
 
     async fn signal_process(&self, req: pb::SignalProcessRequest) -> AgentResult<()> {
-        self.processes.clone().signal_process(req).await.map_err(AgentError::rpc("SignalProcess"))?;
+        self.call("SignalProcess", self.processes.clone().signal_process(req)).await?;
         Ok(())
     }
 
     async fn wait_process(&self, p: pb::ProcessRef) -> AgentResult<pb::ExitStatus> {
-        let r = self.processes.clone().wait_process(p).await.map_err(AgentError::rpc("WaitProcess"))?;
+        let r = self.call("WaitProcess", self.processes.clone().wait_process(p)).await?;
         Ok(r.into_inner())
     }
 
     async fn resize_tty(&self, req: pb::ResizeTtyRequest) -> AgentResult<()> {
-        self.processes.clone().resize_tty(req).await.map_err(AgentError::rpc("ResizeTty"))?;
+        self.call("ResizeTty", self.processes.clone().resize_tty(req)).await?;
         Ok(())
     }
 
     async fn close_stdin(&self, p: pb::ProcessRef) -> AgentResult<()> {
-        self.processes.clone().close_stdin(p).await.map_err(AgentError::rpc("CloseStdin"))?;
+        self.call("CloseStdin", self.processes.clone().close_stdin(p)).await?;
         Ok(())
     }
 
     async fn subscribe(&self) -> AgentResult<Events> {
-        let mut stream = self
-            .events
-            .clone()
-            .subscribe(pb::Empty {})
-            .await
-            .map_err(AgentError::rpc("Subscribe"))?
-            .into_inner();
+        let mut stream =
+            self.call("Subscribe", self.events.clone().subscribe(pb::Empty {})).await?.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
         tokio::spawn(async move {
             loop {
@@ -353,9 +361,17 @@ mod tests {
 
     #[test]
     fn a_mismatched_agent_is_refused_plainly() {
-        let ok = pb::HealthResponse { agent_version: "0.1.0".into(), api_version: pb::API_VERSION };
+        let ok = pb::HealthResponse {
+            agent_version: "0.1.0".into(),
+            api_version: pb::API_VERSION,
+            ..Default::default()
+        };
         assert!(check_api(Path::new("/s"), &ok).is_ok());
-        let old = pb::HealthResponse { agent_version: "0.0.9".into(), api_version: pb::API_VERSION + 1 };
+        let old = pb::HealthResponse {
+            agent_version: "0.0.9".into(),
+            api_version: pb::API_VERSION + 1,
+            ..Default::default()
+        };
         let e = check_api(Path::new("/s"), &old).expect_err("mismatch").to_string();
         assert!(e.contains("API version") && e.contains("0.0.9"), "{e}");
     }

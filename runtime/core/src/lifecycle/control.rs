@@ -14,11 +14,14 @@ const LIVE: [Status; 3] = [Status::Created, Status::Running, Status::Paused];
 impl<V: Vms> Runtime<V> {
     pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         let (_lock, rec) = self.state.lock_container_async(id).await?;
+        crate::timeline::mark("start: lock taken");
         let (status, agent) = self.status(&rec).await?;
+        crate::timeline::mark("start: status read");
         match (status, agent) {
             (Status::Created, Some(a)) => {
                 crate::fault::point("start-before-agent");
                 a.start_container(id).await?;
+                crate::timeline::mark("container started");
                 crate::fault::point("start-after-agent");
             }
             (Status::Stopped, _) => {

@@ -111,6 +111,7 @@ impl<V: Vms> Runtime<V> {
         let role = pod::role(&bundle.annotations(), id)?;
         pod::check_namespaces(&bundle.spec, &role)?;
         let lock = self.state.reserve_container_async(id).await?;
+        crate::timeline::mark("create: container reserved (lock taken)");
         let mut partial = Partial::default();
         match self.create_reserved(id, bundle, &role, opts, &mut partial).await {
             Ok(held) => {
@@ -136,6 +137,7 @@ impl<V: Vms> Runtime<V> {
     ) -> Result<Option<Held>, RuntimeError> {
         let sid = role.sandbox_id(id).to_string();
         let (slock, existing) = self.state.lock_sandbox_async(&sid).await?;
+        crate::timeline::mark("create: sandbox lock taken");
         let (mut srec, agent) = match (role.starts_vm(), existing) {
             (true, Some(old)) if self.vms.alive(&old) => {
                 return Err(RuntimeError::WrongState(format!("sandbox {sid} already exists")))
@@ -163,6 +165,7 @@ impl<V: Vms> Runtime<V> {
                     }
                 };
                 self.state.write_sandbox(&booted.record)?;
+                crate::timeline::mark("create: VM booted and recorded");
                 partial.vm = Some((booted.record.clone(), booted.process));
                 (booted.record, booted.agent)
             }
@@ -197,6 +200,7 @@ impl<V: Vms> Runtime<V> {
 
         let target = Target { vsock: srec.vsock.clone(), container_id: id.into(), exec_id: String::new() };
         let (stdio, relay, streams) = stdio::wire(&agent, &target, bundle.terminal(), &opts.stdio).await?;
+        crate::timeline::mark("create: stdio streams opened");
         let req = pb::CreateContainerRequest {
             container_id: id.into(),
             oci_spec_json: guest.spec_json,
@@ -265,6 +269,7 @@ impl<V: Vms> Runtime<V> {
         drop(slock);
         let vm = partial.vm.take().map(|(_, p)| p).unwrap_or_default();
         *partial = Partial::default();
+        crate::timeline::mark("create done");
         Ok(streams.map(|guest| Held { target, guest_pid, guest, vm }))
     }
 }

@@ -36,7 +36,9 @@ impl<V: Vms> Runtime<V> {
             }
             r => r?,
         };
+        crate::timeline::mark("delete: lock taken");
         let (status, agent) = self.status(&rec).await?;
+        crate::timeline::mark("delete: status read");
         if matches!(status, Status::Running | Status::Paused) && !force {
             return Err(RuntimeError::WrongState(format!(
                 "cannot delete container {id} that is not stopped: {}",
@@ -68,6 +70,7 @@ impl<V: Vms> Runtime<V> {
         mounts::unmount_under(&mine)?;
         let _ = std::fs::remove_dir_all(&mine);
         self.leave_sandbox(&rec.sandbox_id, id, vm).await?;
+        crate::timeline::mark("delete: sandbox left");
         crate::fault::point("delete-sandbox-left");
         self.state.remove_container(id)?;
         drop(lock);

@@ -3,9 +3,11 @@
 //! path works and every limit is husk-vmm's; its agent is reached through the VMM's hybrid
 //! vsock socket.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use husk_proto as pb;
@@ -33,6 +35,53 @@ const EXIT_WAIT: Duration = Duration::from_secs(10);
 /// Longest a single request to the agent may take on a [`Calls::Bounded`] connection: a
 /// stalled guest gives an error, never a hung command (or a lock held for ever).
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Agent connections this process keeps, per VM (vsock socket, VMM pid and start time), when
+/// [`share_connections`] asked for it: a CLI call then dials each agent at most once, whatever
+/// its steps (boot, status, start, relay, delete, power-off). Off, each step dials its own.
+type Shared = HashMap<(PathBuf, i32, u64), GrpcAgent>;
+static SHARED: Mutex<Option<Shared>> = Mutex::new(None);
+
+/// Most VMs a process keeps connections to: past it they are all dropped (and dialled again
+/// when needed), so a caller that meets many VMs holds a bounded number of sockets.
+const SHARED_MAX: usize = 16;
+
+/// One agent connection per VM for the rest of this (short-lived) process: for the CLI.
+pub fn share_connections() {
+    SHARED.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashMap::new);
+}
+
+fn shared_key(rec: &SandboxRecord) -> (PathBuf, i32, u64) {
+    (rec.vsock.clone(), rec.vmm_pid, rec.vmm_start)
+}
+
+fn shared(rec: &SandboxRecord) -> Option<GrpcAgent> {
+    SHARED.lock().unwrap_or_else(|p| p.into_inner()).as_ref()?.get(&shared_key(rec)).cloned()
+}
+
+/// Keeps `agent` for `rec` if connections are shared; whether they are.
+fn keep_shared(rec: &SandboxRecord, agent: &GrpcAgent) -> bool {
+    let mut g = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(map) = g.as_mut() else { return false };
+    if map.len() >= SHARED_MAX {
+        map.clear();
+    }
+    map.insert(shared_key(rec), agent.clone());
+    true
+}
+
+fn forget_shared(rec: &SandboxRecord) {
+    if let Some(map) = SHARED.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        map.remove(&shared_key(rec));
+    }
+}
+
+fn call_timeout(calls: Calls) -> Option<Duration> {
+    match calls {
+        Calls::Bounded => Some(RPC_TIMEOUT),
+        Calls::Long => None,
+    }
+}
 
 /// The husk-vmm backend.
 #[derive(Debug, Clone)]
@@ -125,6 +174,7 @@ impl HuskVmm {
         record: &SandboxRecord,
         shape: &VmShape,
         log: &Path,
+        spawn_ns: u64,
     ) -> Result<GrpcAgent, RuntimeError> {
         let started = Instant::now();
         let connect = GrpcAgent::connect(&record.vsock, self.cfg.boot_timeout, Some(RPC_TIMEOUT));
@@ -146,6 +196,17 @@ impl HuskVmm {
             }
         };
         tracing::debug!("sandbox {}: agent answered after {:?}", record.id, started.elapsed());
+        if crate::timeline::enabled() {
+            // The VMM's own points (`--timings`), then the guest's.
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let now = crate::timeline::now_ns();
+            for (name, at) in crate::timeline::vmm_points(&text, spawn_ns, now) {
+                crate::timeline::mark_at(&name, at);
+            }
+            if let Some(g) = agent.guest_clock() {
+                g.mark();
+            }
+        }
         let mut shares = vec![pb::Share { tag: SHARE_TAG.into(), read_only: false }];
         shares.extend(
             shape.extra_shares.iter().map(|s| pb::Share { tag: s.tag.clone(), read_only: s.read_only }),
@@ -232,9 +293,15 @@ impl Vms for HuskVmm {
         } else {
             None
         };
+        let mut args = vec![OsStr::new("--config"), config_path.as_os_str()];
+        if crate::timeline::enabled() {
+            args.push(OsStr::new("--timings"));
+        }
+        crate::timeline::mark("vmm config written");
+        let spawn_ns = crate::timeline::now_ns();
         let spawned = spawn(Spawn {
             program: &cfg.vmm,
-            args: vec![OsStr::new("--config"), config_path.as_os_str()],
+            args,
             stdout: OwnedFd::from(log),
             stderr: OwnedFd::from(log2),
             netns: netns.map(OwnedFd::from),
@@ -249,6 +316,7 @@ impl Vms for HuskVmm {
                 return Err(RuntimeError::io(format!("starting {}", cfg.vmm.display()))(e));
             }
         };
+        crate::timeline::mark("vmm spawned");
         crate::fault::point("vmm-booting");
         let mut process = VmProcess::new(pid);
         let record = SandboxRecord {
@@ -261,8 +329,11 @@ impl Vms for HuskVmm {
             vcpus: shape.vcpus,
             network: shape.network.clone(),
         };
-        match self.wait_for_agent(&mut process, &record, shape, &log_path).await {
-            Ok(agent) => Ok(Booted { record, process, agent }),
+        match self.wait_for_agent(&mut process, &record, shape, &log_path, spawn_ns).await {
+            Ok(agent) => {
+                keep_shared(&record, &agent);
+                Ok(Booted { record, process, agent })
+            }
             Err(e) => {
                 process.kill();
                 process.reap().await;
@@ -280,21 +351,33 @@ impl Vms for HuskVmm {
         if !self.alive(rec) {
             return Err(RuntimeError::Vm(format!("the VM of sandbox {} is not running", rec.id)));
         }
-        Ok(match calls {
-            Calls::Bounded => {
-                GrpcAgent::connect(&rec.vsock, Duration::from_secs(10), Some(RPC_TIMEOUT)).await?
-            }
-            Calls::Long => GrpcAgent::connect(&rec.vsock, Duration::from_secs(30), None).await?,
-        })
+        if let Some(a) = shared(rec) {
+            return Ok(a.with_call_timeout(call_timeout(calls)));
+        }
+        let wait = match calls {
+            Calls::Bounded => Duration::from_secs(10),
+            Calls::Long => Duration::from_secs(30),
+        };
+        let agent = GrpcAgent::connect(&rec.vsock, wait, call_timeout(calls)).await?;
+        keep_shared(rec, &agent);
+        Ok(agent)
     }
 
     async fn power_off(&self, rec: &SandboxRecord, mut process: VmProcess) {
         let was_alive = self.alive(rec);
+        let kept = shared(rec);
+        forget_shared(rec);
         if was_alive {
-            match GrpcAgent::connect(&rec.vsock, Duration::from_secs(5), Some(RPC_TIMEOUT)).await {
+            let agent = match kept {
+                Some(a) => Ok(a.with_call_timeout(Some(RPC_TIMEOUT))),
+                None => GrpcAgent::connect(&rec.vsock, Duration::from_secs(5), Some(RPC_TIMEOUT)).await,
+            };
+            match agent {
                 Ok(c) => {
+                    // The agent powers off moments after it answers; an answer lost to that is
+                    // no failure: the VMM's exit, awaited below, is what counts.
                     if let Err(e) = c.destroy_sandbox().await {
-                        tracing::warn!("sandbox {}: {e}", rec.id);
+                        tracing::debug!("sandbox {}: {e}", rec.id);
                     }
                 }
                 Err(e) => tracing::warn!("sandbox {}: agent unreachable, killing the VM: {e}", rec.id),
@@ -308,6 +391,7 @@ impl Vms for HuskVmm {
             }
         }
         let exit = process.reap().await;
+        crate::timeline::mark("vmm exited");
         // A VMM that died on its own (or one whose end we saw) is reported with its reason.
         if !was_alive || matches!(exit, Some(VmExit::Signal(libc::SIGSYS))) {
             let log = sandbox_dir_of(rec)
@@ -327,6 +411,7 @@ impl Vms for HuskVmm {
         if let Some(w) = rec.network.clone() {
             let _ = tokio::task::spawn_blocking(move || crate::network::unwire(&w)).await;
         }
+        crate::timeline::mark("vm teardown done (cgroup, taps)");
     }
 }
 
