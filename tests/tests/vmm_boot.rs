@@ -39,7 +39,9 @@ fn vmm_boots_guest_kernel_cases() {
     let kernel = require!(guest_artifact("vmlinux"));
     let bzimage = require!(guest_artifact("bzImage"));
     let initrd = require!(guest_artifact("test-init.cpio"));
+    let ctl = require!(bin("husk-vmm-ctl"));
     let (v, k, b, i) = (vmm.display(), kernel.display(), bzimage.display(), initrd.display());
+    let c = ctl.display();
     let json = format!(
         r#"{{"kernel": "{k}", "initramfs": "{i}", "cmdline": "{BASE_CMDLINE} husk.test=poweroff", "memory_mib": 96, "vcpus": 1, "serial": "stdio", "rng": false}}"#
     );
@@ -56,10 +58,12 @@ echo '{json}' > /tmp/vm.json
 run json $V --config /tmp/vm.json
 run serialfile $V --kernel $K --initramfs $I --serial file:/tmp/console.log --cmdline "$base husk.test=poweroff"
 echo "@@CASE serialfile-content"; cat /tmp/console.log; echo "@@RC serialfile-content 0"
-"#
+{SNAPSHOT_SCRIPT}"#
     );
+    let script = script.replace("$C", &c.to_string());
     let job = Job::new(script)
         .timeout(Duration::from_secs(900))
+        .file(&ctl)
         .file(&vmm)
         .file(&kernel)
         .file(&bzimage)
@@ -100,4 +104,104 @@ echo "@@CASE serialfile-content"; cat /tmp/console.log; echo "@@RC serialfile-co
     assert!(!o.contains(MARKER), "console goes to the file, not stdout:\n{o}");
     let (o, _) = case("serialfile-content");
     assert!(o.contains(MARKER), "{o}");
+
+    check_snapshot_cases(&cases);
+}
+
+/// Boot the test init, snapshot it at its ready line, restore it in a new husk-vmm and talk
+/// to it; then show that a damaged or foreign snapshot is refused. Numbers go to the output.
+const SNAPSHOT_SCRIPT: &str = r#"
+now() { cut -d' ' -f1 /proc/uptime; }
+ms() { awk "BEGIN { print int(($2 - $1) * 1000) }"; }
+waitfor() { i=0; while ! grep -q "$1" "$2" && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; }
+snapvm="--kernel $K --initramfs $I --memory 256 --image-id test-init"
+mkdir -p /tmp/snap /tmp/share-base /tmp/share-restored
+echo "@@CASE snapshot"
+t0=$(now)
+$V $snapvm --vsock /tmp/vs-base.sock --fs tag=share,path=/tmp/share-base --cmdline "$base husk.test=snapshot" \
+  --control /tmp/ctl.sock --snapshot-dir /tmp/snap </dev/null >/tmp/base.log 2>&1 &
+bpid=$!
+waitfor HUSK-SNAPSHOT-READY /tmp/base.log
+echo "cold_boot_ms=$(ms $t0 $(now))"
+$C /tmp/ctl.sock ping
+t0=$(now)
+$C /tmp/ctl.sock snapshot
+echo "snapshot_rc=$? snapshot_ms=$(ms $t0 $(now))"
+wait $bpid; echo "base_rc=$?"
+cat /tmp/base.log
+echo "memory_file_kib=$(du -k /tmp/snap/memory | cut -f1) state_bytes=$(wc -c </tmp/snap/state)"
+echo "@@RC snapshot 0"
+echo "@@CASE restore"
+mkfifo /tmp/in
+t0=$(now)
+$V $snapvm --vsock /tmp/vs-restored.sock --fs tag=share,path=/tmp/share-restored --restore /tmp/snap \
+  </tmp/in >/tmp/restored.log 2>&1 &
+rpid=$!
+exec 3>/tmp/in
+echo go >&3
+waitfor "got=go" /tmp/restored.log
+echo "restore_ms=$(ms $t0 $(now))"
+echo "restored_rss_kib=$(awk '/VmRSS/ { print $2 }' /proc/$rpid/status)"
+[ -S /tmp/vs-restored.sock ] && echo "restored_vsock_socket=1"
+echo bye >&3
+exec 3>&-
+wait $rpid; echo "restored_rc=$?"
+cat /tmp/restored.log
+echo "@@RC restore 0"
+devs="--vsock /tmp/vs-x.sock --fs tag=share,path=/tmp/share-restored"
+run foreign-memory $V --kernel $K --initramfs $I --memory 128 --image-id test-init $devs --restore /tmp/snap
+run foreign-kernel $V --kernel $B --initramfs $I --memory 256 --image-id test-init $devs --restore /tmp/snap
+run foreign-devices $V $snapvm --vsock /tmp/vs-x.sock --fs tag=other,path=/tmp/share-restored --restore /tmp/snap
+head -c 3000 /tmp/snap/state > /tmp/state.cut && cp /tmp/state.cut /tmp/snap/state
+run truncated-state $V $snapvm $devs --restore /tmp/snap
+"#;
+
+fn value(o: &str, key: &str) -> u64 {
+    let pat = format!("{key}=");
+    o.split_whitespace()
+        .find_map(|w| w.strip_prefix(&pat))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{key} missing:\n{o}"))
+}
+
+fn check_snapshot_cases(cases: &BTreeMap<String, (String, i32)>) {
+    let case = |name: &str| cases.get(name).unwrap_or_else(|| panic!("case {name} missing: {cases:?}"));
+    let (o, _) = case("snapshot");
+    assert_eq!(value(o, "snapshot_rc"), 0, "snapshot command answered ok:\n{o}");
+    assert_eq!(value(o, "base_rc"), 0, "the snapshotted VMM exits 0:\n{o}");
+    let token = o
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("token="))
+        .unwrap_or_else(|| panic!("no ready line:\n{o}"))
+        .to_string();
+    let cold = value(o, "cold_boot_ms");
+    let (r, _) = case("restore");
+    assert_eq!(value(r, "restored_rc"), 0, "the restored guest powers off cleanly:\n{r}");
+    assert!(
+        r.contains(&format!("HUSK-SNAPSHOT-ECHO token={token} got=go")),
+        "the restored guest runs on with the snapshot's memory (token {token}):\n{r}"
+    );
+    assert!(r.contains("got=bye"), "{r}");
+    assert_eq!(value(r, "restored_vsock_socket"), 1, "the restored VM's vsock serves its own socket:\n{r}");
+    let restore = value(r, "restore_ms");
+    let rss = value(r, "restored_rss_kib");
+    eprintln!(
+        "snapshot: cold boot {cold} ms, restore {restore} ms ({:.2} of cold boot), snapshot {} ms, \
+         restored RSS {rss} KiB of 262144 KiB guest memory, memory file {} KiB on disk",
+        restore as f64 / cold as f64,
+        value(o, "snapshot_ms"),
+        value(o, "memory_file_kib"),
+    );
+    assert!(restore * 2 < cold, "restore ({restore} ms) should take well under cold boot ({cold} ms)");
+    assert!(rss < 256 * 1024 / 4, "restored RSS {rss} KiB: the memory file should be mapped, not read");
+    for (name, needle) in [
+        ("foreign-memory", "snapshot was made for a different VM: memory: snapshot has 256 MiB"),
+        ("foreign-kernel", "another kernel"),
+        ("foreign-devices", "snapshot was made for a different VM: virtio device 1: snapshot has type 26"),
+        ("truncated-state", "snapshot is truncated"),
+    ] {
+        let (o, rc) = case(name);
+        assert_eq!(*rc, 1, "{name} is refused:\n{o}");
+        assert!(o.contains(needle) && o.lines().count() == 1, "{name}: one clear line with {needle:?}:\n{o}");
+    }
 }

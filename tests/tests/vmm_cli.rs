@@ -73,6 +73,17 @@ fn bad_input_gets_one_line_errors() {
         v
     };
     let long_cmdline = "x".repeat(5000);
+    // Snapshot directories that are refused before KVM is opened (the test host restores
+    // real ones, see vmm_boot.rs).
+    let snap = |name: &str, state: &[u8]| {
+        let d = s.0.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("state"), state).unwrap();
+        std::fs::write(d.join("memory"), b"").unwrap();
+        d.display().to_string()
+    };
+    let garbage = snap("snap-garbage", &[0x5a; 200]);
+    let short = snap("snap-short", b"HUSKSNAP");
     let cases: Vec<(Vec<String>, &str)> = vec![
         (k("/nonexistent/vmlinux"), "No such file"),
         (k(&text), "neither an ELF vmlinux nor a bzImage"),
@@ -89,6 +100,10 @@ fn bad_input_gets_one_line_errors() {
         (with(k(&text), &["--serial", "tcp:1"]), "expected stdio, none or file:PATH"),
         (with(k(&text), &["--cmdline", &long_cmdline]), "at most 2048"),
         (with(k(&text), &["--initramfs", "/nonexistent/initrd"]), "initramfs"),
+        (with(k(&text), &["--restore", "/nonexistent/snap"]), "snapshot read state file"),
+        (with(k(&text), &["--restore", &garbage]), "not a husk-vmm snapshot (bad magic)"),
+        (with(k(&text), &["--restore", &short]), "snapshot is truncated: 8 of 32 bytes"),
+        (with(k(&text), &["--snapshot-dir", &dir]), "--control"),
         (vec!["--bogus".into()], "unexpected argument '--bogus'"),
         (vec![], "required arguments were not provided"),
         (vec!["--config".into(), s.file("bad.json", b"{\"kernel\": ")], "config file"),

@@ -17,7 +17,9 @@ use crate::devices::virtio::{rng::Rng, vsock::Vsock, VirtioDevice, VirtioInterru
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitNotifier;
 use crate::memory::{create_guest_memory, GuestMem, MemoryError};
-use crate::vmm::Vmm;
+use crate::snapshot::control::ControlEndpoint;
+use crate::snapshot::{Identity, Snapshot, SnapshotError, SnapshotOptions, TransportState};
+use crate::vmm::{SnapshotSetup, Vmm};
 use crate::vstate::{Vcpu, VcpuError, Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,8 @@ pub enum BuildError {
     Worker(#[source] crate::devices::virtio::ActivateError),
     #[error("virtio-net: {0}")]
     Tap(#[from] crate::devices::virtio::net::tap::TapError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// A random locally administered unicast MAC (02:xx:...).
@@ -77,6 +81,7 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
 struct VirtioPlacer {
     next: u32,
     acpi: Vec<AcpiDevice>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl VirtioPlacer {
@@ -86,6 +91,7 @@ impl VirtioPlacer {
         mem: &GuestMem,
         mmio: &mut Bus,
         mut device: Box<dyn VirtioDevice>,
+        restore: Option<&TransportState>,
     ) -> Result<(), BuildError> {
         device.start_threads().map_err(BuildError::Worker)?;
         let irq = VIRTIO_IRQ_START + self.next;
@@ -102,9 +108,15 @@ impl VirtioPlacer {
             queue_evts.push(evt);
         }
         let interrupt = Arc::new(VirtioInterrupt::new(irqfd));
-        let transport =
-            MmioTransport::new(device, mem.clone(), interrupt, queue_evts).map_err(BuildError::Queue)?;
-        mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
+        let transport = match restore {
+            Some(state) => MmioTransport::restore(device, mem.clone(), interrupt, queue_evts, state)?,
+            None => {
+                MmioTransport::new(device, mem.clone(), interrupt, queue_evts).map_err(BuildError::Queue)?
+            }
+        };
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, MMIO_LEN)?;
+        self.transports.push(transport);
         // MMIO windows sit below 4 GiB by construction (VIRTIO_MMIO_START + a few pages).
         self.acpi.push(AcpiDevice::VirtioMmio { base: base as u32, len: MMIO_LEN as u32, gsi: irq });
         self.next += 1;
@@ -113,7 +125,48 @@ impl VirtioPlacer {
 }
 
 pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
+    build_vmm_with(cfg, &SnapshotOptions::default())
+}
+
+fn file_len(what: &'static str, path: &std::path::Path) -> Result<u64, BuildError> {
+    std::fs::metadata(path).map(|m| m.len()).map_err(io_err(what))
+}
+
+/// Reads a snapshot directory: the state file, checked, and the memory file, opened.
+fn load_snapshot(dir: &std::path::Path) -> Result<(Snapshot, std::fs::File), SnapshotError> {
+    let snap = crate::snapshot::file::read(&dir.join(crate::snapshot::STATE_FILE))?;
+    let mem = std::fs::File::open(dir.join(crate::snapshot::MEMORY_FILE))
+        .map_err(|source| SnapshotError::Io { what: "open memory file", source })?;
+    Ok((snap, mem))
+}
+
+/// Like [`build_vmm`], and also restores from a snapshot or takes control commands.
+pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, BuildError> {
     cfg.validate()?;
+    // Snapshot input is checked before anything is set up for it.
+    let restore = opts.restore.as_deref().map(load_snapshot).transpose()?;
+    let image_lens = (
+        file_len("kernel", &cfg.kernel)?,
+        cfg.initramfs.as_deref().map(|p| file_len("initramfs", p)).transpose()?,
+    );
+    if let Some((snap, _)) = &restore {
+        // The VM's shape first, for a clear message before anything is sized from the file.
+        let claimed = &snap.identity;
+        claimed.check(&Identity {
+            memory_mib: cfg.memory_mib,
+            vcpus: cfg.vcpus,
+            image_id: opts.image_id.clone(),
+            kernel_len: image_lens.0,
+            initramfs_len: image_lens.1,
+            serial: claimed.serial,
+            devices: claimed.devices.clone(),
+        })?;
+    }
+    let control = opts
+        .control
+        .as_deref()
+        .map(|p| ControlEndpoint::bind(p, opts.snapshot_dir.as_deref()))
+        .transpose()?;
     crate::confine::enable(cfg.seccomp)?;
     // The jail comes first: namespaces can only be entered while the VMM has one thread.
     let (jail, jailed);
@@ -129,16 +182,28 @@ pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
         }
     };
     // Images are loaded before KVM is touched so that bad input is reported as such on any host.
-    let mem = create_guest_memory(cfg.memory_mib)?;
-    let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
-    let initrd_max = match kernel.kind {
-        KernelKind::BzImage { header, .. } if header.initrd_addr_max != 0 => {
-            u64::from(header.initrd_addr_max)
+    let (mem, boot_images) = match &restore {
+        Some((snap, file)) => {
+            let file = file.try_clone().map_err(io_err("memory file"))?;
+            (crate::snapshot::memory::map(file, &snap.memory, cfg.memory_mib)?, None)
         }
-        _ => u64::MAX,
+        None => {
+            let mem = create_guest_memory(cfg.memory_mib)?;
+            let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+            let initrd_max = match kernel.kind {
+                KernelKind::BzImage { header, .. } if header.initrd_addr_max != 0 => {
+                    u64::from(header.initrd_addr_max)
+                }
+                _ => u64::MAX,
+            };
+            let initrd = cfg
+                .initramfs
+                .as_ref()
+                .map(|p| boot::load_initrd(&mem, p, kernel.end, initrd_max))
+                .transpose()?;
+            (mem, Some((kernel, initrd)))
+        }
     };
-    let initrd =
-        cfg.initramfs.as_ref().map(|p| boot::load_initrd(&mem, p, kernel.end, initrd_max)).transpose()?;
 
     let vm = Vm::new(cfg.vcpus)?;
     vm.register_memory(&mem)?;
@@ -161,7 +226,11 @@ pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
             };
             let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("serial irqfd"))?;
             vm.register_irqfd(&irq, serial::COM1_IRQ)?;
-            let dev = Arc::new(Mutex::new(SerialConsole::new(irq, out).map_err(io_err("serial"))?));
+            let console = match restore.as_ref().and_then(|(s, _)| s.serial.as_ref()) {
+                Some(state) => SerialConsole::restore(irq, out, state),
+                None => SerialConsole::new(irq, out),
+            };
+            let dev = Arc::new(Mutex::new(console.map_err(io_err("serial"))?));
             pio.insert(dev.clone(), serial::COM1_PORT, serial::PORT_LEN)?;
             Some(dev)
         }
@@ -200,17 +269,60 @@ pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
         ),
         _ => None,
     };
+    let identity = Identity {
+        memory_mib: cfg.memory_mib,
+        vcpus: cfg.vcpus,
+        image_id: opts.image_id.clone(),
+        kernel_len: image_lens.0,
+        initramfs_len: image_lens.1,
+        serial: serial.is_some(),
+        devices: devices.iter().map(|d| crate::devices::virtio::mmio::device_identity(d.as_ref())).collect(),
+    };
+    if let Some((snap, _)) = &restore {
+        snap.identity.check(&identity)?;
+        if snap.vcpus.len() != cfg.vcpus as usize || snap.devices.len() != devices.len() {
+            return Err(
+                SnapshotError::Invalid("vCPU or device count differs from its identity".into()).into()
+            );
+        }
+        if snap.serial.is_some() != serial.is_some() {
+            return Err(SnapshotError::Invalid("serial state present without a serial console".into()).into());
+        }
+    }
     if let Some(j) = jail {
         j.enter()?;
     }
-    let mut placer = VirtioPlacer { next: 0, acpi: Vec::new() };
-    for dev in devices {
-        placer.add(&vm, &mem, &mut mmio, dev)?;
+    let mut placer = VirtioPlacer { next: 0, acpi: Vec::new(), transports: Vec::new() };
+    let saved_devices = restore.as_ref().map(|(s, _)| s.devices.as_slice()).unwrap_or_default();
+    for (i, dev) in devices.into_iter().enumerate() {
+        placer.add(&vm, &mem, &mut mmio, dev, saved_devices.get(i))?;
     }
     if let (Some(l), Some(v)) = (listener, &cfg.vsock) {
         crate::loopback_forward::start(l, v.uds_path.clone())
             .map_err(|source| BuildError::Io { what: "loopback forward thread", source })?;
     }
+
+    let snapshot = control.map(|endpoint| SnapshotSetup {
+        endpoint,
+        identity: identity.clone(),
+        transports: placer.transports.clone(),
+    });
+    if let Some((snap, _)) = &restore {
+        crate::snapshot::kvm_state::restore_vm(vm.fd(), &snap.vm)?;
+        let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+        for (i, state) in snap.vcpus.iter().enumerate() {
+            let vcpu = Vcpu::new(&vm, i as u32)?;
+            crate::snapshot::kvm_state::restore_vcpu(vcpu.fd(), state)?;
+            vcpus.push(vcpu);
+        }
+        // Where the VMGenID device would get this sibling's new generation id.
+        let generation = crate::snapshot::new_generation_id();
+        tracing::debug!(?generation, "restored; no VMGenID device to announce a new generation to yet");
+        return finish(vm, mem, vcpus, pio, mmio, exit, serial, cfg, snapshot);
+    }
+    let Some((kernel, initrd)) = boot_images else {
+        return Err(SnapshotError::Invalid("nothing to boot".into()).into());
+    };
 
     let cmdline = cfg.cmdline.clone();
     let mut acpi_devices = Vec::new();
@@ -240,5 +352,28 @@ pub fn build_vmm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
         vcpus.push(vcpu);
     }
     tracing::debug!(cmdline, "VM built");
-    Ok(Vmm::new(vm, mem, vcpus, pio, mmio, exit, serial, cfg.serial == SerialConfig::Stdio))
+    finish(vm, mem, vcpus, pio, mmio, exit, serial, cfg, snapshot)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    vm: Vm,
+    mem: GuestMem,
+    vcpus: Vec<Vcpu>,
+    pio: Bus,
+    mmio: Bus,
+    exit: Arc<ExitNotifier>,
+    serial: Option<Arc<Mutex<SerialConsole>>>,
+    cfg: &VmConfig,
+    snapshot: Option<SnapshotSetup>,
+) -> Result<Vmm, BuildError> {
+    if snapshot.is_some() {
+        // vCPUs save their own MSRs when paused, under a filter without KVM's system ioctls.
+        let list = vm.msr_index_list()?;
+        for v in &vcpus {
+            let _ = v.pause_ctl().msr_index_list.set(list.clone());
+        }
+    }
+    let vmm = Vmm::new(vm, mem, vcpus, pio, mmio, exit, serial, cfg.serial == SerialConfig::Stdio);
+    Ok(vmm.with_snapshots(snapshot))
 }

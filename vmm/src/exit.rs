@@ -20,6 +20,8 @@ pub enum ExitReason {
     /// KVM could not run the guest (internal error, emulation failure, failed entry) or a vCPU
     /// thread failed.
     VcpuError(String),
+    /// A snapshot was written on request (see `snapshot::control`); the VM stays paused.
+    Snapshotted,
 }
 
 impl ExitReason {
@@ -30,6 +32,7 @@ impl ExitReason {
             ExitReason::TripleFault => 3,
             ExitReason::GuestReset => 4,
             ExitReason::VcpuError(_) => 5,
+            ExitReason::Snapshotted => 0,
         }
     }
 
@@ -40,6 +43,7 @@ impl ExitReason {
             ExitReason::GuestReset => "guest requested a reset".into(),
             ExitReason::TripleFault => "guest triple-faulted (vCPU shutdown)".into(),
             ExitReason::VcpuError(e) => format!("vCPU error: {e}"),
+            ExitReason::Snapshotted => "VM snapshotted".into(),
         }
     }
 }
@@ -98,5 +102,6 @@ mod tests {
         .map(ExitReason::exit_code)
         .collect();
         assert_eq!(codes.len(), 5);
+        assert_eq!(ExitReason::Snapshotted.exit_code(), 0);
     }
 }

@@ -13,10 +13,11 @@ pub mod exit;
 pub mod jail;
 pub mod loopback_forward;
 pub mod memory;
+pub mod snapshot;
 pub mod vmm;
 pub mod vstate;
 
-pub use builder::{build_vmm, BuildError};
+pub use builder::{build_vmm, build_vmm_with, BuildError};
 pub use config::VmConfig;
 pub use exit::ExitReason;
 pub use vmm::Vmm;

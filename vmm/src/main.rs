@@ -9,7 +9,8 @@ use husk_vmm::config::{
     JailConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_JAIL_NOFILE, DEFAULT_MEMORY_MIB,
 };
 use husk_vmm::confine::SeccompMode;
-use husk_vmm::{build_vmm, ExitReason};
+use husk_vmm::snapshot::SnapshotOptions;
+use husk_vmm::{build_vmm_with, ExitReason};
 
 const EXIT_SETUP_FAILED: u8 = 1;
 
@@ -70,6 +71,23 @@ struct Cli {
     /// Same as `--seccomp off`: for debugging only.
     #[arg(long, conflicts_with = "seccomp")]
     no_seccomp: bool,
+    /// Take control commands (`snapshot`, `ping`) on this Unix socket, one line each.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Existing directory the `snapshot` command writes `state` and `memory` into.
+    #[arg(long, value_name = "DIR", requires = "control")]
+    snapshot_dir: Option<PathBuf>,
+    /// Start the VM from the snapshot in DIR instead of booting (same VM configuration).
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+    /// The caller's id of kernel, initramfs and command line, kept in snapshots and checked
+    /// on restore.
+    #[arg(long, value_name = "ID")]
+    image_id: Option<String>,
+    /// Report when this process started, had the VM built and first entered the guest, as
+    /// `husk-vmm-timing: NAME NS` lines on stderr (NS: CLOCK_MONOTONIC).
+    #[arg(long)]
+    timings: bool,
 }
 
 fn parse_seccomp(s: &str) -> Result<SeccompMode, String> {
@@ -78,6 +96,15 @@ fn parse_seccomp(s: &str) -> Result<SeccompMode, String> {
         "log" => Ok(SeccompMode::Log),
         "off" => Ok(SeccompMode::Off),
         _ => Err(format!("{s:?}: expected enforce, log or off")),
+    }
+}
+
+fn snapshot_options(cli: &mut Cli) -> SnapshotOptions {
+    SnapshotOptions {
+        control: cli.control.take(),
+        snapshot_dir: cli.snapshot_dir.take(),
+        restore: cli.restore.take(),
+        image_id: cli.image_id.take(),
     }
 }
 
@@ -116,6 +143,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    let started_ns = husk_vmm::vmm::monotonic_ns();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
@@ -125,7 +153,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => match e.kind() {
             clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
@@ -141,14 +169,20 @@ fn main() -> ExitCode {
             }
         },
     };
+    if cli.timings {
+        husk_vmm::vmm::report_timings();
+        husk_vmm::vmm::timing_point("process started", started_ns);
+    }
+    let snapshot = snapshot_options(&mut cli);
     let cfg = match config_from(cli) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let vmm = match build_vmm(&cfg) {
+    let vmm = match build_vmm_with(&cfg, &snapshot) {
         Ok(v) => v,
         Err(e) => return fail(e),
     };
+    husk_vmm::vmm::timing_point("VM built", husk_vmm::vmm::monotonic_ns());
     let reason = vmm.run();
     if reason != ExitReason::PowerOff {
         eprintln!("husk-vmm: {}", reason.describe());

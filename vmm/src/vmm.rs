@@ -2,7 +2,7 @@
 
 use std::io::Read;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -14,9 +14,42 @@ use crate::exit::{ExitNotifier, ExitReason};
 use crate::memory::GuestMem;
 use crate::vstate::{StartGate, Vcpu, VcpuHandle, Vm};
 
+/// What the control thread needs besides the VM itself (see `snapshot::control`).
+#[derive(Debug)]
+pub struct SnapshotSetup {
+    pub endpoint: crate::snapshot::control::ControlEndpoint,
+    pub identity: crate::snapshot::Identity,
+    pub transports: Vec<Arc<Mutex<crate::devices::virtio::MmioTransport>>>,
+}
+
 const TOKEN_EXIT: u64 = 0;
 const TOKEN_STDIN: u64 = 1;
 const TOKEN_SERIAL_DRAINED: u64 = 2;
+
+/// Whether `--timings` asked for this run's timing points on stderr.
+static TIMINGS: AtomicBool = AtomicBool::new(false);
+
+/// Turns timing points on (`husk-vmm --timings`, which husk passes for `husk run --timings`).
+pub fn report_timings() {
+    TIMINGS.store(true, Ordering::Relaxed);
+}
+
+/// CLOCK_MONOTONIC in ns: the clock the runtime's timeline uses (runtime/core/src/timeline.rs).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we pass; clock_gettime is in every thread's
+    // seccomp filter.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+/// With `--timings`, one line on stderr the runtime reads back: `husk-vmm-timing: NAME NS`.
+/// A write(2) on the log descriptor every thread already has: no file, no new syscall.
+pub fn timing_point(name: &str, at_ns: u64) {
+    if TIMINGS.load(Ordering::Relaxed) {
+        eprintln!("husk-vmm-timing: {name} {at_ns}");
+    }
+}
 
 #[derive(Debug)]
 pub struct Vmm {
@@ -27,7 +60,9 @@ pub struct Vmm {
     exit: Arc<ExitNotifier>,
     serial: Option<Arc<Mutex<SerialConsole>>>,
     stdin_input: bool,
-    vm: Vm,
+    snapshot: Option<SnapshotSetup>,
+    // Shared with the control thread, which reads VM state for snapshots.
+    vm: Arc<Vm>,
     mem: GuestMem,
 }
 
@@ -63,7 +98,13 @@ impl Vmm {
         serial: Option<Arc<Mutex<SerialConsole>>>,
         stdin_input: bool,
     ) -> Self {
-        Self { vcpus, pio: Arc::new(pio), mmio: Arc::new(mmio), exit, serial, stdin_input, vm, mem }
+        let (pio, mmio, vm) = (Arc::new(pio), Arc::new(mmio), Arc::new(vm));
+        Self { vcpus, pio, mmio, exit, serial, stdin_input, snapshot: None, vm, mem }
+    }
+
+    pub(crate) fn with_snapshots(mut self, snapshot: Option<SnapshotSetup>) -> Self {
+        self.snapshot = snapshot;
+        self
     }
 
     pub fn guest_memory(&self) -> &GuestMem {
@@ -79,6 +120,7 @@ impl Vmm {
         let mut handles: Vec<VcpuHandle> = Vec::new();
         let gate = Arc::new(StartGate::default());
         let mut started = true;
+        let pauses: Vec<_> = self.vcpus.iter().map(Vcpu::pause_ctl).collect();
         for vcpu in self.vcpus.drain(..) {
             let stop = Arc::new(AtomicBool::new(false));
             match vcpu.start(self.pio.clone(), self.mmio.clone(), self.exit.clone(), stop, gate.clone()) {
@@ -88,6 +130,21 @@ impl Vmm {
                     started = false;
                     break;
                 }
+            }
+        }
+        if let (true, Some(s)) = (started, self.snapshot.take()) {
+            let sources = crate::snapshot::control::SnapshotSources {
+                vm: self.vm.clone(),
+                mem: self.mem.clone(),
+                vcpus: pauses,
+                transports: s.transports,
+                serial: self.serial.clone(),
+                identity: s.identity,
+                exit: self.exit.clone(),
+            };
+            if let Err(e) = crate::snapshot::control::start(s.endpoint, sources) {
+                self.exit.notify(ExitReason::VcpuError(format!("control thread: {e}")));
+                started = false;
             }
         }
         // The main thread is the last to confine itself; the guest starts after that.

@@ -3,7 +3,9 @@
 //! `poweroff` (default), `panic` (init exits, so the kernel panics), `reboot`, `hang`, or
 //! `vsock` (echo servers and guest-to-host checks, see [`vsock_checks`]), or `fs` (virtio-fs
 //! file operations, see [`fs_checks`]), or `bench` (device benchmarks, see [`bench`]); these
-//! power off afterwards.
+//! power off afterwards. `snapshot` is for snapshot tests: it prints a ready line with a
+//! random token, then echoes each console line it reads with that token (so a restored VM
+//! shows it kept its memory), and powers off on `bye`.
 //!
 //! Static and std + libc only so it runs from a bare initramfs.
 
@@ -49,6 +51,28 @@ fn mem_total_kib() -> String {
         .unwrap_or_default()
 }
 
+/// Ready line, then one reply per console line until `bye` or end of input.
+fn snapshot_echo() {
+    let mut token = [0u8; 8];
+    // SAFETY: getrandom writes at most `token.len()` bytes into `token`.
+    unsafe { libc::getrandom(token.as_mut_ptr().cast(), token.len(), 0) };
+    let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
+    println!("HUSK-SNAPSHOT-READY token={token}");
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match std::io::stdin().read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let got = line.trim();
+        println!("HUSK-SNAPSHOT-ECHO token={token} got={got} uptime={}", uptime());
+        if got == "bye" {
+            return;
+        }
+    }
+}
+
 fn main() {
     std::fs::create_dir_all("/proc").ok();
     std::fs::create_dir_all("/sys").ok();
@@ -84,6 +108,11 @@ fn main() {
             }
             // SAFETY: reboot(2) takes no pointers; the checks have finished and printed their
             // results, so powering off this PID 1's test VM loses nothing.
+            unsafe { libc::reboot(libc::RB_POWER_OFF) };
+        }
+        "snapshot" => {
+            snapshot_echo();
+            // SAFETY: reboot(2) takes no pointers; the test is over.
             unsafe { libc::reboot(libc::RB_POWER_OFF) };
         }
         "hang" => loop {

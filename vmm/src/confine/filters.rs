@@ -25,6 +25,27 @@ const KVM_RUN: u64 = 0xae80;
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 const TUNSETVNETHDRSZ: u64 = 0x4004_54d8;
 
+// State reads for snapshots: a vCPU saves its own, the control thread the VM's.
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+const KVMIO: u32 = 0xae;
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+vmm_sys_util::ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+vmm_sys_util::ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+vmm_sys_util::ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+
 /// glibc's pthread_create flags for clone(2): a thread, never a process or a namespace.
 const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
     | libc::CLONE_FS
@@ -143,7 +164,44 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
             allow_arg(&mut r, libc::SYS_ioctl, 1, &[TCGETS, TCSETS, TCSETSW, TIOCGWINSZ])?;
         }
         ThreadKind::Vcpu => {
-            allow_arg(&mut r, libc::SYS_ioctl, 1, &[KVM_RUN])?;
+            let gets = [
+                KVM_GET_REGS(),
+                KVM_GET_SREGS(),
+                KVM_GET_MSRS(),
+                KVM_GET_LAPIC(),
+                KVM_GET_CPUID2(),
+                KVM_GET_MP_STATE(),
+                KVM_GET_VCPU_EVENTS(),
+                KVM_GET_DEBUGREGS(),
+                KVM_GET_TSC_KHZ(),
+                KVM_GET_XSAVE(),
+                KVM_GET_XCRS(),
+            ];
+            let mut ioctls = vec![KVM_RUN];
+            ioctls.extend(gets);
+            allow_arg(&mut r, libc::SYS_ioctl, 1, &ioctls)?;
+        }
+        ThreadKind::Control => {
+            sockets(&mut r);
+            let gets = [KVM_GET_IRQCHIP(), KVM_GET_CLOCK(), KVM_GET_PIT2()];
+            allow_arg(&mut r, libc::SYS_ioctl, 1, &gets)?;
+            // Snapshot files, all under the directory fd opened before the jail.
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_openat,
+                    libc::SYS_pwrite64,
+                    libc::SYS_ftruncate,
+                    libc::SYS_fsync,
+                    libc::SYS_fdatasync,
+                    libc::SYS_renameat,
+                    libc::SYS_fstat,
+                    libc::SYS_newfstatat,
+                    libc::SYS_statx,
+                    libc::SYS_lseek,
+                    libc::SYS_dup,
+                ],
+            );
         }
         ThreadKind::VirtioRng => {}
         ThreadKind::VirtioNet => {

@@ -30,10 +30,12 @@ pub enum ThreadKind {
     VirtioRng,
     /// The pod-loopback forwarder's listener and connection threads.
     LoopbackForward,
+    /// The control socket's thread, which also writes snapshots.
+    Control,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::VirtioFs,
@@ -41,6 +43,7 @@ impl ThreadKind {
         ThreadKind::VirtioNet,
         ThreadKind::VirtioRng,
         ThreadKind::LoopbackForward,
+        ThreadKind::Control,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +55,7 @@ impl ThreadKind {
             ThreadKind::VirtioNet => "virtio-net",
             ThreadKind::VirtioRng => "virtio-rng",
             ThreadKind::LoopbackForward => "loopback-forward",
+            ThreadKind::Control => "control",
         }
     }
 

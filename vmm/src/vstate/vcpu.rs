@@ -1,8 +1,8 @@
 //! vCPUs: per-CPU state setup and the thread that runs KVM_RUN and dispatches exits.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -40,12 +40,22 @@ extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 pub struct Vcpu {
     fd: VcpuFd,
     index: u32,
+    pause: Arc<PauseCtl>,
 }
 
 impl Vcpu {
     pub fn new(vm: &Vm, index: u32) -> Result<Self, VcpuError> {
         let fd = vm.fd().create_vcpu(index as u64).map_err(|e| VcpuError::Create(index, e))?;
-        Ok(Self { fd, index })
+        Ok(Self { fd, index, pause: Arc::new(PauseCtl::default()) })
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// How a snapshot parks this vCPU and collects its state (see [`PauseCtl`]).
+    pub fn pause_ctl(&self) -> Arc<PauseCtl> {
+        self.pause.clone()
     }
 
     /// CPUID, MSRs, FPU and LAPIC for every vCPU; entry registers for the boot vCPU. The others
@@ -84,6 +94,8 @@ impl Vcpu {
             .spawn({
                 let stop = stop.clone();
                 move || {
+                    // SAFETY: gettid has no preconditions.
+                    self.pause.tid.store(unsafe { libc::gettid() }, Ordering::Release);
                     // Confined before its first KVM_RUN; run only once every thread is.
                     let confined = crate::confine::confine_thread(crate::confine::ThreadKind::Vcpu);
                     if !gate.wait() {
@@ -100,7 +112,14 @@ impl Vcpu {
     }
 
     fn run_loop(mut self, pio: &Bus, mmio: &Bus, exit: &ExitNotifier, stop: &AtomicBool) {
+        if self.index == 0 {
+            crate::vmm::timing_point("first vCPU entry", crate::vmm::monotonic_ns());
+        }
         while !stop.load(Ordering::Acquire) {
+            if self.pause.requested.load(Ordering::Acquire) {
+                self.park(stop);
+                continue;
+            }
             match self.run_once(pio, mmio) {
                 Ok(None) => {}
                 Ok(Some(reason)) => {
@@ -113,6 +132,21 @@ impl Vcpu {
                 }
             }
         }
+    }
+
+    /// Saves this vCPU's state for a snapshot and waits until it is resumed or stopped.
+    fn park(&mut self, stop: &AtomicBool) {
+        // The exit we last handled (a port or MMIO read) completes only inside the next
+        // KVM_RUN; with immediate_exit set KVM completes it and returns without running the
+        // guest, so the state read below is at an instruction boundary.
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let saved =
+            self.pause.msr_index_list.get().ok_or_else(|| "MSR list unknown".to_string()).and_then(|list| {
+                crate::snapshot::kvm_state::save_vcpu(&self.fd, list).map_err(|e| e.to_string())
+            });
+        self.pause.park(saved, stop);
     }
 
     /// One KVM_RUN; returns the reason the VM must stop, if any.
@@ -166,6 +200,76 @@ impl Vcpu {
             Err(e) => return Err(format!("KVM_RUN: {e}")),
         }
         Ok(None)
+    }
+}
+
+/// A vCPU's pause for snapshots: the controller asks, kicks the thread out of KVM_RUN, takes
+/// the state the thread saved for itself, then resumes it.
+#[derive(Debug, Default)]
+pub struct PauseCtl {
+    requested: AtomicBool,
+    /// The vCPU thread's kernel id, for the kick (a tgkill to a gone thread is harmless).
+    tid: AtomicI32,
+    /// What `save_vcpu` reads; filled in at set-up, where KVM's system ioctls are allowed.
+    pub msr_index_list: std::sync::OnceLock<Vec<u32>>,
+    slot: Mutex<PauseSlot>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct PauseSlot {
+    saved: Option<Result<crate::snapshot::state::VcpuState, String>>,
+    resume: bool,
+}
+
+impl PauseCtl {
+    fn park(&self, saved: Result<crate::snapshot::state::VcpuState, String>, stop: &AtomicBool) {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        slot.saved = Some(saved);
+        self.cv.notify_all();
+        // Stop is a flag plus a signal, which does not wake a condvar: poll it.
+        while !slot.resume && !stop.load(Ordering::Acquire) {
+            slot = self.cv.wait_timeout(slot, Duration::from_millis(20)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        slot.resume = false;
+    }
+
+    /// Parks the vCPU and returns its saved state, or an error if it did not park within
+    /// `timeout` (it may then still park later; [`PauseCtl::resume`] lets it go either way).
+    pub fn pause(&self, timeout: Duration) -> Result<crate::snapshot::state::VcpuState, String> {
+        {
+            let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+            slot.saved = None;
+            slot.resume = false;
+        }
+        self.requested.store(true, Ordering::Release);
+        let deadline = std::time::Instant::now() + timeout;
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(saved) = slot.saved.take() {
+                return saved;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err("vCPU did not pause".into());
+            }
+            // Kick until it parks: a signal can land just before the thread enters KVM_RUN.
+            let tid = self.tid.load(Ordering::Acquire);
+            if tid > 0 {
+                // SAFETY: tgkill only signals a thread of this process; the handler is a no-op.
+                unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, kick_signal()) };
+            }
+            slot = self.cv.wait_timeout(slot, Duration::from_millis(2)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Lets a parked (or about to park) vCPU run again.
+    pub fn resume(&self) {
+        self.requested.store(false, Ordering::Release);
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        slot.resume = true;
+        slot.saved = None;
+        self.cv.notify_all();
     }
 }
 

@@ -98,6 +98,11 @@ impl Vm {
         self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))
     }
 
+    /// The MSRs KVM can save and restore for a vCPU (a system ioctl: asked during set-up).
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, VmError> {
+        Ok(self.kvm.get_msr_index_list().map_err(kvm_err("get MSR index list"))?.as_slice().to_vec())
+    }
+
     pub fn register_memory(&self, mem: &GuestMem) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {

@@ -85,6 +85,47 @@ impl SerialConsole {
         self.serial.fifo_capacity()
     }
 
+    /// Registers and FIFO, for a snapshot.
+    pub fn save(&self) -> crate::snapshot::state::SerialSnap {
+        let s = self.serial.state();
+        crate::snapshot::state::SerialSnap {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A console in a saved state; an overfull FIFO is refused.
+    pub fn restore(
+        irq: EventFd,
+        out: SerialOutput,
+        s: &crate::snapshot::state::SerialSnap,
+    ) -> io::Result<Self> {
+        let drained = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&state, IrqEventFd(irq), InputDrained(drained.clone()), out)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("serial state: {e:?}")))?;
+        Ok(Self { serial, drained })
+    }
+
     /// Queues host input for the guest; returns how many bytes fit.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)

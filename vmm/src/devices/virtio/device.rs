@@ -48,6 +48,12 @@ pub trait VirtioDevice: Send {
     }
     /// Stops any worker and drops the queues; the transport then resets its own state.
     fn reset(&mut self);
+    /// Whether a snapshot may be taken now. The transport saves the queues; a device with
+    /// state of its own outside guest memory (connections, a FUSE session) refuses while it
+    /// holds any, since a restored VM could not have it back.
+    fn snapshot_ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling whatever lies outside.

@@ -45,4 +45,13 @@ impl VirtioInterrupt {
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
     }
+
+    /// Sets a restored status; pending bits are raised again so the driver looks at them
+    /// (a spurious look finds nothing and costs nothing).
+    pub fn restore(&self, status: u32) {
+        self.status.store(0, Ordering::SeqCst);
+        if status != 0 {
+            self.raise(status);
+        }
+    }
 }

@@ -24,6 +24,7 @@ mod tests;
 
 use std::io;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +64,8 @@ pub struct Fs {
     fs: Arc<ShareFs>,
     server: Arc<FsServer>,
     worker: Worker,
+    /// Requests served since activation: any means the guest mounted the share.
+    served: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -176,7 +179,8 @@ impl Fs {
         config[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
         let fs = Arc::new(fs);
         let server = Arc::new(Server::new(fs.clone()));
-        Ok(Self { config, fs, server, worker: Worker::new("virtio-fs", ThreadKind::VirtioFs) })
+        let worker = Worker::new("virtio-fs", ThreadKind::VirtioFs);
+        Ok(Self { config, fs, server, worker, served: Arc::new(AtomicU64::new(0)) })
     }
 
     /// The FUSE server the device's queues are served by, for driving [`process_queue`]
@@ -239,7 +243,7 @@ pub fn process_queue<F: FileSystem + Sync>(
     (completed, true)
 }
 
-fn run_worker(ctx: ActivateContext, server: Arc<FsServer>, kill: EventFd) {
+fn run_worker(ctx: ActivateContext, server: Arc<FsServer>, served: Arc<AtomicU64>, kill: EventFd) {
     let ActivateContext { mem, mut queues, queue_evts, interrupt, .. } = ctx;
     let epoll = match Epoll::new() {
         Ok(e) => e,
@@ -277,6 +281,7 @@ fn run_worker(ctx: ActivateContext, server: Arc<FsServer>, kill: EventFd) {
         for queue in queues.iter_mut() {
             let (done, left) = process_queue(queue, &mem, &server, MAX_CHAINS_PER_PASS);
             more |= left;
+            served.fetch_add(done as u64, Ordering::Relaxed);
             notify |= done > 0 && queue.needs_notification(&mem).unwrap_or(true);
         }
         if notify {
@@ -306,7 +311,8 @@ impl VirtioDevice for Fs {
         check_queue_count(&ctx, QUEUE_SIZES.len())?;
         self.reset();
         let server = self.server.clone();
-        self.worker.start(move |kill| run_worker(ctx, server, kill))
+        let served = self.served.clone();
+        self.worker.start(move |kill| run_worker(ctx, server, served, kill))
     }
 
     fn start_threads(&mut self) -> Result<(), ActivateError> {
@@ -323,6 +329,16 @@ impl VirtioDevice for Fs {
             if let Err(e) = self.worker.run_and_wait(move || fs.destroy()) {
                 tracing::error!("virtio-fs: reset: {e}");
             }
+        }
+        self.served.store(0, Ordering::Relaxed);
+    }
+
+    fn snapshot_ready(&self) -> Result<(), String> {
+        // Not mounted since activation: no FUSE session exists, and the restored VM's mount
+        // starts one with its own share.
+        match self.served.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            n => Err(format!("virtio-fs share has served {n} requests (it is or was mounted)")),
         }
     }
 }

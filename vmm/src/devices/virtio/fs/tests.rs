@@ -520,8 +520,12 @@ fn worker_serves_both_queues_and_resets() {
 
     let queues = vec![hiprio.create_queue().unwrap(), requests.create_queue().unwrap()];
     dev.activate(ctx(queues, evts)).unwrap();
+    // Started but never used (not mounted): a snapshot may be taken.
+    assert_eq!(dev.snapshot_ready(), Ok(()));
     kicks[1].write(1).unwrap();
     wait_for("request queue", || requests.used().idx().load() == 2);
+    // A FUSE session exists now: refused.
+    wait_for("request count", || dev.snapshot_ready().is_err());
     wait_for("interrupt", || irqfd.read().is_ok());
     let lookup: OutHeader = m.read_obj(GuestAddress(RESP + 0x1000)).unwrap();
     assert_eq!((lookup.error, lookup.unique), (0, 2));
@@ -536,6 +540,7 @@ fn worker_serves_both_queues_and_resets() {
     // Reset stops the worker and forgets every inode the driver had.
     dev.reset();
     assert!(!dev.worker.is_running());
+    assert_eq!(dev.snapshot_ready(), Ok(()));
     let mut c = Client { dev, unique: 10 };
     assert_eq!(c.errno(Opcode::Getattr, nodeid, GetattrIn::default().as_slice()), libc::EBADF);
     c.ok(Opcode::Getattr, ROOT_ID, GetattrIn::default().as_slice());

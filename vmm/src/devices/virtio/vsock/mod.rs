@@ -8,6 +8,8 @@ pub mod packet;
 
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -38,6 +40,8 @@ pub struct Vsock {
     uds_path: PathBuf,
     config: [u8; 8],
     worker: Worker,
+    /// Open streams plus control packets waiting for the guest, as the worker last saw them.
+    busy: Arc<AtomicUsize>,
 }
 
 impl Vsock {
@@ -47,11 +51,12 @@ impl Vsock {
             uds_path,
             config: guest_cid.to_le_bytes(),
             worker: Worker::new("virtio-vsock", ThreadKind::VirtioVsock),
+            busy: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
 
-fn run_worker(mut ctx: ActivateContext, mut muxer: Muxer, kill: EventFd) {
+fn run_worker(mut ctx: ActivateContext, mut muxer: Muxer, busy: &AtomicUsize, kill: EventFd) {
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => return tracing::error!("vsock: epoll: {e}"),
@@ -101,6 +106,7 @@ fn run_worker(mut ctx: ActivateContext, mut muxer: Muxer, kill: EventFd) {
         // TX waits in its ring while control replies wait for RX buffers. When RX delivery has
         // made room, nothing else would wake us for it: the guest notified TX long ago.
         again = muxer.tx_resumable();
+        busy.store(muxer.connection_count() + muxer.pending_ctrl(), Ordering::Release);
     }
 }
 
@@ -124,11 +130,15 @@ impl VirtioDevice for Vsock {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         check_queue_count(&ctx, QUEUE_SIZES.len())?;
         self.reset();
-        let (cid, path) = (self.guest_cid, self.uds_path.clone());
+        let (cid, path, busy) = (self.guest_cid, self.uds_path.clone(), self.busy.clone());
         // The socket is bound on the worker: the vCPU thread that activates us may not.
-        self.worker.start(move |kill| match Muxer::new(cid, &path) {
-            Ok(muxer) => run_worker(ctx, muxer, kill),
-            Err(e) => tracing::error!("virtio-vsock: {e}; the device stays idle"),
+        self.worker.start(move |kill| {
+            match Muxer::new(cid, &path) {
+                Ok(muxer) => run_worker(ctx, muxer, &busy, kill),
+                Err(e) => tracing::error!("virtio-vsock: {e}; the device stays idle"),
+            }
+            // The muxer is gone, and every stream with it.
+            busy.store(0, Ordering::Release);
         })
     }
 
@@ -139,5 +149,26 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         // Stopping the worker drops the muxer: host streams close and the socket file goes.
         self.worker.stop();
+    }
+
+    fn snapshot_ready(&self) -> Result<(), String> {
+        // A restored VM gets a fresh muxer on its own socket: no stream could come along.
+        match self.busy.load(Ordering::Acquire) {
+            0 => Ok(()),
+            n => Err(format!("virtio-vsock has {n} open connections or pending control packets")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_refused_while_streams_are_open() {
+        let v = Vsock::new(3, PathBuf::from("/nonexistent/vsock"));
+        assert_eq!(v.snapshot_ready(), Ok(()));
+        v.busy.store(2, Ordering::Release);
+        assert!(v.snapshot_ready().unwrap_err().contains("2 open connections"));
     }
 }
