@@ -184,8 +184,11 @@ impl HuskVmm {
                 c = &mut connect => break c?,
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {
                     // A caller that reaps every child (a shim) leaves `exited` nothing to see.
+                    // Liveness first: a VMM that dies between the two checks is then already a
+                    // zombie for try_wait, which reports how it ended (SIGSYS, a status).
+                    let gone = !procinfo::alive(record.vmm_pid, record.vmm_start);
                     let exit = process.try_wait();
-                    if exit.is_some() || !procinfo::alive(record.vmm_pid, record.vmm_start) {
+                    if exit.is_some() || gone {
                         let text = std::fs::read_to_string(log).unwrap_or_default();
                         let tail: Vec<&str> = text.lines().rev().take(5).collect();
                         let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
