@@ -200,12 +200,16 @@ impl Agent {
             validate::name("share tag", &s.tag)?;
         }
         let (ifaces, routes) = crate::network::check(&req.interfaces, &req.routes)?;
+        crate::entropy::check(&req.entropy)?;
         if !self.cfg.guest && !ifaces.is_empty() {
             return Err(AgentError::FailedPrecondition(
                 "host mode does not configure the host's network".into(),
             ));
         }
         if self.cfg.guest {
+            // First, so that nothing after it (nor any container) draws from an RNG state
+            // shared with every sandbox restored from the same snapshot.
+            crate::entropy::reseed(&req.entropy).await?;
             if !req.hostname.is_empty() {
                 nix::unistd::sethostname(&req.hostname).map_err(AgentError::errno("sethostname"))?;
             }
@@ -249,6 +253,11 @@ impl Agent {
             if let Err(e) = self.remove_container(&id, true).await {
                 tracing::warn!("destroy: removing {id}: {e}");
             }
+        }
+        // Whatever containers wrote to the shares is on the host before the answer: the host
+        // may stop the VM as soon as it has it.
+        if self.cfg.guest {
+            let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
         }
         self.shutdown.notify_one();
         Ok(())

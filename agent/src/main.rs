@@ -7,6 +7,7 @@
 //! - `husk-agent __oci OP`: internal, one libcontainer operation in a fresh process.
 
 mod agent;
+mod entropy;
 mod fdio;
 mod init;
 mod lifeline;

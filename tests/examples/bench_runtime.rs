@@ -1,7 +1,10 @@
 //! Runtime benchmarks in one test-host run (bench/runtime.sh): end-to-end `husk run` of `true`
-//! (a new VM each time) vs `runc run` and `crun run` of the same bundle, and the host RSS of a
-//! running sandbox (husk-vmm, of which guest RAM it touched, and the relay process).
+//! (a new VM each time) started from a VM snapshot and booted cold, vs `runc run` and `crun run`
+//! of the same bundle; the agent's readiness and the `--timings` breakdown in both modes; and
+//! the host memory of idle sandboxes, cold vs restored (PSS, which splits the snapshot memory
+//! file's shared pages among the VMs that map them).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,37 +17,74 @@ mk_rootfs() {
     cp @BUSYBOX@ $1/bin/busybox
     for a in $($1/bin/busybox --list); do [ $a = busybox ] || ln -sf busybox $1/bin/$a; done
 }
+H=@HUSK@
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mk_rootfs /var/bb
 mkdir -p /var/oci /var/oci-sleep
 @PROBE@ spec true | sed 's#"path":"rootfs"#"path":"/var/bb"#' > /var/oci/config.json
 @PROBE@ spec sleep 300 | sed 's#"path":"rootfs"#"path":"/var/bb"#' > /var/oci-sleep/config.json
+# Both shapes' snapshots (OCI containers' and `husk run --rootfs`'s) made ahead, so no timed
+# run pays for making one.
+@PROBE@ time snapshot-prepare-ms 1 $H snapshot prepare || echo "FAIL husk snapshot prepare"
 for r in @RUNTIMES@; do
     n=$(basename $r)
     @PROBE@ time $n-run-true-ms @N@ $r --root /run/$n run --no-pivot --bundle /var/oci bench || echo "FAIL $n"
 done
-@PROBE@ time husk-run-bundle-true-ms @N@ @HUSK@ --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle"
-@PROBE@ time husk-run-rootfs-true-ms @N@ @HUSK@ run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs"
-i=0
-while [ $i -lt @N@ ]; do
-    @HUSK@ run --timings --net none --rootfs /var/bb -- true 2>/tmp/timings >/dev/null || echo "FAIL husk run --timings"
-    sed 's/^/TIMINGS /' /tmp/timings
-    echo "TIMINGS-END"
-    i=$((i+1))
+@PROBE@ time husk-bundle-restored-ms @N@ $H --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (restored)"
+@PROBE@ time husk-bundle-cold-ms @N@ $H --no-snapshot --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (cold)"
+@PROBE@ time husk-rootfs-restored-ms @N@ $H run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (restored)"
+@PROBE@ time husk-rootfs-cold-ms @N@ $H --no-snapshot run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (cold)"
+for mode in restored cold; do
+    flag=; [ $mode = cold ] && flag=--no-snapshot
+    i=0
+    while [ $i -lt @N@ ]; do
+        $H $flag run --timings --net none --rootfs /var/bb -- true 2>/tmp/timings >/dev/null || echo "FAIL husk run --timings ($mode)"
+        sed "s/^/TIMINGS $mode /" /tmp/timings
+        echo "TIMINGS-END $mode"
+        i=$((i+1))
+    done
 done
-@HUSK@ --root /run/hs run -d --bundle /var/oci-sleep s1 >/dev/null 2>&1 || echo "FAIL husk run -d"
-sleep 2
-vmm=$(sed -n 's/.*"vmm_pid": \([0-9]*\).*/\1/p' /run/hs/sandboxes/s1/sandbox.json)
-relay=$(sed -n 's/.*"relay_pid": \([0-9]*\).*/\1/p' /run/hs/containers/s1/state.json)
-rss() { sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' /proc/$1/status; }
-echo "BENCH vmm-rss-kib $(rss $vmm)"
-echo "BENCH relay-rss-kib $(rss $relay)"
-# Guest RAM the VMM touched: the RSS of its largest anonymous mapping (the guest memory).
-awk '/^[0-9a-f]+-[0-9a-f]+ /{big=0} /^Size:/{size=$2} /^Rss:/{ if (size >= 131072 && $2 > g) g=$2 } END {print "BENCH vmm-guest-ram-rss-kib " g+0}' /proc/$vmm/smaps
-@HUSK@ --root /run/hs delete --force s1 || echo "FAIL delete"
+# Density: @D@ idle OCI sandboxes at once, cold then restored; each set deleted before the next.
+kib() { x=$(sed -n "s/^$1:[[:space:]]*\([0-9]*\) kB/\1/p" $2); echo ${x:-0}; }
+for mode in cold restored; do
+    flag=; [ $mode = cold ] && flag=--no-snapshot
+    root=/run/d-$mode
+    i=1
+    while [ $i -le @D@ ]; do
+        $H $flag --root $root run -d --bundle /var/oci-sleep s$i >/dev/null 2>&1 || echo "FAIL husk run -d ($mode s$i)"
+        i=$((i+1))
+    done
+    sleep 3
+    i=1
+    while [ $i -le @D@ ]; do
+        vmm=$(sed -n 's/.*"vmm_pid": \([0-9]*\).*/\1/p' $root/sandboxes/s$i/sandbox.json)
+        relay=$(sed -n 's/.*"relay_pid": \([0-9]*\).*/\1/p' $root/containers/s$i/state.json)
+        [ -n "$vmm" ] && [ -n "$relay" ] && [ -d /proc/$vmm ] && [ -d /proc/$relay ] || echo "FAIL no husk-vmm or relay for $mode s$i"
+        # Guest RAM the VMM touched: the RSS of its largest mapping (the guest memory).
+        guest=$(awk '/^Size:/{size=$2} /^Rss:/{ if (size >= 131072 && $2 > g) g=$2 } END {print g+0}' /proc/$vmm/smaps)
+        r=/proc/$vmm/smaps_rollup
+        echo "DENSITY $mode s$i $(kib Pss $r) $(kib Pss_Anon $r) $(kib Rss $r) $guest $(kib VmRSS /proc/$relay/status)"
+        i=$((i+1))
+    done
+    free -k | sed "s/^/FREE $mode /"
+    i=1
+    while [ $i -le @D@ ]; do
+        $H --root $root delete --force s$i || echo "FAIL delete ($mode s$i)"
+        i=$((i+1))
+    done
+done
+$H snapshot ls | sed 's/^/SNAPSHOTS /'
 "##;
 
+/// Runs per timed command (and `--timings` runs per mode).
 const N: usize = 10;
+/// Idle sandboxes per density set.
+const D: usize = 10;
+/// The issue's targets: restored start vs cold, `husk run` restored vs `runc run`, and PSS per
+/// idle sandbox restored vs cold.
+const TARGET_VS_COLD: f64 = 0.2;
+const TARGET_VS_RUNC: f64 = 1.0;
+const TARGET_PSS: f64 = 0.5;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -55,43 +95,104 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// The median `husk run --timings` breakdown over the runs (phases by name, a repeated name
-/// numbered by its occurrence in the run), in the order of the first run.
-fn print_breakdown(output: &str, wall_ms: f64) {
-    let mut order: Vec<String> = Vec::new();
-    let mut values: std::collections::HashMap<String, (Vec<f64>, Vec<f64>)> = Default::default();
-    let mut runs = 0;
-    for run in output.split("TIMINGS-END") {
-        let text: String =
-            run.lines().filter_map(|l| l.strip_prefix("TIMINGS ")).map(|l| format!("{l}\n")).collect();
-        let phases = husk_core::timeline::parse(&text);
-        if phases.is_empty() {
-            continue;
+fn verdict(ratio: f64, target: f64) -> String {
+    let met = if ratio <= target { "met" } else { "NOT met" };
+    format!("target <= {target:.1}x: {met}")
+}
+
+type Phases = Vec<(String, f64, f64)>;
+
+/// The `husk run --timings` tables of one mode's runs, parsed.
+fn timing_runs(output: &str, mode: &str) -> Vec<Phases> {
+    let (line, end) = (format!("TIMINGS {mode} "), format!("TIMINGS-END {mode}"));
+    let mut runs = Vec::new();
+    let mut text = String::new();
+    for l in output.lines() {
+        if let Some(rest) = l.strip_prefix(&line) {
+            text.push_str(rest);
+            text.push('\n');
+        } else if l == end {
+            let phases = husk_core::timeline::parse(&text);
+            if !phases.is_empty() {
+                runs.push(phases);
+            }
+            text.clear();
         }
-        runs += 1;
-        let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    }
+    runs
+}
+
+fn phase_at(phases: &Phases, name: &str) -> Option<f64> {
+    phases.iter().find(|(n, _, _)| n.starts_with(name)).map(|p| p.1)
+}
+
+/// Median of "agent connected" minus "vmm spawned" over the runs that have both.
+fn agent_ready(runs: &[Phases]) -> f64 {
+    median(
+        runs.iter()
+            .filter_map(|p| Some(phase_at(p, "agent connected")? - phase_at(p, "vmm spawned")?))
+            .collect(),
+    )
+}
+
+/// The median breakdown over the runs (phases by name, a repeated name numbered by its
+/// occurrence in the run), in the order of the first run.
+fn print_breakdown(mode: &str, runs: &[Phases], wall_ms: f64) {
+    if runs.is_empty() {
+        println!("no `husk run --timings` breakdown ({mode}) in the output");
+        return;
+    }
+    let mut order: Vec<String> = Vec::new();
+    let mut values: HashMap<String, (Vec<f64>, Vec<f64>)> = HashMap::new();
+    for phases in runs {
+        let mut seen: HashMap<&str, usize> = HashMap::new();
         for (name, at, delta) in phases {
-            let n = seen.entry(name.clone()).or_default();
+            let n = seen.entry(name).or_default();
             *n += 1;
-            let key = if *n == 1 { name } else { format!("{name} #{n}") };
+            let key = if *n == 1 { name.clone() } else { format!("{name} #{n}") };
             if !values.contains_key(&key) {
                 order.push(key.clone());
             }
             let e = values.entry(key).or_default();
-            e.0.push(at);
-            e.1.push(delta);
+            e.0.push(*at);
+            e.1.push(*delta);
         }
     }
-    if runs == 0 {
-        println!("no `husk run --timings` breakdown in the output");
-        return;
-    }
-    println!("`husk run --timings --rootfs DIR -- true`, median per phase of {runs} runs (ms since CLI start, ms since the phase before; the whole run took {wall_ms:.1} ms by the clock above):");
+    println!(
+        "`husk run --timings --rootfs DIR -- true`, {mode}: median per phase of {} runs (ms since CLI start, ms since the phase before; the whole run took {wall_ms:.1} ms by the clock above):",
+        runs.len()
+    );
     let width = order.iter().map(|k| k.len()).max().unwrap_or(0);
     for k in &order {
         let (at, delta) = &values[k];
         println!("  {k:<width$}  {:>9.1}  {:>8.1}", median(at.clone()), median(delta.clone()));
     }
+}
+
+/// One idle sandbox's memory: husk-vmm PSS (all, and of its anonymous pages: what no sibling
+/// shares) and RSS, the guest RAM it touched, relay RSS (KiB).
+#[derive(Debug, Clone, Copy)]
+struct Idle {
+    pss: f64,
+    pss_anon: f64,
+    rss: f64,
+    guest: f64,
+    relay: f64,
+}
+
+fn density(output: &str, mode: &str) -> Vec<Idle> {
+    let prefix = format!("DENSITY {mode} ");
+    output
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let v: Vec<f64> = rest.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+            match v[..] {
+                [pss, pss_anon, rss, guest, relay] => Some(Idle { pss, pss_anon, rss, guest, relay }),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -105,7 +206,8 @@ fn main() -> anyhow::Result<()> {
         .replace("@HUSK@", &d(&kit.husk))
         .replace("@PROBE@", &d(&probe))
         .replace("@RUNTIMES@", &runtimes.iter().map(|p| d(p)).collect::<Vec<_>>().join(" "))
-        .replace("@N@", &N.to_string());
+        .replace("@N@", &N.to_string())
+        .replace("@D@", &D.to_string());
     let mut job = Job::new(script).timeout(Duration::from_secs(2400));
     job.files.extend(kit.files().map(Path::to_path_buf));
     job.files.push(probe);
@@ -113,7 +215,9 @@ fn main() -> anyhow::Result<()> {
     // `--no-pivot` for runc/crun: L1's root is the initramfs, which pivot_root refuses.
     // One L1 CPU, as in the runtime test (tests/runtime.rs): two stalled the nested test host.
     job.cpus = 1;
-    job.mem_mib = 3072;
+    // Room for D idle VMs of the default 256 MiB at once, plus the snapshots (L1's files are
+    // in RAM too).
+    job.mem_mib = 6144;
     let out = run_job(&job)?;
     if out.output.contains("FAIL") {
         anyhow::bail!("benchmark failed:\n{}", out.output);
@@ -125,26 +229,83 @@ fn main() -> anyhow::Result<()> {
     } else {
         "husk VMs under this host's KVM; runc/crun on this host"
     };
-    println!("Runtime benchmarks ({place}); medians of {N} runs");
-    let rootfs = get("husk-run-rootfs-true-ms")?;
-    let bundle = get("husk-run-bundle-true-ms")?;
-    println!(
-        "`husk run --rootfs DIR -- true` {rootfs:.1} ms; `husk run --bundle B` {bundle:.1} ms (new VM each)"
-    );
-    for r in &runtimes {
-        let n = r.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        let t = get(&format!("{n}-run-true-ms"))?;
+    println!("Runtime benchmarks ({place}); medians of {N} runs, a new VM each");
+    println!("`husk snapshot prepare` (both shapes, 256 MiB, 1 vCPU): {:.0} ms", get("snapshot-prepare-ms")?);
+    let peers: Vec<(String, f64)> = runtimes
+        .iter()
+        .map(|r| {
+            let n = r.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            get(&format!("{n}-run-true-ms")).map(|t| (n, t))
+        })
+        .collect::<Result<_, _>>()?;
+    let rootfs_restored = get("husk-rootfs-restored-ms")?;
+    for (what, shape) in [("husk run --rootfs DIR -- true", "rootfs"), ("husk run --bundle B", "bundle")] {
+        let (restored, cold) =
+            (get(&format!("husk-{shape}-restored-ms"))?, get(&format!("husk-{shape}-cold-ms"))?);
         println!(
-            "  `{n} run` of the same bundle: {t:.1} ms (husk bundle/{n} {:.2}x, husk rootfs/{n} {:.2}x)",
-            bundle / t,
-            rootfs / t
+            "`{what}`: restored {restored:.1} ms, cold {cold:.1} ms; restored/cold {:.2}x ({})",
+            restored / cold,
+            verdict(restored / cold, TARGET_VS_COLD)
+        );
+        for (n, t) in &peers {
+            let target = if shape == "rootfs" && n == "runc" {
+                format!(" ({})", verdict(restored / t, TARGET_VS_RUNC))
+            } else {
+                String::new()
+            };
+            println!(
+                "  vs `{n} run` of the same bundle, {t:.1} ms: restored/{n} {:.2}x{target}, cold/{n} {:.2}x",
+                restored / t,
+                cold / t
+            );
+        }
+    }
+    let (restored_runs, cold_runs) = (timing_runs(&out.output, "restored"), timing_runs(&out.output, "cold"));
+    let booted = restored_runs.iter().filter(|p| p.iter().any(|(n, _, _)| n.starts_with("guest:"))).count();
+    if booted > 0 {
+        println!(
+            "WARNING: {booted} of {} `husk run` runs meant to restore booted a guest",
+            restored_runs.len()
         );
     }
-    print_breakdown(&out.output, rootfs);
-    let (vmm, guest, relay) = (get("vmm-rss-kib")?, get("vmm-guest-ram-rss-kib")?, get("relay-rss-kib")?);
+    let (ready_restored, ready_cold) = (agent_ready(&restored_runs), agent_ready(&cold_runs));
     println!(
-        "per running sandbox: husk-vmm RSS {vmm:.0} KiB (guest RAM touched {guest:.0} KiB, VMM overhead {:.0} KiB), relay RSS {relay:.0} KiB",
-        vmm - guest
+        "agent ready (\"vmm spawned\" to \"agent connected\", median of {} / {} `--timings` runs): restored {ready_restored:.1} ms, cold {ready_cold:.1} ms; restored/cold {:.2}x",
+        restored_runs.len(),
+        cold_runs.len(),
+        ready_restored / ready_cold
     );
+    print_breakdown("restored", &restored_runs, rootfs_restored);
+    print_breakdown("cold", &cold_runs, get("husk-rootfs-cold-ms")?);
+    let (cold, restored) = (density(&out.output, "cold"), density(&out.output, "restored"));
+    if cold.len() != D || restored.len() != D {
+        anyhow::bail!(
+            "density: {} cold and {} restored readings, expected {D} each:\n{}",
+            cold.len(),
+            restored.len(),
+            out.output
+        );
+    }
+    println!("density: {D} idle sandboxes at once (`husk run -d --bundle` of `sleep 300`, 256 MiB VMs), husk-vmm per set:");
+    let mean = |s: &[Idle], f: fn(&Idle) -> f64| s.iter().map(f).sum::<f64>() / s.len() as f64;
+    for (mode, set) in [("cold", &cold), ("restored", &restored)] {
+        println!(
+            "  {mode:<8}: PSS sum {:.0} KiB, mean {:.0} KiB (anonymous {:.0} KiB); mean RSS {:.0} KiB (guest RAM touched {:.0} KiB); relay mean RSS {:.0} KiB",
+            set.iter().map(|i| i.pss).sum::<f64>(),
+            mean(set, |i| i.pss),
+            mean(set, |i| i.pss_anon),
+            mean(set, |i| i.rss),
+            mean(set, |i| i.guest),
+            mean(set, |i| i.relay)
+        );
+    }
+    let pss_ratio = mean(&restored, |i| i.pss) / mean(&cold, |i| i.pss);
+    println!("  restored/cold PSS per sandbox {pss_ratio:.2}x ({})", verdict(pss_ratio, TARGET_PSS));
+    for l in out.output.lines().filter_map(|l| l.strip_prefix("FREE ")) {
+        println!("  L1 `free -k` with the set running, {l}");
+    }
+    for l in out.output.lines().filter_map(|l| l.strip_prefix("SNAPSHOTS ")) {
+        println!("  snapshots kept: {l}");
+    }
     Ok(())
 }

@@ -83,7 +83,9 @@ mkdir -p /var/vol && echo vol-data > /var/vol/f
 ( while sleep 120; do echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; done ) & watch=$!
 
 echo "=== husk run"
-$H run --timings --net none --rootfs /var/bb -- sh -c 'echo hello-from-vm; hostname; exit 7' 2>/var/timings; echo "@@RUN-RC $?"
+# Cold, with every phase timed; then the first ordinary run makes the shape's snapshot and
+# every later VM of the same shape (OCI containers' too, once made) starts from one.
+$H run --no-snapshot --timings --net none --rootfs /var/bb -- sh -c 'echo hello-from-vm; hostname; exit 7' 2>/var/timings; echo "@@RUN-RC $?"
 echo "@@TIMINGS-BEGIN"; cat /var/timings; echo "@@TIMINGS-END"
 echo piped-in | $H run --net none -i --rootfs /var/bb -- sh -c 'read x; echo got:$x'; echo "@@RUN-I-RC $?"
 $H run --net none --rootfs /var/bb -- sh -c 'echo scratch > /written && cat /written'
@@ -109,6 +111,26 @@ timeout 300 script -qec "stty rows 33 cols 111; $H run --net none -it --rootfs /
 echo "--- seccomp"
 # A VMM that makes a syscall outside its filter dies by SIGSYS, and husk says so.
 HUSK_VMM_SECCOMP_SELFTEST=1 $H run --net none --rootfs /var/bb -- true 2>&1; echo "@@SECCOMP-KILL-RC $?"
+echo "--- snapshots"
+S=/var/lib/husk/vm-snapshots
+$H run --timings --net none --rootfs /var/bb -- true 2>/var/timings-restored; echo "@@RESTORED-RC $?"
+echo "@@TIMINGS-RESTORED-BEGIN"; cat /var/timings-restored; echo "@@TIMINGS-RESTORED-END"
+# Restored siblings: their RNGs differ, and the kernel was told it was forked (VMGenID).
+rnd='echo "rand=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n")"; dmesg | grep -c "virtual machine fork" | sed s/^/forks=/'
+for i in 1 2; do $H run --net none --rootfs /var/bb -- sh -c "$rnd"; done
+$H snapshot ls | tee /var/snap.ls
+# A damaged snapshot: refused, the run boots cold and says so, and the next run makes a new one.
+for d in $S/*/; do [ -f $d/state ] && head -c 3000 $d/state > /var/s.cut && cp /var/s.cut $d/state; done
+$H run --net none --rootfs /var/bb -- echo after-truncation 2>&1; echo "@@TRUNCATED-RC $?"
+$H run --net none --rootfs /var/bb -- echo remade; echo "@@REMADE-RC $?"
+# A foreign one (another VM size's snapshot under this shape's key): refused the same way.
+$H snapshot prepare --memory 320 | tee /var/prep.out; echo "@@PREPARE-RC $?"
+run_key=$($H snapshot ls | awk '$2 == "256M" && $4 == 2 { print $1 }')
+big_key=$($H snapshot ls | awk '$2 == "320M" && $4 == 2 { print $1 }')
+[ -n "$run_key" ] && [ -n "$big_key" ] && cp $S/$big_key/state $S/$big_key/memory $S/$run_key/ && echo "@@FOREIGN-PLANTED"
+$H run --net none --rootfs /var/bb -- echo after-foreign 2>&1; echo "@@FOREIGN-RC $?"
+$H snapshot rm; $H snapshot ls | grep -c 'M ' | sed 's/^/@@SNAPSHOTS-LEFT /'
+ls $S | grep -v -x -e digests -e locks | sed 's/^/@@SNAPDIR-LEFT /'
 echo "--- missing pieces"
 HUSK_KERNEL=/nonexistent $H run --net none --rootfs /var/bb -- true; echo "@@NOKERNEL-RC $?"
 $H run --net none --rootfs /nonexistent -- true; echo "@@NOROOTFS-RC $?"
@@ -398,6 +420,65 @@ fn check_timings(text: &str) {
     assert!(total > 0.0 && total < 600_000.0, "total {total} ms:\n{text}");
 }
 
+/// Sandboxes from snapshots: a restored run's phases (no guest boot in them) and how much
+/// sooner its agent answers than a cold one's; siblings' RNGs differ and each kernel was told
+/// it is a new generation; damaged and foreign snapshots are refused with a message, the run
+/// boots cold, and the next run makes a new snapshot.
+fn check_snapshots(s: &str, cold: &str) {
+    expect(
+        s,
+        &[
+            "@@RESTORED-RC 0",
+            "is unusable, booting cold",
+            "after-truncation\n@@TRUNCATED-RC 0",
+            "remade\n@@REMADE-RC 0",
+            "@@PREPARE-RC 0",
+            "@@FOREIGN-PLANTED",
+            "after-foreign\n@@FOREIGN-RC 0",
+            "@@SNAPSHOTS-LEFT 0",
+        ],
+        "snapshots",
+    );
+    assert!(!s.contains("@@SNAPDIR-LEFT"), "snapshot rm left entries:\n{s}");
+    let restored = section(s, "@@TIMINGS-RESTORED-BEGIN", Some("@@TIMINGS-RESTORED-END"));
+    let phases = husk_core::timeline::parse(restored);
+    assert!(
+        !phases.iter().any(|(n, _, _)| n.starts_with("guest:")),
+        "a restored guest did not boot:\n{restored}"
+    );
+    let at = |p: &[(String, f64, f64)], name: &str, text: &str| {
+        p.iter()
+            .find(|(n, _, _)| n.starts_with(name))
+            .map(|x| x.1)
+            .unwrap_or_else(|| panic!("no {name:?} in:\n{text}"))
+    };
+    let order = [
+        "cli start",
+        "snapshot looked up",
+        "vmm: VM built",
+        "vmm: first vCPU entry",
+        "agent connected",
+        "agent: CreateContainer answered",
+        "container started",
+        "relay: exit seen",
+        "vmm exited",
+        "teardown done",
+    ];
+    let times: Vec<f64> = order.iter().map(|n| at(&phases, n, restored)).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "restored phases out of order:\n{restored}");
+    let cold_phases = husk_core::timeline::parse(cold);
+    let ready = |p: &[(String, f64, f64)], t: &str| at(p, "agent connected", t) - at(p, "vmm spawned", t);
+    let (r, c) = (ready(&phases, restored), ready(&cold_phases, cold));
+    eprintln!("snapshots: VMM spawn to agent connected: restored {r:.0} ms, cold {c:.0} ms ({:.2}x)", r / c);
+    assert!(r * 2.0 < c, "a restored VM's agent ({r} ms) should answer well before a cold one's ({c} ms)");
+    let rands: Vec<&str> = s.lines().filter_map(|l| l.strip_prefix("rand=")).collect();
+    assert_eq!(rands.len(), 2, "{s}");
+    assert_eq!(rands[0].len(), 32, "{s}");
+    assert_ne!(rands[0], rands[1], "two restored VMs gave the same random bytes:\n{s}");
+    let forks: Vec<&str> = s.lines().filter_map(|l| l.strip_prefix("forks=")).collect();
+    assert_eq!(forks, ["1", "1"], "each restored guest's kernel reseeds once on its new VMGenID:\n{s}");
+}
+
 fn check_confinement(oci: &str) {
     assert!(!oci.contains("@@CF-NO-"), "a thread is not confined:\n{oci}");
     assert!(!oci.contains("@@CF-SAME-NS"), "the VMM shares a namespace with the host:\n{oci}");
@@ -477,6 +558,10 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
     );
     assert!(!run.contains("@@ROOTFS-CHANGED"), "husk run wrote into its rootfs:\n{run}");
     check_timings(section(run, "@@TIMINGS-BEGIN", Some("@@TIMINGS-END")));
+    check_snapshots(
+        section(run, "--- snapshots", Some("--- missing pieces")),
+        section(run, "@@TIMINGS-BEGIN", Some("@@TIMINGS-END")),
+    );
     // The seccomp self-test: the main thread's getppid (110) is outside its filter.
     expect(
         run,

@@ -108,8 +108,9 @@ echo "@@CASE serialfile-content"; cat /tmp/console.log; echo "@@RC serialfile-co
     check_snapshot_cases(&cases);
 }
 
-/// Boot the test init, snapshot it at its ready line, restore it in a new husk-vmm and talk
-/// to it; then show that a damaged or foreign snapshot is refused. Numbers go to the output.
+/// Boot the test init, snapshot it at its ready line, restore it twice (one after the other)
+/// in new husk-vmms and talk to each; then show that a damaged or foreign snapshot is refused.
+/// Numbers go to the output.
 const SNAPSHOT_SCRIPT: &str = r#"
 now() { cut -d' ' -f1 /proc/uptime; }
 ms() { awk "BEGIN { print int(($2 - $1) * 1000) }"; }
@@ -131,23 +132,27 @@ wait $bpid; echo "base_rc=$?"
 cat /tmp/base.log
 echo "memory_file_kib=$(du -k /tmp/snap/memory | cut -f1) state_bytes=$(wc -c </tmp/snap/state)"
 echo "@@RC snapshot 0"
-echo "@@CASE restore"
-mkfifo /tmp/in
+restore_vm() {
+mkfifo /tmp/in-$1
 t0=$(now)
-$V $snapvm --vsock /tmp/vs-restored.sock --fs tag=share,path=/tmp/share-restored --restore /tmp/snap \
-  </tmp/in >/tmp/restored.log 2>&1 &
+$V $snapvm --timings --vsock /tmp/vs-$1.sock --fs tag=share,path=/tmp/share-restored --restore /tmp/snap \
+  </tmp/in-$1 >/tmp/$1.log 2>&1 &
 rpid=$!
-exec 3>/tmp/in
+exec 3>/tmp/in-$1
 echo go >&3
-waitfor "got=go" /tmp/restored.log
+waitfor "got=go" /tmp/$1.log
 echo "restore_ms=$(ms $t0 $(now))"
 echo "restored_rss_kib=$(awk '/VmRSS/ { print $2 }' /proc/$rpid/status)"
-[ -S /tmp/vs-restored.sock ] && echo "restored_vsock_socket=1"
+[ -S /tmp/vs-$1.sock ] && echo "restored_vsock_socket=1"
+echo check >&3
+waitfor "got=check" /tmp/$1.log
 echo bye >&3
 exec 3>&-
 wait $rpid; echo "restored_rc=$?"
-cat /tmp/restored.log
-echo "@@RC restore 0"
+cat /tmp/$1.log
+}
+echo "@@CASE restore"; restore_vm restored; echo "@@RC restore 0"
+echo "@@CASE restore2"; restore_vm restored2; echo "@@RC restore2 0"
 devs="--vsock /tmp/vs-x.sock --fs tag=share,path=/tmp/share-restored"
 run foreign-memory $V --kernel $K --initramfs $I --memory 128 --image-id test-init $devs --restore /tmp/snap
 run foreign-kernel $V --kernel $B --initramfs $I --memory 256 --image-id test-init $devs --restore /tmp/snap
@@ -155,6 +160,28 @@ run foreign-devices $V $snapvm --vsock /tmp/vs-x.sock --fs tag=other,path=/tmp/s
 head -c 3000 /tmp/snap/state > /tmp/state.cut && cp /tmp/state.cut /tmp/snap/state
 run truncated-state $V $snapvm $devs --restore /tmp/snap
 "#;
+
+/// A restored VM's generation id (its `husk-vmm-genid:` line) and the random bytes its guest
+/// drew after being told of it; its kernel must have reseeded for the fork exactly once.
+fn sibling_generation(name: &str, r: &str) -> (String, String) {
+    let ids: Vec<&str> = r.lines().filter_map(|l| l.strip_prefix("husk-vmm-genid: ")).collect();
+    assert!(
+        ids.len() == 1 && ids[0].len() == 32 && ids[0].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{name}: one husk-vmm-genid line with 32 hex digits:\n{r}"
+    );
+    let check =
+        r.lines().find(|l| l.contains("got=check")).unwrap_or_else(|| panic!("{name}: no check reply:\n{r}"));
+    assert_eq!(
+        value(check, "vm_forks"),
+        1,
+        "{name}: the guest logs 'crng reseeded due to virtual machine fork':\n{r}"
+    );
+    let random = check
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("random="))
+        .unwrap_or_else(|| panic!("{name}: no random bytes:\n{r}"));
+    (ids[0].to_string(), random.to_string())
+}
 
 fn value(o: &str, key: &str) -> u64 {
     let pat = format!("{key}=");
@@ -175,14 +202,30 @@ fn check_snapshot_cases(cases: &BTreeMap<String, (String, i32)>) {
         .unwrap_or_else(|| panic!("no ready line:\n{o}"))
         .to_string();
     let cold = value(o, "cold_boot_ms");
-    let (r, _) = case("restore");
-    assert_eq!(value(r, "restored_rc"), 0, "the restored guest powers off cleanly:\n{r}");
-    assert!(
-        r.contains(&format!("HUSK-SNAPSHOT-ECHO token={token} got=go")),
-        "the restored guest runs on with the snapshot's memory (token {token}):\n{r}"
+    let mut siblings = Vec::new();
+    for name in ["restore", "restore2"] {
+        let (r, _) = case(name);
+        assert_eq!(value(r, "restored_rc"), 0, "{name}: the restored guest powers off cleanly:\n{r}");
+        assert!(
+            r.contains(&format!("HUSK-SNAPSHOT-ECHO token={token} got=go")),
+            "{name}: the restored guest runs on with the snapshot's memory (token {token}):\n{r}"
+        );
+        assert!(r.contains("got=bye"), "{r}");
+        assert_eq!(
+            value(r, "restored_vsock_socket"),
+            1,
+            "the restored VM's vsock serves its own socket:\n{r}"
+        );
+        siblings.push(sibling_generation(name, r));
+    }
+    let (a, b) = (&siblings[0], &siblings[1]);
+    assert_ne!(a.0, b.0, "each restore gets its own VM generation id");
+    assert_ne!(a.1, b.1, "restored siblings' RNGs differ after the VMGenID reseed");
+    eprintln!(
+        "snapshot: restored generation ids {} and {}, guest random bytes {} and {}",
+        a.0, b.0, a.1, b.1
     );
-    assert!(r.contains("got=bye"), "{r}");
-    assert_eq!(value(r, "restored_vsock_socket"), 1, "the restored VM's vsock serves its own socket:\n{r}");
+    let (r, _) = case("restore");
     let restore = value(r, "restore_ms");
     let rss = value(r, "restored_rss_kib");
     eprintln!(

@@ -7,13 +7,14 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::acpi::AcpiDevice;
 use crate::arch::boot::{self, KernelKind};
-use crate::arch::layout::{IRQ_MAX, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
+use crate::arch::layout::{GED_GSI, IRQ_MAX, VIRTIO_IRQ_START, VIRTIO_MMIO_START, VMGENID_ADDR};
 use crate::arch::{acpi, regs};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::devices::legacy::{i8042, pvpanic, serial, sleep_ctl};
 use crate::devices::legacy::{AcpiSleepControl, PvPanic, SerialConsole, SerialOutput, I8042};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::{rng::Rng, vsock::Vsock, VirtioDevice, VirtioInterrupt};
+use crate::devices::vmgenid::{self, VmGenId};
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitNotifier;
 use crate::memory::{create_guest_memory, GuestMem, MemoryError};
@@ -60,6 +61,8 @@ pub enum BuildError {
     Tap(#[from] crate::devices::virtio::net::tap::TapError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    VmGenId(#[from] vmgenid::VmGenIdError),
 }
 
 /// A random locally administered unicast MAC (02:xx:...).
@@ -161,6 +164,7 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
             serial: claimed.serial,
             devices: claimed.devices.clone(),
         })?;
+        snap.vmgenid.check()?;
     }
     let control = opts
         .control
@@ -172,7 +176,11 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
     let (jail, jailed);
     let cfg = match &cfg.jail {
         Some(j) => {
-            let (built, c) = crate::jail::prepare(j, cfg)?;
+            // What was opened for the snapshot before the jail stays open through it.
+            let mut keep: Vec<std::os::fd::RawFd> =
+                restore.as_ref().map(|(_, f)| std::os::fd::AsRawFd::as_raw_fd(f)).into_iter().collect();
+            keep.extend(control.as_ref().map(|c| c.fds()).unwrap_or_default());
+            let (built, c) = crate::jail::prepare(j, cfg, &keep)?;
             (jail, jailed) = (Some(built), c);
             &jailed
         }
@@ -208,6 +216,9 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
     let vm = Vm::new(cfg.vcpus)?;
     vm.register_memory(&mem)?;
     vm.setup_irqchip()?;
+    // The Generic Event Device's interrupt: how a restored VM learns of its new generation id.
+    let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("GED irqfd"))?;
+    vm.register_irqfd(&ged_irq, GED_GSI)?;
 
     let exit = Arc::new(ExitNotifier::new().map_err(io_err("exit eventfd"))?);
     let mut pio = Bus::new();
@@ -315,10 +326,11 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
             crate::snapshot::kvm_state::restore_vcpu(vcpu.fd(), state)?;
             vcpus.push(vcpu);
         }
-        // Where the VMGenID device would get this sibling's new generation id.
-        let generation = crate::snapshot::new_generation_id();
-        tracing::debug!(?generation, "restored; no VMGenID device to announce a new generation to yet");
-        return finish(vm, mem, vcpus, pio, mmio, exit, serial, cfg, snapshot);
+        // This sibling is a new VM to the guest: its id is in place before any vCPU runs, and
+        // the VMM announces it once they do (the guest's driver then reseeds its RNG).
+        let genid = VmGenId::new(&mem, ged_irq, vmgenid::next_id(&snap.vmgenid.generation)?)?;
+        report_generation(genid.generation());
+        return finish(vm, mem, vcpus, pio, mmio, exit, serial, cfg, snapshot, genid.announce_on_start());
     }
     let Some((kernel, initrd)) = boot_images else {
         return Err(SnapshotError::Invalid("nothing to boot".into()).into());
@@ -334,6 +346,9 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
         });
     }
     acpi_devices.extend(placer.acpi.iter().copied());
+    acpi_devices.push(AcpiDevice::VmGenId { addr: VMGENID_ADDR, gsi: GED_GSI });
+    let genid = VmGenId::new(&mem, ged_irq, vmgenid::random_id()?)?;
+    report_generation(genid.generation());
     boot::write_cmdline(&mem, &cmdline)?;
     let (rsdp, _) = acpi::write_acpi_tables(&mem, cfg.vcpus, &acpi_devices)?;
     let entry = match kernel.kind {
@@ -352,7 +367,17 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
         vcpus.push(vcpu);
     }
     tracing::debug!(cmdline, "VM built");
-    finish(vm, mem, vcpus, pio, mmio, exit, serial, cfg, snapshot)
+    finish(vm, mem, vcpus, pio, mmio, exit, serial, cfg, snapshot, genid)
+}
+
+/// The VM generation id in the debug log, and with `--timings` on stderr for tests and tools
+/// (`husk-vmm-genid: <32 hex>`; not a `husk-vmm:` line, which husk reads as an error report).
+fn report_generation(id: &vmgenid::GenerationId) {
+    let hex = vmgenid::hex(id);
+    tracing::debug!(generation = %hex, "VM generation id");
+    if crate::vmm::timings_enabled() {
+        eprintln!("husk-vmm-genid: {hex}");
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -366,6 +391,7 @@ fn finish(
     serial: Option<Arc<Mutex<SerialConsole>>>,
     cfg: &VmConfig,
     snapshot: Option<SnapshotSetup>,
+    genid: VmGenId,
 ) -> Result<Vmm, BuildError> {
     if snapshot.is_some() {
         // vCPUs save their own MSRs when paused, under a filter without KVM's system ioctls.
@@ -375,5 +401,5 @@ fn finish(
         }
     }
     let vmm = Vmm::new(vm, mem, vcpus, pio, mmio, exit, serial, cfg.serial == SerialConfig::Stdio);
-    Ok(vmm.with_snapshots(snapshot))
+    Ok(vmm.with_snapshots(snapshot).with_vmgenid(genid))
 }

@@ -14,6 +14,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -76,7 +77,9 @@ pub struct Jail {
 /// Enters the namespaces, builds the jail and returns it with `cfg` rewritten to the paths the
 /// VMM uses: shares at their bind mounts (opened before the pivot), the vsock socket at its
 /// in-jail path (bound after it). Must run before the VMM starts any thread.
-pub fn prepare(j: &JailConfig, cfg: &VmConfig) -> Result<(Jail, VmConfig), JailError> {
+/// `keep`: descriptors the VMM opened before the jail and still needs (a snapshot's memory
+/// file, the control socket); every other descriptor above stderr is closed.
+pub fn prepare(j: &JailConfig, cfg: &VmConfig, keep: &[RawFd]) -> Result<(Jail, VmConfig), JailError> {
     // The vsock directory is entered before the namespace changes: a path through an inherited
     // descriptor (`/proc/self/fd/3/...`, for long state paths) names a mount of the old
     // namespace, which cannot be bound in the new one, while the working directory moves
@@ -149,11 +152,25 @@ pub fn prepare(j: &JailConfig, cfg: &VmConfig) -> Result<(Jail, VmConfig), JailE
         .map_err(fail("locking down /proc/self/fd"))?;
     std::env::set_current_dir(&root).map_err(fail("entering the jail directory"))?;
     // Inherited descriptors (the vsock directory's, when its path was long) are done with.
-    // SAFETY: close_range only closes this process's descriptors above stderr, and nothing
-    // of ours is open there yet.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    close_all_but(keep);
     set_limits(j.nofile).map_err(fail("resource limits"))?;
     Ok((Jail { root }, out))
+}
+
+/// Closes every descriptor above stderr except those in `keep`.
+fn close_all_but(keep: &[RawFd]) {
+    let mut keep: Vec<u32> = keep.iter().filter_map(|&f| u32::try_from(f).ok()).filter(|&f| f > 2).collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut from = 3u32;
+    for k in keep.into_iter().chain([u32::MAX]) {
+        if k > from {
+            // SAFETY: close_range closes only this process's descriptors in [from, k - 1],
+            // none of which is one the VMM still uses (those are in `keep`).
+            unsafe { libc::syscall(libc::SYS_close_range, from, k - 1, 0u32) };
+        }
+        from = k.saturating_add(1);
+    }
 }
 
 /// RLIMIT_NOFILE to `nofile` (never above the inherited hard limit) and no core dumps: a core
@@ -244,7 +261,17 @@ mod tests {
                 "fs":[{{"tag":"rw","path":"{dir}/share"}},{{"tag":"ro","path":"{dir}/ro","read_only":true}}]}}"#
         ))
         .expect("config");
-        let (jail, out) = prepare(&JailConfig { root: d.join("root"), nofile: 1024 }, &cfg).expect("prepare");
+        // A descriptor opened before the jail and kept (a snapshot's memory file), one not.
+        let kept = std::fs::File::open(d.join("share/hello")).expect("open kept");
+        let dropped = std::fs::File::open(d.join("share/hello")).expect("open dropped");
+        let keep = [std::os::fd::AsRawFd::as_raw_fd(&kept)];
+        let (jail, out) =
+            prepare(&JailConfig { root: d.join("root"), nofile: 1024 }, &cfg, &keep).expect("prepare");
+        // SAFETY: F_GETFD only reads the descriptor flags of these two numbers.
+        let open = |f: &std::fs::File| unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(f), libc::F_GETFD) } >= 0;
+        let (kept_open, dropped_open) = (open(&kept), open(&dropped));
+        // The closed one must not be closed again on drop (its number may be reused).
+        std::mem::forget(dropped);
         let how = jail.enter().expect("enter");
         let mut names: Vec<String> = std::fs::read_dir("/")
             .expect("read /")
@@ -263,6 +290,7 @@ mod tests {
         writeln!(o, "@@vsock {}", out.vsock.map(|v| v.uds_path.display().to_string()).unwrap_or_default())
             .ok();
         writeln!(o, "@@fd {}", Path::new("/proc/self/fd/0").exists()).ok();
+        writeln!(o, "@@kept {kept_open} dropped {dropped_open}").ok();
     }
 
     /// Whether `/` is an initramfs here, where pivot_root cannot work.
@@ -308,6 +336,7 @@ mod tests {
             ),
             "@@vsock /vsock/vsock.sock".to_string(),
             "@@fd true".to_string(),
+            "@@kept true dropped false".to_string(),
         ] {
             assert!(text.contains(&want), "want {want:?} in:\n{text}");
         }

@@ -34,6 +34,11 @@ pub fn report_timings() {
     TIMINGS.store(true, Ordering::Relaxed);
 }
 
+/// Whether `--timings` was given (other one-off reports, like the VM generation id, follow it).
+pub fn timings_enabled() -> bool {
+    TIMINGS.load(Ordering::Relaxed)
+}
+
 /// CLOCK_MONOTONIC in ns: the clock the runtime's timeline uses (runtime/core/src/timeline.rs).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -61,6 +66,8 @@ pub struct Vmm {
     serial: Option<Arc<Mutex<SerialConsole>>>,
     stdin_input: bool,
     snapshot: Option<SnapshotSetup>,
+    /// The VMGenID device, kept for the VM's life (its irqfd stays registered).
+    vmgenid: Option<crate::devices::vmgenid::VmGenId>,
     // Shared with the control thread, which reads VM state for snapshots.
     vm: Arc<Vm>,
     mem: GuestMem,
@@ -99,11 +106,16 @@ impl Vmm {
         stdin_input: bool,
     ) -> Self {
         let (pio, mmio, vm) = (Arc::new(pio), Arc::new(mmio), Arc::new(vm));
-        Self { vcpus, pio, mmio, exit, serial, stdin_input, snapshot: None, vm, mem }
+        Self { vcpus, pio, mmio, exit, serial, stdin_input, snapshot: None, vmgenid: None, vm, mem }
     }
 
     pub(crate) fn with_snapshots(mut self, snapshot: Option<SnapshotSetup>) -> Self {
         self.snapshot = snapshot;
+        self
+    }
+
+    pub(crate) fn with_vmgenid(mut self, vmgenid: crate::devices::vmgenid::VmGenId) -> Self {
+        self.vmgenid = Some(vmgenid);
         self
     }
 
@@ -153,6 +165,12 @@ impl Vmm {
             started = false;
         }
         gate.open(started);
+        // A restored VM hears of its new generation id as soon as it runs.
+        if let (true, Some(g)) = (started, &self.vmgenid) {
+            if let Err(e) = g.start() {
+                self.exit.notify(ExitReason::VcpuError(e.to_string()));
+            }
+        }
         if started && std::env::var_os("HUSK_VMM_SECCOMP_SELFTEST").is_some() {
             crate::confine::forbidden_syscall();
         }

@@ -5,7 +5,9 @@
 //! file operations, see [`fs_checks`]), or `bench` (device benchmarks, see [`bench`]); these
 //! power off afterwards. `snapshot` is for snapshot tests: it prints a ready line with a
 //! random token, then echoes each console line it reads with that token (so a restored VM
-//! shows it kept its memory), and powers off on `bye`.
+//! shows it kept its memory), how often the kernel reseeded its RNG for a VM fork (VMGenID)
+//! and 16 fresh random bytes (so restored siblings show they differ), and powers off on `bye`;
+//! on `check` it first waits up to 5 s for that reseed.
 //!
 //! Static and std + libc only so it runs from a bare initramfs.
 
@@ -51,6 +53,25 @@ fn mem_total_kib() -> String {
         .unwrap_or_default()
 }
 
+/// Lines in the kernel log saying the crng was reseeded because the VM was forked.
+fn vm_forks() -> usize {
+    // SAFETY: SYSLOG_ACTION_SIZE_BUFFER takes no buffer.
+    let size = unsafe { libc::klogctl(10, std::ptr::null_mut(), 0) };
+    let mut buf = vec![0u8; usize::try_from(size).unwrap_or(0).clamp(4096, 1 << 20)];
+    // SAFETY: SYSLOG_ACTION_READ_ALL writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::klogctl(3, buf.as_mut_ptr().cast(), buf.len() as libc::c_int) };
+    let log = &buf[..usize::try_from(n).unwrap_or(0).min(buf.len())];
+    String::from_utf8_lossy(log).matches("crng reseeded due to virtual machine fork").count()
+}
+
+/// 16 bytes from the kernel's RNG, as hex.
+fn random_hex() -> String {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// Ready line, then one reply per console line until `bye` or end of input.
 fn snapshot_echo() {
     let mut token = [0u8; 8];
@@ -66,7 +87,19 @@ fn snapshot_echo() {
             Ok(_) => {}
         }
         let got = line.trim();
-        println!("HUSK-SNAPSHOT-ECHO token={token} got={got} uptime={}", uptime());
+        let mut forks = vm_forks();
+        for _ in 0..100 {
+            if got != "check" || forks > 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            forks = vm_forks();
+        }
+        println!(
+            "HUSK-SNAPSHOT-ECHO token={token} got={got} uptime={} vm_forks={forks} random={}",
+            uptime(),
+            random_hex()
+        );
         if got == "bye" {
             return;
         }

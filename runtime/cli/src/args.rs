@@ -30,6 +30,9 @@ pub struct Cli {
     /// Accepted for compatibility; cgroups live inside the guest.
     #[arg(long, global = true)]
     pub systemd_cgroup: bool,
+    /// Boot every VM cold instead of starting it from a snapshot (also `HUSK_SNAPSHOTS=0`).
+    #[arg(long, global = true)]
+    pub no_snapshot: bool,
     /// Accepted for compatibility (checkpointing is not supported).
     #[arg(long, global = true, hide = true)]
     pub criu: Option<String>,
@@ -122,6 +125,9 @@ pub enum Command {
     },
     /// Remove stored credentials for a registry.
     Logout { registry: String },
+    /// VM snapshots that sandboxes start from: prepare, ls, rm.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Write a default config.json into the bundle directory.
     Spec {
         #[arg(short, long, default_value = ".")]
@@ -129,6 +135,24 @@ pub enum Command {
         #[arg(long)]
         rootless: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Make the snapshots that `husk run` and OCI containers of this size start from (they
+    /// are otherwise made on first use).
+    Prepare {
+        /// Guest memory in MiB (default: the configured size).
+        #[arg(long)]
+        memory: Option<u32>,
+        /// vCPUs (default: the configured count).
+        #[arg(long)]
+        cpus: Option<u32>,
+    },
+    /// List the snapshots kept.
+    Ls,
+    /// Remove every snapshot (they are made again on next use).
+    Rm,
 }
 
 #[derive(Subcommand, Debug)]

@@ -34,7 +34,8 @@ fn main() {
             | Command::Rmi { .. }
             | Command::Image(_)
             | Command::Login { .. }
-            | Command::Logout { .. } => true,
+            | Command::Logout { .. }
+            | Command::Snapshot(_) => true,
             _ => false,
         };
     let to_stderr = !runlog::logs_to_stderr(cli.log.as_deref());
@@ -114,9 +115,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             .await;
         }
         Command::Logout { registry } => return commands::login::logout(registry),
+        Command::Snapshot(c) => return commands::snapshot::run(c).await,
         _ => {}
     }
-    let rt = commands::runtime(&cli.root)?;
+    let rt = commands::runtime(&cli.root, cli.no_snapshot)?;
     let code = match cli.command {
         Command::Create(a) => commands::create::run(&rt, a).await?,
         Command::Start { id } => commands::start::run(&rt, &id).await?,
@@ -141,7 +143,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         | Command::Rmi { .. }
         | Command::Image(_)
         | Command::Login { .. }
-        | Command::Logout { .. } => 0,
+        | Command::Logout { .. }
+        | Command::Snapshot(_) => 0,
     };
     Ok(code)
 }

@@ -5,7 +5,7 @@
 //! lays them out, then `/usr/lib/husk`), the JSON file named by `HUSK_CONFIG` (default
 //! `/etc/husk/config.json`, optional), then `HUSK_VMM`, `HUSK_KERNEL`, `HUSK_INITRAMFS`,
 //! `HUSK_VM_MEMORY_MIB`, `HUSK_VM_VCPUS`, `HUSK_BOOT_TIMEOUT_SECS`, `HUSK_CNI_CONF_DIR`,
-//! `HUSK_IMAGE_ROOT`, `HUSK_VMM_JAIL`, `HUSK_VMM_SECCOMP`.
+//! `HUSK_IMAGE_ROOT`, `HUSK_VMM_JAIL`, `HUSK_VMM_SECCOMP`, `HUSK_SNAPSHOTS`, `HUSK_SNAPSHOT_DIR`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -43,6 +43,25 @@ pub struct Config {
     pub images: ImagesConfig,
     /// How each sandbox's VMM is confined.
     pub confinement: ConfinementConfig,
+    /// Whether sandbox VMs start from a snapshot of a booted guest, and where those live.
+    pub snapshots: SnapshotsConfig,
+}
+
+/// The config file's `snapshots` section; env `HUSK_SNAPSHOTS=0|1` and `HUSK_SNAPSHOT_DIR`
+/// override it (`husk --no-snapshot` too).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotsConfig {
+    /// Start VMs from a snapshot when one fits (made on first use); off boots every VM cold.
+    pub enabled: bool,
+    /// Where VM snapshots are kept (default `<images.root>/vm-snapshots`).
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for SnapshotsConfig {
+    fn default() -> Self {
+        Self { enabled: true, dir: None }
+    }
 }
 
 /// The config file's `confinement` section; env `HUSK_VMM_JAIL=0` and
@@ -112,6 +131,7 @@ struct FileConfig {
     cni_bin_dirs: Option<Vec<PathBuf>>,
     images: Option<ImagesConfig>,
     confinement: Option<ConfinementConfig>,
+    snapshots: Option<SnapshotsConfig>,
 }
 
 /// Smallest sandbox VM the runtime makes (the VMM's own floor is lower; the agent needs this).
@@ -166,7 +186,22 @@ impl Config {
             cni_bin_dirs: None,
             images: None,
             confinement: None,
+            snapshots: None,
         });
+        if let Some(v) = env("HUSK_SNAPSHOTS") {
+            c.snapshots.enabled = match v.as_str() {
+                "1" | "true" => true,
+                "0" | "false" => false,
+                _ => {
+                    return Err(RuntimeError::InvalidArgument(format!(
+                        "HUSK_SNAPSHOTS={v:?}: expected 0 or 1"
+                    )))
+                }
+            };
+        }
+        if let Some(d) = env("HUSK_SNAPSHOT_DIR") {
+            c.snapshots.dir = Some(PathBuf::from(d));
+        }
         if let Some(v) = env("HUSK_VMM_JAIL") {
             c.confinement.jail = match v.as_str() {
                 "1" | "true" => true,
@@ -218,10 +253,19 @@ impl Config {
             cni_bin_dirs: DEFAULT_CNI_BIN_DIRS.iter().map(PathBuf::from).collect(),
             images: ImagesConfig::default(),
             confinement: ConfinementConfig::default(),
+            snapshots: SnapshotsConfig::default(),
         }
     }
 
+    /// Where VM snapshots are kept.
+    pub fn snapshot_root(&self) -> PathBuf {
+        self.snapshots.dir.clone().unwrap_or_else(|| self.images.root.join("vm-snapshots"))
+    }
+
     fn apply(&mut self, f: FileConfig) {
+        if let Some(v) = f.snapshots {
+            self.snapshots = v;
+        }
         if let Some(v) = f.confinement {
             self.confinement = v;
         }
@@ -275,6 +319,9 @@ impl Config {
                 "cni_conf_dir {} is not absolute",
                 self.cni_conf_dir.display()
             )));
+        }
+        if self.snapshots.dir.as_deref().is_some_and(|d| !d.is_absolute()) {
+            return Err(RuntimeError::InvalidArgument("snapshots.dir is not absolute".into()));
         }
         if !self.images.root.is_absolute() {
             return Err(RuntimeError::InvalidArgument(format!(

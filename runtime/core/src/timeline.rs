@@ -179,16 +179,18 @@ impl GuestClock {
         self.host_reply_ns.checked_sub(back)
     }
 
-    /// Marks the guest's points: its kernel's handover to init and its agent's readiness.
-    pub fn mark(&self) {
+    /// Marks the guest's points: its kernel's handover to init and its agent's readiness. A
+    /// point placed before `not_before_ns` (the first vCPU entry: the guest cannot have run
+    /// earlier) is the guest clock's rate error, and is put there instead.
+    pub fn mark(&self, not_before_ns: u64) {
         if self.init_started_ns == 0 {
             return;
         }
         if let Some(t) = self.to_host(self.init_started_ns) {
-            mark_at("guest: kernel hands over to init (agent starts)", t);
+            mark_at("guest: kernel hands over to init (agent starts)", t.max(not_before_ns));
         }
         if let Some(t) = self.to_host(self.agent_ready_ns) {
-            mark_at("guest: agent ready", t);
+            mark_at("guest: agent ready", t.max(not_before_ns));
         }
         note(format!(
             "guest CLOCK_BOOTTIME: {:.1} ms at init, {:.1} ms at agent ready, {:.1} ms at its answer",

@@ -530,6 +530,10 @@ async fn bad_requests(p: &Probe) -> Result<()> {
         stdio: None,
     };
     expect_code(c.start_container(cref("nope")).await, Code::NotFound).context("start unknown")?;
+    // More host entropy than the agent takes: refused before anything changes.
+    let flood = pb::CreateSandboxRequest { entropy: vec![7; 257], ..Default::default() };
+    expect_code(p.client.sandbox.clone().create_sandbox(flood).await, Code::InvalidArgument)
+        .context("257 bytes of entropy")?;
     expect_code(
         pr.wait_process(pb::ProcessRef { container_id: "nope".into(), exec_id: String::new() }).await,
         Code::NotFound,

@@ -3,5 +3,6 @@
 pub mod bus;
 pub mod legacy;
 pub mod virtio;
+pub mod vmgenid;
 
 pub use bus::{Bus, BusDevice, BusError};

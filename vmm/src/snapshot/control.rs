@@ -45,6 +45,13 @@ pub struct ControlEndpoint {
 }
 
 impl ControlEndpoint {
+    /// The descriptors it holds (they must outlive the jail's closing of inherited ones).
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        let mut v = vec![self.listener.as_raw_fd()];
+        v.extend(self.dir.as_ref().map(|d| d.as_raw_fd()));
+        v
+    }
+
     /// Binds `path` (replacing a stale socket) and opens `dir` if given.
     pub fn bind(path: &Path, dir: Option<&Path>) -> Result<Self, SnapshotError> {
         if path.exists() {
@@ -188,7 +195,9 @@ fn save_paused(
     let mem_file = create_at(dir, "memory.tmp")?;
     let memory = memory::write(&src.mem, &mem_file)?;
     mem_file.sync_all().map_err(io("sync memory file"))?;
-    let snap = Snapshot { identity: src.identity.clone(), memory, vm, vcpus, devices, serial };
+    let vmgenid =
+        crate::devices::vmgenid::save(&src.mem).map_err(|e| SnapshotError::Refused(format!("{e}")))?;
+    let snap = Snapshot { identity: src.identity.clone(), memory, vm, vcpus, devices, serial, vmgenid };
     let bytes = file::encode(&snap)?;
     let state_file = create_at(dir, "state.tmp")?;
     std::os::unix::fs::FileExt::write_all_at(&state_file, &bytes, 0).map_err(io("write state file"))?;

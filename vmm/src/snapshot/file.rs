@@ -19,7 +19,8 @@ use super::SnapshotError;
 
 pub const MAGIC: [u8; 8] = *b"HUSKSNAP";
 /// Bumped whenever the payload's meaning changes; older or newer files are refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the VMGenID device (`vmgenid`), whose tables version 1 guests never got.
+pub const FORMAT_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 32;
 /// Far above any real state (a few hundred KiB for 254 vCPUs), far below harm.
 pub const MAX_PAYLOAD: u64 = 64 << 20;

@@ -126,15 +126,9 @@ impl Identity {
     }
 }
 
-/// Hook for the VM generation ID (ACPI VMGenID): a restored sibling must look like a new VM
-/// to the guest's RNG. The device is not built yet; when it is, the fresh 128-bit id made here
-/// is written to its guest buffer and announced before the vCPUs resume.
-pub fn new_generation_id() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    // SAFETY: getrandom writes at most `id.len()` bytes into `id`.
-    unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
-    id
-}
+/// A fresh 128-bit VM generation id (ACPI VMGenID): a restored sibling must look like a new
+/// VM to the guest's RNG. See [`crate::devices::vmgenid`].
+pub use crate::devices::vmgenid::random_id as new_generation_id;
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -209,6 +203,11 @@ pub(crate) mod tests {
                 }],
             }],
             serial: None,
+            vmgenid: crate::devices::vmgenid::VmGenIdState {
+                addr: crate::arch::layout::VMGENID_ADDR,
+                gsi: crate::arch::layout::GED_GSI,
+                generation: [7; 16],
+            },
         }
     }
 

@@ -120,4 +120,6 @@ pub struct Snapshot {
     pub vcpus: Vec<VcpuState>,
     pub devices: Vec<TransportState>,
     pub serial: Option<SerialSnap>,
+    /// The VM generation id device (format version 2 on).
+    pub vmgenid: crate::devices::vmgenid::VmGenIdState,
 }

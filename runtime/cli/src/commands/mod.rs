@@ -14,6 +14,7 @@ pub mod pause;
 pub mod ps;
 pub mod run;
 pub mod sandbox_run;
+pub mod snapshot;
 pub mod spec;
 pub mod start;
 pub mod state;
@@ -47,8 +48,11 @@ pub fn refuse_preserve_fds(n: u32) -> Result<(), RuntimeError> {
 }
 
 /// The lifecycle over `root` with this host's configuration.
-pub fn runtime(root: &std::path::Path) -> Result<Rt, RuntimeError> {
-    let cfg = husk_core::config::Config::load()?;
+pub fn runtime(root: &std::path::Path, no_snapshot: bool) -> Result<Rt, RuntimeError> {
+    let mut cfg = husk_core::config::Config::load()?;
+    if no_snapshot {
+        cfg.snapshots.enabled = false;
+    }
     let state = husk_core::state::StateDir::new(root)?;
     // One short-lived process: each VM's agent is dialled once, whatever the command's steps
     // (HUSK_SHARE_CONNECTIONS=0 dials per step, to measure the difference).

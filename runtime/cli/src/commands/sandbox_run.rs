@@ -27,7 +27,7 @@ use crate::args::{PullPolicy, RootfsSource, SandboxRun};
 use crate::error::CliError;
 use crate::foreground;
 
-const ROOTFS_TAG: &str = "rootfs";
+pub const ROOTFS_TAG: &str = "rootfs";
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 fn invalid(msg: String) -> RuntimeError {

@@ -16,6 +16,7 @@ use husk_vmm::config::{
     VsockConfig, DEFAULT_JAIL_NOFILE,
 };
 
+use super::snapshot;
 use super::spawn::{spawn, Spawn};
 use super::{cgroup, Booted, Calls, VmExit, VmProcess, VmShape, Vms};
 use crate::agent::{Agent, GrpcAgent};
@@ -28,6 +29,9 @@ use crate::{procinfo, uds};
 /// The fd husk-vmm inherits the vsock socket's directory at, when the socket's path is too
 /// long for `sun_path`.
 const VSOCK_DIR_FD: i32 = 3;
+
+/// Longest a restored VM's agent gets to answer before husk boots the sandbox cold instead.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a powered-off VMM gets to exit before it is killed.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
@@ -90,7 +94,7 @@ pub struct HuskVmm {
 }
 
 /// husk-vmm's description of a sandbox VM whose vsock socket husk-vmm reaches as `vsock_arg`.
-fn vm_config(cfg: &Config, dir: &Path, shape: &VmShape, vsock_arg: &Path) -> VmConfig {
+pub(crate) fn vm_config(cfg: &Config, dir: &Path, shape: &VmShape, vsock_arg: &Path) -> VmConfig {
     let jail =
         cfg.confinement.jail.then(|| JailConfig { root: dir.join("jail"), nofile: DEFAULT_JAIL_NOFILE });
     let mut fs = vec![FsShareConfig {
@@ -175,9 +179,12 @@ impl HuskVmm {
         shape: &VmShape,
         log: &Path,
         spawn_ns: u64,
+        restored: bool,
     ) -> Result<GrpcAgent, RuntimeError> {
         let started = Instant::now();
-        let connect = GrpcAgent::connect(&record.vsock, self.cfg.boot_timeout, Some(RPC_TIMEOUT));
+        // A restored agent is up at once; one that is not soon is better booted cold.
+        let wait = if restored { self.cfg.boot_timeout.min(RESTORE_TIMEOUT) } else { self.cfg.boot_timeout };
+        let connect = GrpcAgent::connect(&record.vsock, wait, Some(RPC_TIMEOUT));
         tokio::pin!(connect);
         let agent = loop {
             tokio::select! {
@@ -203,11 +210,16 @@ impl HuskVmm {
             // The VMM's own points (`--timings`), then the guest's.
             let text = std::fs::read_to_string(log).unwrap_or_default();
             let now = crate::timeline::now_ns();
+            let mut first_entry = spawn_ns;
             for (name, at) in crate::timeline::vmm_points(&text, spawn_ns, now) {
+                if name.contains("first vCPU entry") {
+                    first_entry = at;
+                }
                 crate::timeline::mark_at(&name, at);
             }
-            if let Some(g) = agent.guest_clock() {
-                g.mark();
+            // A restored guest's boot and readiness happened in the template, long ago.
+            if let Some(g) = agent.guest_clock().filter(|_| !restored) {
+                g.mark(first_entry);
             }
         }
         let mut shares = vec![pb::Share { tag: SHARE_TAG.into(), read_only: false }];
@@ -223,6 +235,19 @@ impl HuskVmm {
                 unix_time_ns: now,
                 interfaces,
                 routes,
+                // The guest reseeds its RNG from these: sandboxes restored from one snapshot
+                // would otherwise share its state. getrandom(2) fills 32 bytes in one call.
+                entropy: {
+                    let mut b = vec![0u8; 32];
+                    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+                    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+                    if n != 32 {
+                        let e = std::io::Error::last_os_error();
+                        tracing::warn!("getrandom for the guest's entropy: {e}");
+                        b.clear();
+                    }
+                    b
+                },
             })
             .await?;
         crate::fault::point("agent-connected");
@@ -230,17 +255,29 @@ impl HuskVmm {
     }
 }
 
-impl Vms for HuskVmm {
-    type Agent = GrpcAgent;
+/// A failed VM start, with how its VMM ended if it did.
+#[derive(Debug)]
+struct LaunchError {
+    error: RuntimeError,
+    exit: Option<VmExit>,
+}
 
-    async fn boot(
+impl From<RuntimeError> for LaunchError {
+    fn from(error: RuntimeError) -> Self {
+        Self { error, exit: None }
+    }
+}
+
+impl HuskVmm {
+    /// Starts a sandbox VM, cold or from the snapshot in `restore`, and waits for its agent.
+    async fn launch(
         &self,
         state: &StateDir,
         sid: &str,
         shape: &VmShape,
-    ) -> Result<Booted<GrpcAgent>, RuntimeError> {
+        restore: Option<&Path>,
+    ) -> Result<Booted<GrpcAgent>, LaunchError> {
         let cfg = &self.cfg;
-        cfg.preflight()?;
         let dir = state.sandbox_dir(sid);
         let shared = share::shared_dir(state, sid);
         std::fs::create_dir_all(&shared)
@@ -297,6 +334,11 @@ impl Vms for HuskVmm {
             None
         };
         let mut args = vec![OsStr::new("--config"), config_path.as_os_str()];
+        // The snapshot's directory name is its key, which the VMM checks against its own.
+        let key = restore.and_then(|d| d.file_name());
+        if let (Some(dir), Some(key)) = (restore, key) {
+            args.extend([OsStr::new("--restore"), dir.as_os_str(), OsStr::new("--image-id"), key]);
+        }
         if crate::timeline::enabled() {
             args.push(OsStr::new("--timings"));
         }
@@ -316,7 +358,7 @@ impl Vms for HuskVmm {
             Ok(pid) => pid,
             Err(e) => {
                 cgroup::remove(sid);
-                return Err(RuntimeError::io(format!("starting {}", cfg.vmm.display()))(e));
+                return Err(RuntimeError::io(format!("starting {}", cfg.vmm.display()))(e).into());
             }
         };
         crate::timeline::mark("vmm spawned");
@@ -332,18 +374,56 @@ impl Vms for HuskVmm {
             vcpus: shape.vcpus,
             network: shape.network.clone(),
         };
-        match self.wait_for_agent(&mut process, &record, shape, &log_path, spawn_ns).await {
+        match self.wait_for_agent(&mut process, &record, shape, &log_path, spawn_ns, restore.is_some()).await
+        {
             Ok(agent) => {
                 keep_shared(&record, &agent);
                 Ok(Booted { record, process, agent })
             }
             Err(e) => {
                 process.kill();
-                process.reap().await;
+                let exit = process.reap().await;
                 cgroup::remove(sid);
-                Err(e)
+                Err(LaunchError { error: e, exit })
             }
         }
+    }
+}
+
+impl Vms for HuskVmm {
+    type Agent = GrpcAgent;
+
+    async fn boot(
+        &self,
+        state: &StateDir,
+        sid: &str,
+        shape: &VmShape,
+    ) -> Result<Booted<GrpcAgent>, RuntimeError> {
+        self.cfg.preflight()?;
+        let snapshot = if self.cfg.snapshots.enabled && snapshot::eligible(shape) {
+            match snapshot::ensure(&self.cfg, shape).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("no VM snapshot for this sandbox, booting cold: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        crate::timeline::mark("snapshot looked up");
+        if let Some(snap) = snapshot {
+            match self.launch(state, sid, shape, Some(&snap)).await {
+                Ok(b) => return Ok(b),
+                // A confinement violation is the VMM's own fault, not the snapshot's.
+                Err(LaunchError { error, exit: Some(VmExit::Signal(libc::SIGSYS)) }) => return Err(error),
+                Err(LaunchError { error: e, .. }) => {
+                    tracing::warn!("VM snapshot {} is unusable, booting cold: {e}", snap.display());
+                    snapshot::discard(&snap);
+                }
+            }
+        }
+        self.launch(state, sid, shape, None).await.map_err(|e| e.error)
     }
 
     fn alive(&self, rec: &SandboxRecord) -> bool {
@@ -375,21 +455,32 @@ impl Vms for HuskVmm {
                 Some(a) => Ok(a.with_call_timeout(Some(RPC_TIMEOUT))),
                 None => GrpcAgent::connect(&rec.vsock, Duration::from_secs(5), Some(RPC_TIMEOUT)).await,
             };
-            match agent {
-                Ok(c) => {
+            let destroyed = match agent {
+                Ok(c) => match c.destroy_sandbox().await {
+                    Ok(()) => true,
                     // The agent powers off moments after it answers; an answer lost to that is
                     // no failure: the VMM's exit, awaited below, is what counts.
-                    if let Err(e) = c.destroy_sandbox().await {
+                    Err(e) => {
                         tracing::debug!("sandbox {}: {e}", rec.id);
+                        false
                     }
+                },
+                Err(e) => {
+                    tracing::warn!("sandbox {}: agent unreachable, killing the VM: {e}", rec.id);
+                    false
                 }
-                Err(e) => tracing::warn!("sandbox {}: agent unreachable, killing the VM: {e}", rec.id),
+            };
+            // The agent answers once every container is gone and the guest has synced what
+            // they wrote to the shares: nothing in the VM is worth the guest's own shutdown
+            // (about a fifth of a second of teardown), so the VMM is stopped at once.
+            if destroyed {
+                procinfo::signal(rec.vmm_pid, rec.vmm_start, nix::sys::signal::Signal::SIGKILL);
             }
             let deadline = Instant::now() + EXIT_WAIT;
             while self.alive(rec) && Instant::now() < deadline && !process.exited() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            if procinfo::signal(rec.vmm_pid, rec.vmm_start, nix::sys::signal::Signal::SIGKILL) {
+            if !destroyed && procinfo::signal(rec.vmm_pid, rec.vmm_start, nix::sys::signal::Signal::SIGKILL) {
                 tracing::warn!("sandbox {}: husk-vmm did not exit after power-off; killed", rec.id);
             }
         }

@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod husk_vmm;
+pub mod snapshot;
 pub mod spawn;
 
 use std::future::Future;

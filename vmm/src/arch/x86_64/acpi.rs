@@ -2,7 +2,8 @@
 //!
 //! It gives the guest: every vCPU (MADT local APICs plus one IOAPIC), poweroff (the FADT sleep
 //! control register plus `\_S5` in the DSDT), panic reporting (a pvpanic `QEMU0001` device),
-//! and the devices themselves (COM1 as `PNP0501`, virtio-mmio as `LNRO0005`). Hardware-reduced
+//! the devices themselves (COM1 as `PNP0501`, virtio-mmio as `LNRO0005`), and the VM generation
+//! id (`VMGENCTR`) with the Generic Event Device (`ACPI0013`) that notifies it. Hardware-reduced
 //! mode tells Linux there is no legacy PIC or PIT to set up, which shortens boot; it also means
 //! Linux has no identity-mapped ISA IRQs, so a device's interrupt only exists once ACPI
 //! describes it: `virtio_mmio.device=` command-line devices could not request their IRQ.
@@ -17,7 +18,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use super::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
+use super::layout::{ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, VMGENID_ADDR};
 use crate::devices::legacy::{pvpanic, sleep_ctl};
 
 const OEM_ID: [u8; 6] = *b"HUSK  ";
@@ -44,11 +45,51 @@ pub enum AcpiDevice {
     Serial { port: u16, len: u8, gsi: u32 },
     /// A virtio-mmio transport window.
     VirtioMmio { base: u32, len: u32, gsi: u32 },
+    /// The VM generation id buffer at `addr`, and the Generic Event Device whose interrupt on
+    /// `gsi` notifies it.
+    VmGenId { addr: u64, gsi: u32 },
+}
+
+/// Device notification "the generation id may have changed" (ACPI's first device-specific one).
+const VMGENID_NOTIFY: u8 = 0x80;
+
+/// `VGEN`: the id's address, which Linux's vmgenid driver maps, split as the spec wants (a
+/// package of the low and high 32 bits, returned by the `ADDR` method). `GED0`: one
+/// edge-triggered interrupt whose `_EVT` (called with the GSI) notifies `VGEN`.
+fn vmgenid_aml(addr: u64, gsi: u32, out: &mut Vec<u8>) {
+    let (lo, hi) = (addr as u32, (addr >> 32) as u32);
+    let addr_pkg = aml::Package::new(vec![&lo, &hi]);
+    aml::Device::new(
+        "VGEN".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"VMGENCTR"),
+            &aml::Name::new("_CID".into(), &"VM_GEN_COUNTER"),
+            &aml::Name::new("_DDN".into(), &"VM_Gen_Counter"),
+            &aml::Method::new("ADDR".into(), 0, false, vec![&aml::Return::new(&addr_pkg)]),
+        ],
+    )
+    .to_aml_bytes(out);
+    let irq = aml::Interrupt::new(true, true, false, false, gsi);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let vgen = aml::Path::new("\\_SB_.VGEN");
+    let notify = aml::Notify::new(&vgen, &VMGENID_NOTIFY);
+    let is_ours = aml::Equal::new(&aml::Arg(0), &gsi);
+    aml::Device::new(
+        "GED0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &0u32),
+            &aml::Name::new("_CRS".into(), &crs),
+            &aml::Method::new("_EVT".into(), 1, true, vec![&aml::If::new(&is_ours, vec![&notify])]),
+        ],
+    )
+    .to_aml_bytes(out);
 }
 
 fn device_aml(dev: &AcpiDevice, index: usize, out: &mut Vec<u8>) {
     // Edge-triggered, active-high, exclusive: what irqfd delivers.
     match *dev {
+        AcpiDevice::VmGenId { addr, gsi } => vmgenid_aml(addr, gsi, out),
         AcpiDevice::Serial { port, len, gsi } => {
             let io = aml::IO::new(port, port, 1, len);
             let irq = aml::Interrupt::new(true, true, false, false, gsi);
@@ -103,11 +144,12 @@ fn dsdt(devices: &[AcpiDevice]) -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut sb);
-    let (mut serial, mut virtio) = (0, 0);
+    let (mut serial, mut virtio, mut other) = (0, 0, 0);
     for dev in devices {
         let index = match dev {
             AcpiDevice::Serial { .. } => &mut serial,
             AcpiDevice::VirtioMmio { .. } => &mut virtio,
+            AcpiDevice::VmGenId { .. } => &mut other,
         };
         device_aml(dev, *index, &mut sb);
         *index += 1;
@@ -177,7 +219,8 @@ pub fn write_acpi_tables<M: GuestMemory>(
     let madt_addr = align16(dsdt_addr + dsdt.len() as u64);
     let madt = madt(vcpus)?;
     let end = madt_addr + madt.len() as u64;
-    if end > ACPI_END {
+    // The VMGenID buffer follows the tables in the same reserved region.
+    if end > VMGENID_ADDR {
         return Err(AcpiError::TooLarge(end - ACPI_START));
     }
     let fadt = fadt(dsdt_addr);
@@ -240,7 +283,7 @@ mod tests {
     fn tables_link_and_checksum() {
         let m: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
         let (rsdp, end) = write_acpi_tables(&m, 2, &devs()).unwrap();
-        assert!(end <= ACPI_END);
+        assert!(end <= VMGENID_ADDR);
         let mut r = [0u8; 36];
         m.read_slice(&mut r, GuestAddress(rsdp)).unwrap();
         assert_eq!(&r[..8], b"RSD PTR ");
@@ -278,6 +321,76 @@ mod tests {
         assert_eq!(&madt[52..54], &[0, 8]);
         assert_eq!(madt[55], 1);
         assert_eq!(madt[60], 1);
+    }
+
+    fn dsdt_of(m: &GuestMemoryMmap<()>, rsdp: u64) -> Vec<u8> {
+        let xsdt: u64 = m.read_obj(GuestAddress(rsdp + 24)).unwrap();
+        let fadt: u64 = m.read_obj(GuestAddress(xsdt + 36)).unwrap();
+        let dsdt: u64 = m.read_obj(GuestAddress(fadt + 140)).unwrap();
+        table_at(m, dsdt)
+    }
+
+    fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+        hay.windows(needle.len()).position(|w| w == needle)
+    }
+
+    /// What `VGEN.ADDR` returns, decoded from its AML: Method flags 0, Return, a two-element
+    /// package of integers (low and high halves).
+    fn vgen_addr(dsdt: &[u8]) -> u64 {
+        let at = find(dsdt, b"ADDR").expect("ADDR method") + 4;
+        let b = &dsdt[at..];
+        assert_eq!(&b[..3], &[0x00, 0xa4, 0x12], "ADDR: no args, returns a package");
+        assert_eq!(b[4], 2, "two elements");
+        let mut rest = &b[5..];
+        let mut int = || -> u64 {
+            let (v, n) = match rest[0] {
+                0x00 => (0, 1),
+                0x01 => (1, 1),
+                0x0a => (u64::from(rest[1]), 2),
+                0x0b => (u64::from(u16::from_le_bytes([rest[1], rest[2]])), 3),
+                0x0c => (u64::from(u32::from_le_bytes(rest[1..5].try_into().unwrap())), 5),
+                op => panic!("unexpected opcode {op:#x}"),
+            };
+            rest = &rest[n..];
+            v
+        };
+        let lo = int();
+        lo | (int() << 32)
+    }
+
+    #[test]
+    fn vmgenid_and_ged_are_described_and_the_id_lands_where_addr_points() {
+        let m: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let mut devices = devs();
+        devices.push(AcpiDevice::VmGenId { addr: VMGENID_ADDR, gsi: 3 });
+        let (rsdp, end) = write_acpi_tables(&m, 1, &devices).unwrap();
+        assert!(end <= VMGENID_ADDR);
+        let dsdt = dsdt_of(&m, rsdp);
+        assert!(checksum_ok(&dsdt));
+        for needle in [&b"VMGENCTR"[..], b"VM_GEN_COUNTER", b"ACPI0013", b"VGEN", b"GED0", b"_EVT"] {
+            assert!(find(&dsdt, needle).is_some(), "{}", String::from_utf8_lossy(needle));
+        }
+        // GED0's _CRS: one extended interrupt, consumer + edge + active-high + exclusive, GSI 3.
+        assert!(find(&dsdt, &[0x89, 0x06, 0x00, 0x03, 0x01, 3, 0, 0, 0]).is_some());
+        // _EVT (1 arg, serialized): If (Arg0 == 3) { Notify (\_SB.VGEN, 0x80) }.
+        let evt = find(&dsdt, b"_EVT").unwrap() + 4;
+        assert_eq!(dsdt[evt], 0x09);
+        let body = &dsdt[evt + 1..];
+        assert_eq!(body[0], 0xa0, "If");
+        let cond = &body[2..];
+        assert_eq!(&cond[..4], &[0x93, 0x68, 0x0a, 3], "LEqual (Arg0, 3)");
+        let notify = b"\x86\\._SB_VGEN\x0a\x80";
+        assert_eq!(&cond[4..4 + notify.len()], notify, "Notify (\\_SB.VGEN, 0x80)");
+        assert_eq!(usize::from(body[1]), 1 + 4 + notify.len(), "the If holds only that");
+
+        let id = crate::devices::vmgenid::random_id().unwrap();
+        let irq = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        crate::devices::vmgenid::VmGenId::new(&m, irq, id).unwrap();
+        let mut back = [0u8; 16];
+        m.read_slice(&mut back, GuestAddress(vgen_addr(&dsdt))).unwrap();
+        assert_eq!(back, id);
+        // The tables are untouched by the id.
+        assert_eq!(dsdt_of(&m, rsdp), dsdt);
     }
 
     #[test]
