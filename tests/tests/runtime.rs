@@ -380,15 +380,18 @@ fn expect(text: &str, needles: &[&str], part: &str) {
 /// fs server's, root is the jail, namespaces and cgroup are the VMM's own, limits set.
 /// `husk run --timings`: every phase of the run is there, in the order it happens, and the
 /// deltas add up to the total.
+/// When the first phase named `name...` happened (ms since CLI start).
+fn phase_at(phases: &[(String, f64, f64)], name: &str, text: &str) -> f64 {
+    phases
+        .iter()
+        .find(|(n, _, _)| n.starts_with(name))
+        .map(|p| p.1)
+        .unwrap_or_else(|| panic!("no phase {name:?} in the timings:\n{text}"))
+}
+
 fn check_timings(text: &str) {
     let phases = husk_core::timeline::parse(text);
-    let at = |name: &str| {
-        phases
-            .iter()
-            .find(|(n, _, _)| n.starts_with(name))
-            .map(|p| p.1)
-            .unwrap_or_else(|| panic!("no phase {name:?} in the timings:\n{text}"))
-    };
+    let at = |name: &str| phase_at(&phases, name, text);
     let order = [
         "cli start",
         "create: container reserved",
@@ -446,12 +449,7 @@ fn check_snapshots(s: &str, cold: &str) {
         !phases.iter().any(|(n, _, _)| n.starts_with("guest:")),
         "a restored guest did not boot:\n{restored}"
     );
-    let at = |p: &[(String, f64, f64)], name: &str, text: &str| {
-        p.iter()
-            .find(|(n, _, _)| n.starts_with(name))
-            .map(|x| x.1)
-            .unwrap_or_else(|| panic!("no {name:?} in:\n{text}"))
-    };
+    let at = phase_at;
     let order = [
         "cli start",
         "snapshot looked up",

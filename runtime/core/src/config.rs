@@ -188,30 +188,23 @@ impl Config {
             confinement: None,
             snapshots: None,
         });
-        if let Some(v) = env("HUSK_SNAPSHOTS") {
-            c.snapshots.enabled = match v.as_str() {
-                "1" | "true" => true,
-                "0" | "false" => false,
-                _ => {
-                    return Err(RuntimeError::InvalidArgument(format!(
-                        "HUSK_SNAPSHOTS={v:?}: expected 0 or 1"
-                    )))
-                }
-            };
+        let flag = |k: &str| -> Result<Option<bool>, RuntimeError> {
+            env(k)
+                .map(|v| match v.as_str() {
+                    "1" | "true" => Ok(true),
+                    "0" | "false" => Ok(false),
+                    _ => Err(RuntimeError::InvalidArgument(format!("{k}={v:?}: expected 0 or 1"))),
+                })
+                .transpose()
+        };
+        if let Some(on) = flag("HUSK_SNAPSHOTS")? {
+            c.snapshots.enabled = on;
         }
         if let Some(d) = env("HUSK_SNAPSHOT_DIR") {
             c.snapshots.dir = Some(PathBuf::from(d));
         }
-        if let Some(v) = env("HUSK_VMM_JAIL") {
-            c.confinement.jail = match v.as_str() {
-                "1" | "true" => true,
-                "0" | "false" => false,
-                _ => {
-                    return Err(RuntimeError::InvalidArgument(format!(
-                        "HUSK_VMM_JAIL={v:?}: expected 0 or 1"
-                    )))
-                }
-            };
+        if let Some(on) = flag("HUSK_VMM_JAIL")? {
+            c.confinement.jail = on;
         }
         if let Some(v) = env("HUSK_VMM_SECCOMP") {
             c.confinement.seccomp =

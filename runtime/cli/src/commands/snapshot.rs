@@ -78,11 +78,7 @@ pub async fn run(c: &SnapshotCommand) -> Result<ExitCode, CliError> {
             }
         }
         SnapshotCommand::Rm => {
-            let mut n = 0;
-            for (dir, _) in snapshot::list(&root) {
-                snapshot::discard(&dir);
-                n += 1;
-            }
+            let n = snapshot::remove_all(&root);
             out!("removed {n} snapshot(s) from {}", root.display());
         }
     }

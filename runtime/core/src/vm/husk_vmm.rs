@@ -353,6 +353,7 @@ impl HuskVmm {
             fd3: vsock_dir,
             cgroup,
             new_pid_ns: confined,
+            die_with_parent: false,
         });
         let pid = match spawned {
             Ok(pid) => pid,

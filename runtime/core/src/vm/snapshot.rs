@@ -207,6 +207,30 @@ pub fn discard(dir: &Path) {
     }
 }
 
+/// Removes the directories under `root` whose names start with `prefix`.
+fn remove_stale(root: &Path, prefix: &str) {
+    let Ok(rd) = std::fs::read_dir(root) else { return };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(prefix) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Removes every entry and every leftover of an interrupted make or discard; what remains is
+/// the digest cache and the lock files. Returns how many entries went.
+pub fn remove_all(root: &Path) -> usize {
+    let n = list(root).len();
+    let Ok(rd) = std::fs::read_dir(root) else { return 0 };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        if name != "digests" && name != "locks" && e.path().is_dir() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    n
+}
+
 /// Every complete entry under `root`, with its metadata.
 pub fn list(root: &Path) -> Vec<(PathBuf, Option<Meta>)> {
     let Ok(rd) = std::fs::read_dir(root) else { return Vec::new() };
@@ -268,8 +292,9 @@ async fn make(
     inputs: KeyInputs,
 ) -> Result<PathBuf, SnapshotError> {
     let started = Instant::now();
+    // Under the key's lock, any other work directory of this key is a dead maker's.
+    remove_stale(root, &format!("{key}.tmp-"));
     let work = root.join(format!("{key}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
     let snap = work.join("snapshot");
     for d in [&work, &work.join("shared"), &snap] {
         mkdirs(d)?;
@@ -354,6 +379,8 @@ async fn run_template(
         fd3: dir_fd,
         cgroup: None,
         new_pid_ns: false,
+        // A template outlives no one: if husk dies while making it, it goes too.
+        die_with_parent: true,
     })
     .map_err(io(format!("starting {}", cfg.vmm.display())))?;
     let start = crate::procinfo::start_time(pid).unwrap_or(0);
@@ -518,6 +545,22 @@ mod tests {
         assert_eq!(l[0].1.as_ref().map(|m| m.inputs.clone()), Some(inputs()));
         discard(&dir);
         assert!(lookup(&root, &key).is_none());
+        // Removing everything leaves only the digest cache and the locks.
+        for d in
+            [dir.clone(), root.join("digests"), root.join("locks"), root.join(format!("{key}.discarded-9"))]
+        {
+            std::fs::create_dir_all(&d).expect("mkdir");
+        }
+        for f in ["state", "memory", "meta.json"] {
+            std::fs::write(dir.join(f), b"x").expect("write");
+        }
+        assert_eq!(remove_all(&root), 1);
+        let mut left: Vec<String> = std::fs::read_dir(&root)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["digests", "locks"]);
         let _ = std::fs::remove_dir_all(&root);
     }
 }

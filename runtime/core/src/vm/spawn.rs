@@ -43,6 +43,9 @@ pub struct Spawn<'a> {
     /// A cgroup v2 directory to start in.
     pub cgroup: Option<OwnedFd>,
     pub new_pid_ns: bool,
+    /// Killed when the spawning thread ends (a helper VM that is only useful to its maker);
+    /// sandbox VMMs outlive the CLI call that starts them and leave this off.
+    pub die_with_parent: bool,
 }
 
 fn cstring(b: &[u8]) -> io::Result<CString> {
@@ -103,6 +106,8 @@ pub fn spawn(s: Spawn<'_>) -> io::Result<i32> {
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = cg.as_raw_fd() as u64;
     }
+    // SAFETY: getpid has no preconditions.
+    let parent = if s.die_with_parent { unsafe { libc::getpid() } } else { 0 };
     let raw = |f: &Option<OwnedFd>| f.as_ref().map_or(-1, |f| f.as_raw_fd());
     let (null_fd, out_fd, err_fd, netns_fd, fd3_fd, errpipe) = (
         devnull.as_raw_fd(),
@@ -125,7 +130,7 @@ pub fn spawn(s: Spawn<'_>) -> io::Result<i32> {
     if pid == 0 {
         // SAFETY: async-signal-safe syscalls on descriptors and strings that stay valid until
         // execve or _exit.
-        unsafe { child(null_fd, out_fd, err_fd, netns_fd, fd3_fd, errpipe, &argv, &envp) }
+        unsafe { child(null_fd, out_fd, err_fd, netns_fd, fd3_fd, errpipe, parent, &argv, &envp) }
     }
     drop(err_w);
     // The write end closes at exec; anything read first is the child's errno.
@@ -164,6 +169,7 @@ unsafe fn child(
     netns_fd: RawFd,
     fd3: RawFd,
     errpipe: RawFd,
+    die_with: libc::pid_t,
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
 ) -> ! {
@@ -182,6 +188,13 @@ unsafe fn child(
     unsafe {
         // Its own session: a caller's Ctrl-C or hang-up must not take the sandbox down.
         libc::setsid();
+        if die_with != 0 {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // The parent may have gone before the request took effect.
+            if libc::getppid() != die_with {
+                libc::_exit(127);
+            }
+        }
         if netns_fd >= 0 && libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
             fail(errno());
         }
@@ -228,6 +241,7 @@ mod tests {
             fd3: Some(dir.into()),
             cgroup: None,
             new_pid_ns: false,
+            die_with_parent: false,
         })
         .expect("spawn");
         let mut status = 0;
@@ -249,8 +263,35 @@ mod tests {
             fd3: None,
             cgroup: None,
             new_pid_ns: false,
+            die_with_parent: false,
         })
         .expect_err("no such program");
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn a_helper_dies_with_the_thread_that_started_it() {
+        // The parent-death signal follows the spawning thread: one that ends takes it along.
+        let pid = std::thread::spawn(|| {
+            let (_r, w) = pipe_fds();
+            spawn(Spawn {
+                program: Path::new("/bin/sleep"),
+                args: vec![OsStr::new("100")],
+                stdout: w.try_clone().expect("dup"),
+                stderr: w,
+                netns: None,
+                fd3: None,
+                cgroup: None,
+                new_pid_ns: false,
+                die_with_parent: true,
+            })
+            .expect("spawn")
+        })
+        .join()
+        .expect("thread");
+        let mut status = 0;
+        // SAFETY: reaping our child (it is this process's, whichever thread started it).
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL, "status {status:#x}");
     }
 }
