@@ -5,7 +5,8 @@
 //! `meta.json`). The key is a digest of everything the saved guest depends on: the contents of
 //! the kernel, initramfs and husk-vmm binary, the command line, memory, vCPUs, the shares' tags
 //! and modes, and the host kernel and CPU (KVM state does not move between those). Any change
-//! gives another key, so a stale snapshot is never picked; it is just left unused.
+//! gives another key, so a stale snapshot is never picked; the new entry's maker removes the
+//! entries it supersedes (same command line and shape, older inputs).
 //!
 //! A snapshot is made by booting a template VM that never serves a sandbox (nothing mounted,
 //! no container ever ran in it: it holds only what husk shipped), waiting for its agent,
@@ -231,6 +232,29 @@ pub fn remove_all(root: &Path) -> usize {
     n
 }
 
+/// Entries the new one replaces: the same command line and VM shape, made from another
+/// kernel, initramfs or husk-vmm, or on another host kernel or CPU, which no VM will ask for
+/// again (an upgrade). Entries for other command lines or shapes are still in use and stay.
+fn superseded(root: &Path, new: &Meta) -> Vec<PathBuf> {
+    let same_use = |i: &KeyInputs| {
+        (i.format, &i.cmdline, i.memory_mib, i.vcpus, &i.shares)
+            == (
+                new.inputs.format,
+                &new.inputs.cmdline,
+                new.inputs.memory_mib,
+                new.inputs.vcpus,
+                &new.inputs.shares,
+            )
+    };
+    list(root)
+        .into_iter()
+        .filter_map(|(dir, meta)| {
+            let m = meta?;
+            (m.key != new.key && same_use(&m.inputs)).then_some(dir)
+        })
+        .collect()
+}
+
 /// Every complete entry under `root`, with its metadata.
 pub fn list(root: &Path) -> Vec<(PathBuf, Option<Meta>)> {
     let Ok(rd) = std::fs::read_dir(root) else { return Vec::new() };
@@ -325,6 +349,10 @@ async fn make(
             std::fs::rename(&snap, &dest)
                 .map_err(io(format!("moving the snapshot to {}", dest.display())))?;
             tracing::info!("snapshot {key} made in {:?}", started.elapsed());
+            for old in superseded(root, &meta) {
+                tracing::info!("snapshot {} superseded by {key}: removed", old.display());
+                discard(&old);
+            }
             Ok(dest)
         }
         Err(e) => Err(e),
@@ -523,6 +551,37 @@ mod tests {
         }
         assert_eq!(c.sha256(&f).expect("digest"), hex(&Sha256::digest(b"second")));
         assert!(c.sha256(&root.join("missing")).is_err());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_new_entry_supersedes_only_its_own_use_from_older_inputs() {
+        let root = std::env::temp_dir().join(format!("husk-snapsup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let entry = |i: KeyInputs| {
+            let meta = Meta { key: i.key(), inputs: i, created: 1, prepare_ms: 1 };
+            let dir = root.join(&meta.key);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            for f in ["state", "memory"] {
+                std::fs::write(dir.join(f), b"x").expect("write");
+            }
+            std::fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).expect("json")).expect("write");
+            meta
+        };
+        let mut old_kernel = inputs();
+        old_kernel.kernel_sha256 = "0".repeat(64);
+        let old = entry(old_kernel);
+        let mut other_size = inputs();
+        other_size.memory_mib = 512;
+        let other = entry(other_size);
+        let mut other_cmdline = inputs();
+        other_cmdline.cmdline.push_str(" husk.fault=x");
+        let faults = entry(other_cmdline);
+        let new = entry(inputs());
+        assert_eq!(superseded(&root, &new), vec![root.join(&old.key)]);
+        // Another size and another command line are other uses: nothing of theirs goes.
+        assert!(superseded(&root, &other).is_empty());
+        assert!(superseded(&root, &faults).is_empty());
         let _ = std::fs::remove_dir_all(&root);
     }
 
