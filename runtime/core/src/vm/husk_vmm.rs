@@ -191,10 +191,14 @@ impl HuskVmm {
                 c = &mut connect => break c?,
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {
                     // A caller that reaps every child (a shim) leaves `exited` nothing to see.
-                    // Liveness first: a VMM that dies between the two checks is then already a
-                    // zombie for try_wait, which reports how it ended (SIGSYS, a status).
+                    // Liveness first: a VMM that dies between the two checks is then seen gone,
+                    // and waited for until it can be reaped, so how it ended (SIGSYS, a
+                    // status) is known.
                     let gone = !procinfo::alive(record.vmm_pid, record.vmm_start);
-                    let exit = process.try_wait();
+                    let exit = match process.try_wait() {
+                        None if gone => process.wait_gone(Duration::from_secs(2)).await,
+                        e => e,
+                    };
                     if exit.is_some() || gone {
                         let text = std::fs::read_to_string(log).unwrap_or_default();
                         let tail: Vec<&str> = text.lines().rev().take(5).collect();

@@ -78,6 +78,31 @@ impl VmProcess {
         })
     }
 
+    /// How it ended, once a process seen gone can be reaped: the leader of a dying thread group
+    /// shows as a zombie before its last thread has exited, and only then can it be reaped.
+    /// None if it is not (or no longer) our child to reap, or not reapable within `limit`.
+    pub async fn wait_gone(&mut self, limit: std::time::Duration) -> Option<VmExit> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(s) = self.status {
+                return Some(VmExit::from_status(s));
+            }
+            let pid = self.pid?;
+            let mut status = 0;
+            // SAFETY: waitpid on our own child; WNOHANG never blocks. ECHILD means another
+            // reaper (a shim's) took it, and then there is nothing to wait for.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r == pid {
+                self.status = Some(status);
+                continue;
+            }
+            if r < 0 || std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Whether it has exited (false when there is no child to ask).
     pub fn exited(&mut self) -> bool {
         self.try_wait().is_some()
@@ -158,4 +183,22 @@ pub trait Vms: Send + Sync + 'static {
     /// Powers the VM off (or kills it) and waits for it to go. The caller holds the sandbox
     /// lock; the sandbox's files are the caller's to remove.
     fn power_off(&self, rec: &SandboxRecord, process: VmProcess) -> impl Future<Output = ()> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_gone_child_is_waited_for_and_a_stranger_is_not() {
+        let child = std::process::Command::new("/bin/sh").args(["-c", "exit 3"]).spawn().expect("spawn");
+        let mut p = VmProcess::new(child.id() as i32);
+        assert_eq!(p.wait_gone(Duration::from_secs(10)).await, Some(VmExit::Code(3)));
+        assert_eq!(p.try_wait(), Some(VmExit::Code(3)), "the status is kept");
+        // Not our child (PID 1): nothing to wait for, at once.
+        let start = std::time::Instant::now();
+        assert_eq!(VmProcess::new(1).wait_gone(Duration::from_secs(10)).await, None);
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
 }
