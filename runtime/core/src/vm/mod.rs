@@ -192,6 +192,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_gone_child_is_waited_for_and_a_stranger_is_not() {
+        // Reaped below through waitpid, as husk reaps its VMMs, not through `Child::wait`.
+        #[allow(clippy::zombie_processes)]
         let child = std::process::Command::new("/bin/sh").args(["-c", "exit 3"]).spawn().expect("spawn");
         let mut p = VmProcess::new(child.id() as i32);
         assert_eq!(p.wait_gone(Duration::from_secs(10)).await, Some(VmExit::Code(3)));
