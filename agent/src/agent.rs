@@ -248,10 +248,21 @@ impl Agent {
 
     /// Removes every container; the caller then stops serving and powers off (or exits).
     pub async fn destroy_sandbox(&self) -> Result<(), AgentError> {
-        let ids: Vec<String> = lock(&self.containers).keys().cloned().collect();
-        for id in ids {
-            if let Err(e) = self.remove_container(&id, true).await {
-                tracing::warn!("destroy: removing {id}: {e}");
+        if self.cfg.guest {
+            // The VM ends with this answer: its containers are killed, not taken apart one by
+            // one (a libcontainer helper each, whose work dies with the VM anyway).
+            let live: Vec<Arc<Container>> = lock(&self.containers).values().flatten().cloned().collect();
+            for c in live {
+                if let Err(e) = c.cgroup.signal_all(nix::sys::signal::Signal::SIGKILL) {
+                    tracing::warn!("destroy: killing container {}: {e}", c.id);
+                }
+            }
+        } else {
+            let ids: Vec<String> = lock(&self.containers).keys().cloned().collect();
+            for id in ids {
+                if let Err(e) = self.remove_container(&id, true).await {
+                    tracing::warn!("destroy: removing {id}: {e}");
+                }
             }
         }
         // Whatever containers wrote to the shares is on the host before the answer: the host

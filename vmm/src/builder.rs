@@ -165,6 +165,7 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
             devices: claimed.devices.clone(),
         })?;
         snap.vmgenid.check()?;
+        crate::vmm::timing_point("snapshot read", crate::vmm::monotonic_ns());
     }
     let control = opts
         .control
@@ -302,6 +303,7 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
     }
     if let Some(j) = jail {
         j.enter()?;
+        crate::vmm::timing_point("jail entered", crate::vmm::monotonic_ns());
     }
     let mut placer = VirtioPlacer { next: 0, acpi: Vec::new(), transports: Vec::new() };
     let saved_devices = restore.as_ref().map(|(s, _)| s.devices.as_slice()).unwrap_or_default();
@@ -319,6 +321,7 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
         transports: placer.transports.clone(),
     });
     if let Some((snap, _)) = &restore {
+        crate::vmm::timing_point("devices restored", crate::vmm::monotonic_ns());
         crate::snapshot::kvm_state::restore_vm(vm.fd(), &snap.vm)?;
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
         for (i, state) in snap.vcpus.iter().enumerate() {

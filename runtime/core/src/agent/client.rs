@@ -55,7 +55,10 @@ pub async fn dial(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
     let mut s = crate::uds::connect(uds).await?;
     s.write_all(&handshake::Request::Connect(port).encode()).await?;
     match read_reply(&mut s).await? {
-        handshake::Reply::Ok(_) => Ok(s),
+        handshake::Reply::Ok(_) => {
+            crate::timeline::mark("vsock: agent port connected");
+            Ok(s)
+        }
         handshake::Reply::Err(why) => Err(refused(format!("port {port}: {why}"))),
     }
 }

@@ -29,6 +29,8 @@ pub struct World {
     pub fail: HashSet<Step>,
     pub boots: usize,
     pub power_offs: usize,
+    /// Containers removed through the agent, in order.
+    pub removed: Vec<String>,
     pub execs: Vec<String>,
     /// How processes ended, by `container` or `container/exec`; a wait returns once its
     /// process is here (a SIGKILL puts it here, a test may too).
@@ -110,8 +112,12 @@ impl Agent for Fake {
 
     async fn remove_container(&self, id: &str, _force: bool) -> AgentResult<()> {
         self.step(Step::RemoveContainer)?;
-        match self.world().containers.remove(id) {
-            Some(_) => Ok(()),
+        let mut w = self.world();
+        match w.containers.remove(id) {
+            Some(_) => {
+                w.removed.push(id.to_string());
+                Ok(())
+            }
             None => Err(AgentError::Rpc { call: "fake", status: tonic::Status::not_found(id.to_string()) }),
         }
     }

@@ -45,32 +45,27 @@ impl<V: Vms> Runtime<V> {
                 status.as_str()
             )));
         }
-        if let Some(a) = &agent {
-            if let Err(e) = a.remove_container(id, true).await {
-                if e.code() != Some(tonic::Code::NotFound) {
-                    return Err(e.into());
-                }
-            }
+        // The last container of a VM goes with the VM (the agent kills what runs when the
+        // sandbox is destroyed): taking it apart in the guest first would be wasted work.
+        let vm_goes = agent.is_some() && self.is_last_container(&rec.sandbox_id, id)?;
+        if let (Some(a), false) = (&agent, vm_goes) {
+            remove_in_guest(a, id).await?;
         }
         crate::fault::point("delete-after-agent");
-        // The relay ends once its process is gone; one whose VM vanished may need a push.
-        let me = std::process::id() as i32;
-        let deadline = Instant::now() + RELAY_EXIT_WAIT;
-        while rec.relay_pid != me
-            && procinfo::alive(rec.relay_pid, rec.relay_start)
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if rec.relay_pid != me {
-            procinfo::signal(rec.relay_pid, rec.relay_start, Signal::SIGKILL);
+        if !vm_goes {
+            self.wait_for_relay(&rec).await;
         }
         mounts::unmount_all(&rec.host_mounts);
         let mine = share::shared_dir(&self.state, &rec.sandbox_id).join(id);
         mounts::unmount_under(&mine)?;
         let _ = std::fs::remove_dir_all(&mine);
-        self.leave_sandbox(&rec.sandbox_id, id, vm).await?;
+        let unremoved = if vm_goes { agent.as_ref() } else { None };
+        self.leave_sandbox(&rec.sandbox_id, id, vm, unremoved).await?;
         crate::timeline::mark("delete: sandbox left");
+        if vm_goes {
+            // Its streams ended with the VM.
+            self.wait_for_relay(&rec).await;
+        }
         crate::fault::point("delete-sandbox-left");
         self.state.remove_container(id)?;
         drop(lock);
@@ -86,13 +81,48 @@ impl<V: Vms> Runtime<V> {
         Ok(())
     }
 
+    /// Whether `cid` is the only container its sandbox's record holds.
+    fn is_last_container(&self, sid: &str, cid: &str) -> Result<bool, RuntimeError> {
+        Ok(match self.state.read_sandbox(sid)? {
+            Some(s) => s.containers.iter().all(|c| c == cid),
+            None => false,
+        })
+    }
+
+    /// The relay ends once its process is gone; one whose VM vanished may need a push.
+    async fn wait_for_relay(&self, rec: &crate::state::ContainerRecord) {
+        let me = std::process::id() as i32;
+        let deadline = Instant::now() + RELAY_EXIT_WAIT;
+        while rec.relay_pid != me
+            && procinfo::alive(rec.relay_pid, rec.relay_start)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if rec.relay_pid != me {
+            procinfo::signal(rec.relay_pid, rec.relay_start, Signal::SIGKILL);
+        }
+    }
+
     /// Takes `cid` out of its sandbox's record; the last one out powers the VM off.
-    async fn leave_sandbox(&self, sid: &str, cid: &str, vm: VmProcess) -> Result<(), RuntimeError> {
+    /// `unremoved`: the agent that still holds `cid`, left there because its VM was to go with
+    /// it; if another container joined the sandbox meanwhile, the VM stays and `cid` is
+    /// removed from it here.
+    pub(super) async fn leave_sandbox(
+        &self,
+        sid: &str,
+        cid: &str,
+        vm: VmProcess,
+        unremoved: Option<&V::Agent>,
+    ) -> Result<(), RuntimeError> {
         let (_slock, srec) = self.state.lock_sandbox_async(sid).await?;
         let Some(mut srec) = srec else {
             return self.release_sandbox(sid).await;
         };
         srec.containers.retain(|c| c != cid);
+        if let (Some(a), false) = (unremoved, srec.containers.is_empty()) {
+            remove_in_guest(a, cid).await?;
+        }
         if srec.containers.is_empty() {
             mounts::unmount_under(&share::shared_dir(&self.state, sid))?;
             self.vms.power_off(&srec, vm).await;
@@ -157,5 +187,13 @@ impl<V: Vms> Runtime<V> {
         }
         let sid = sid.to_string();
         let _ = tokio::task::spawn_blocking(move || crate::vm::cgroup::remove(&sid)).await;
+    }
+}
+
+/// Removes container `id` in its VM; one the agent no longer knows is removed already.
+async fn remove_in_guest<A: Agent>(agent: &A, id: &str) -> Result<(), RuntimeError> {
+    match agent.remove_container(id, true).await {
+        Err(e) if e.code() != Some(tonic::Code::NotFound) => Err(e.into()),
+        _ => Ok(()),
     }
 }

@@ -184,9 +184,29 @@ async fn a_pod_member_needs_its_sandbox() {
     assert_eq!(f.fake.world().boots, 1);
     f.rt.delete("pod1", true, held.vm).await.expect("delete sandbox");
     assert_eq!(f.fake.world().power_offs, 0, "the VM stays for its member");
+    assert_eq!(f.fake.world().removed, ["pod1"], "a container whose VM stays is removed in it");
     f.rt.delete("m1", true, VmProcess::default()).await.expect("delete member");
     assert_eq!(f.fake.world().power_offs, 1);
+    assert_eq!(f.fake.world().removed, ["pod1"], "the last container goes with its VM, unremoved");
     f.assert_gone("pod1");
+}
+
+#[tokio::test]
+async fn a_container_left_for_its_vm_is_removed_if_another_joined_meanwhile() {
+    let f = Fixture::new("joined");
+    let sb = json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod3"}});
+    let member = json!({"annotations": {
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.sandbox-id": "pod3",
+    }});
+    f.rt.create("pod3", &f.bundle(sb), Fixture::opts()).await.expect("sandbox");
+    // m1 joins after pod3's delete found pod3 the last one and left it in the guest.
+    f.rt.create("m1", &f.bundle(member), Fixture::opts()).await.expect("member");
+    f.rt.leave_sandbox("pod3", "pod3", VmProcess::default(), Some(&f.fake)).await.expect("leave");
+    let w = f.fake.world();
+    assert_eq!(w.power_offs, 0, "the VM stays for m1");
+    assert_eq!(w.removed, ["pod3"]);
+    assert!(w.containers.contains_key("m1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 //! it: read-only shares (every mutating request gets `EROFS`, like a read-only mount), no device
 //! nodes on the host, no `umask(0)` left behind by the passthrough's root import on a thread
 //! that shares the process's umask, and caps on the inodes and open handles the guest can make
-//! it hold ([`super::limits`]).
+//! it hold ([`super::limits`]); under `cache=auto`, the guest's cache of a file kept across
+//! opens while the file is unchanged ([`super::keep_cache`]).
 //!
 //! Every method that `PassthroughFs` implements is forwarded explicitly: a method left out here
 //! would silently fall back to the trait's default (usually `ENOSYS`), not to the inner file
@@ -22,6 +23,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
+use super::keep_cache::{FileVersion, OpenVersions};
 use super::limits::{enfile, HandleCount, InodeRefs, Limits, MAX_READDIR_SIZE, MAX_XATTR_SIZE};
 use crate::devices::virtio::log_limit::LogLimit;
 
@@ -56,6 +58,8 @@ pub struct ShareFs {
     handles: HandleCount,
     /// For the warnings at the caps, which a guest can hit in a loop.
     warn: Mutex<(LogLimit, LogLimit)>,
+    /// Set under `cache=auto`: opens of unchanged files keep the guest's page cache.
+    versions: Option<OpenVersions>,
 }
 
 impl std::fmt::Debug for ShareFs {
@@ -80,7 +84,14 @@ impl ShareFs {
             inodes: InodeRefs::new(limits.inodes),
             handles: HandleCount::new(limits.handles),
             warn: Mutex::new((LogLimit::new(), LogLimit::new())),
+            versions: None,
         }
+    }
+
+    /// Opens of a file unchanged since its previous open keep the guest's cached pages.
+    pub fn keeping_unchanged_files_cached(mut self) -> Self {
+        self.versions = Some(OpenVersions::default());
+        self
     }
 
     fn warn_inode_cap(&self) {
@@ -197,12 +208,18 @@ impl FileSystem for ShareFs {
 
     fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
         self.inodes.forget(inode, count);
+        if let Some(v) = &self.versions {
+            v.forget(inode);
+        }
         self.inner.forget(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(Inode, u64)>) {
         for &(inode, count) in &requests {
             self.inodes.forget(inode, count);
+            if let Some(v) = &self.versions {
+                v.forget(inode);
+            }
         }
         self.inner.batch_forget(ctx, requests)
     }
@@ -299,7 +316,19 @@ impl FileSystem for ShareFs {
             return Err(erofs());
         }
         check_open_flags(flags)?;
-        self.with_handle(|| self.inner.open(ctx, inode, flags, fuse_flags), |r| r.0)
+        let (handle, mut opts, passthrough) =
+            self.with_handle(|| self.inner.open(ctx, inode, flags, fuse_flags), |r| r.0)?;
+        if let Some(v) = &self.versions {
+            // The version is read through the new handle, so it is the opened file's.
+            if !opts.contains(OpenOptions::DIRECT_IO) {
+                if let Ok((st, _)) = self.inner.getattr(ctx, inode, handle) {
+                    if v.unchanged(inode, FileVersion::of(&st)) {
+                        opts |= OpenOptions::KEEP_CACHE;
+                    }
+                }
+            }
+        }
+        Ok((handle, opts, passthrough))
     }
 
     fn create(

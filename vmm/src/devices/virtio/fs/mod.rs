@@ -18,6 +18,7 @@
 //! descriptors.
 
 mod filter;
+mod keep_cache;
 pub mod limits;
 #[cfg(test)]
 mod tests;
@@ -167,7 +168,11 @@ impl Fs {
         if limits != Limits::default() {
             tracing::info!("virtio-fs {}: RLIMIT_NOFILE caps the share at {limits:?}", share.tag);
         }
-        Self::with_fs(&share.tag, ShareFs::with_limits(inner, share.read_only, limits))
+        let mut fs = ShareFs::with_limits(inner, share.read_only, limits);
+        if share.cache == FsCache::Auto {
+            fs = fs.keeping_unchanged_files_cached();
+        }
+        Self::with_fs(&share.tag, fs)
     }
 
     fn with_fs(tag: &str, fs: ShareFs) -> io::Result<Self> {

@@ -234,6 +234,37 @@ fn lookup_getattr_open_read() {
 }
 
 #[test]
+fn an_unchanged_file_keeps_the_guests_cache_across_opens() {
+    const KEEP_CACHE: u32 = 2;
+    let (dir, mut c) = client(false);
+    let entry = c.lookup(ROOT_ID, "hello.txt");
+    let open = |c: &mut Client| {
+        let out: OpenOut =
+            obj(&c.ok(Opcode::Open, entry.nodeid, OpenIn { flags: 0, fuse_flags: 0 }.as_slice()));
+        c.release(Opcode::Release, entry.nodeid, out.fh);
+        out.open_flags & KEEP_CACHE != 0
+    };
+    assert!(!open(&mut c), "a first open has nothing to keep");
+    assert!(open(&mut c), "unchanged since the last open");
+    // Changed on the host, even to the same size: the next open drops the cache, once.
+    std::thread::sleep(Duration::from_millis(10));
+    std::fs::write(dir.as_path().join("hello.txt"), b"HELLO, virtio-fs\n").unwrap();
+    assert!(!open(&mut c), "changed on the host");
+    assert!(open(&mut c));
+    // Written through the share: also a change.
+    let fh = c.open(entry.nodeid, libc::O_RDWR).unwrap();
+    let w = WriteIn { fh, offset: 0, size: 1, ..Default::default() };
+    c.ok(Opcode::Write, entry.nodeid, &[w.as_slice(), b"J"].concat());
+    c.release(Opcode::Release, entry.nodeid, fh);
+    assert!(!open(&mut c), "written through the share");
+    // Forgotten and looked up again: nothing is assumed about the new inode's cache.
+    c.forget(entry.nodeid, 1);
+    let again = c.lookup(ROOT_ID, "hello.txt");
+    let out: OpenOut = obj(&c.ok(Opcode::Open, again.nodeid, OpenIn { flags: 0, fuse_flags: 0 }.as_slice()));
+    assert_eq!(out.open_flags & KEEP_CACHE, 0);
+}
+
+#[test]
 fn read_only_share_refuses_every_write() {
     let (dir, mut c) = client(true);
     let file = c.lookup(ROOT_ID, "hello.txt").nodeid;
