@@ -77,17 +77,19 @@ pub async fn open_streams<A: Agent>(
         let s = agent.open_stdio(&name).await?;
         Ok::<_, RuntimeError>((name, s))
     };
-    let (in_name, stdin) = open(stream_name("in")).await?;
-    let (out_name, stdout) = open(stream_name("out")).await?;
-    let (err_name, stderr) = if terminal {
-        (String::new(), None)
-    } else {
-        let (n, s) = open(stream_name("err")).await?;
-        (n, Some(s))
+    let err = async {
+        if terminal {
+            Ok((String::new(), None))
+        } else {
+            let (n, s) = open(stream_name("err")).await?;
+            Ok((n, Some(s)))
+        }
     };
-    // Held by whatever stands for the process on the host: if it dies, the agent kills the
+    // At once: each is a connection round trip through the VMM to the guest. The lifeline is
+    // held by whatever stands for the process on the host: if it dies, the agent kills the
     // process.
-    let (life_name, lifeline) = open(stream_name("life")).await?;
+    let ((in_name, stdin), (out_name, stdout), (err_name, stderr), (life_name, lifeline)) =
+        tokio::try_join!(open(stream_name("in")), open(stream_name("out")), err, open(stream_name("life")))?;
     let (rows, cols) = size.unwrap_or((0, 0));
     let stdio = pb::Stdio {
         stdin: in_name,
