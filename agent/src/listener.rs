@@ -16,11 +16,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use husk_proto::handshake::{HandshakeError, LineReader, Reply, Request};
-use husk_proto::{AGENT_PORT, STDIO_PORT};
+use husk_proto::{AGENT_PORT, READY_PORT, STDIO_PORT};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
-use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
+use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_HOST};
 
 use crate::stdio::StdioRegistry;
 
@@ -115,6 +115,21 @@ impl tonic::transport::server::Connected for Conn {
     fn connect_info(&self) -> Self::ConnectInfo {}
 }
 
+/// How long the agent tries to tell the host it serves.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Tells the host the agent serves: one connection to the host's ready port, closed at once.
+/// Nobody may be listening (a snapshot's template VM; a host that polls), which is fine: the
+/// host also tries now and then.
+async fn announce_ready() {
+    let dial = VsockStream::connect(VsockAddr::new(VMADDR_CID_HOST, READY_PORT));
+    match tokio::time::timeout(ANNOUNCE_TIMEOUT, dial).await {
+        Ok(Ok(_)) => tracing::debug!("told the host the agent serves"),
+        Ok(Err(e)) => tracing::debug!("ready announcement: {e}"),
+        Err(_) => tracing::debug!("ready announcement: no answer"),
+    }
+}
+
 /// Accepts connections for ever: gRPC ones go to `grpc`, stdio ones are named and parked in
 /// `stdio`.
 pub async fn serve(
@@ -126,6 +141,7 @@ pub async fn serve(
         Endpoint::Vsock => {
             let agent = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, AGENT_PORT))?;
             let streams = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, STDIO_PORT))?;
+            tokio::spawn(announce_ready());
             let stdio_loop = async {
                 loop {
                     match streams.accept().await {

@@ -26,5 +26,10 @@ pub const STDIO_PORT: u32 = 1025;
 
 pub const STDIO_CLAIM_TIMEOUT_SECS: u64 = 60;
 
+/// Host vsock port the agent dials once it serves, closing the connection at once (the VMM
+/// forwards it to the listener at `<vsock socket>_<port>`): a booting VM's readiness reaches
+/// the host as an event instead of being polled for.
+pub const READY_PORT: u32 = 1026;
+
 /// Where the agent mounts share `<tag>` in the guest.
 pub const SHARES_DIR: &str = "/run/husk/shares";

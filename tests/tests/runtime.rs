@@ -155,6 +155,12 @@ $H --root $R ps --format json c1 | grep -q '^\[[0-9]' && echo "@@PS-JSON"
 $H --root $R ps c1 | grep -q 'sleep' && echo "@@PS-TABLE"
 $H --root $R exec c1 sh -c 'echo in-exec; cat /mnt/f; exit 6'; echo "@@EXEC-RC $?"
 $H --root $R exec c1 sh -c 'touch /mnt/x' 2>/dev/null; echo "@@EXEC-RO-RC $?"
+# The guest keeps a file's cache across opens only while the file is unchanged: a host rewrite
+# of the same size shows at the next open.
+echo kc-one > /var/bb/kc.txt
+$H --root $R exec c1 cat /kc.txt > /var/kc.out; $H --root $R exec c1 cat /kc.txt >> /var/kc.out
+echo kc-two > /var/bb/kc.txt
+$H --root $R exec c1 cat /kc.txt >> /var/kc.out; echo "@@KEEP-CACHE $(tr '\n' ' ' < /var/kc.out)"
 $H --root $R pause c1 && $H --root $R state c1 | grep -q '"status": "paused"' && echo "@@PAUSED"
 $H --root $R exec c1 true; echo "@@EXEC-PAUSED-RC $?"
 $H --root $R resume c1 && $H --root $R state c1 | grep -q '"status": "running"' && echo "@@RESUMED"
@@ -415,6 +421,12 @@ fn check_timings(text: &str) {
     for (w, n) in times.windows(2).zip(order.windows(2)) {
         assert!(w[0] <= w[1], "{} ({} ms) after {} ({} ms):\n{text}", n[0], w[0], n[1], w[1]);
     }
+    // A cold agent's readiness is an event: it announced itself before the host connected.
+    assert!(
+        at("vmm: first vCPU entry") <= at("agent: announced it serves")
+            && at("agent: announced it serves") <= at("agent connected"),
+        "{text}"
+    );
     // One agent connection for the whole run (stdio streams are not agent connections).
     let conns = phases.iter().filter(|(n, _, _)| n.starts_with("agent connected")).count();
     assert_eq!(conns, 1, "agent connections:\n{text}");
@@ -589,6 +601,7 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
             "@@PS-JSON",
             "@@PS-TABLE",
             "in-exec\nvol-data\n@@EXEC-RC 6",
+            "@@KEEP-CACHE kc-one kc-one kc-two ",
             "@@PAUSED",
             "@@RESUMED",
             "@@UPDATE-RC 0",

@@ -76,6 +76,16 @@ pub async fn connect(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
     s
 }
 
+/// Binds a listener at `path`, however long the path.
+pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    if fits(path) {
+        return tokio::net::UnixListener::bind(path);
+    }
+    let (dir, name) = split(path)?;
+    let dir = open_dir(dir)?;
+    tokio::net::UnixListener::bind(via_fd(dir.as_raw_fd(), name))
+}
+
 /// Blocking connect, for code outside an async runtime.
 pub fn connect_std(path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
     if fits(path) {
@@ -139,6 +149,19 @@ mod tests {
         assert!(fd.is_some());
         let _ =
             std::fs::remove_dir_all(std::env::temp_dir().join(format!("husk-uds-c-{}", std::process::id())));
+    }
+
+    #[tokio::test]
+    async fn long_paths_bind_through_their_directory() {
+        let d = long_dir("b");
+        let sock = d.join("vsock.sock_1026");
+        let listener = bind(&sock).expect("bind");
+        let c = connect(&sock).await.expect("connect");
+        listener.accept().await.expect("accept");
+        drop(c);
+        assert!(sock.exists());
+        let _ =
+            std::fs::remove_dir_all(std::env::temp_dir().join(format!("husk-uds-b-{}", std::process::id())));
     }
 
     #[test]

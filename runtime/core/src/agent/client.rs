@@ -77,6 +77,12 @@ fn check_api(uds: &Path, h: &pb::HealthResponse) -> Result<(), AgentError> {
     }
 }
 
+/// Pause between connection tries to an agent that should be up.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+/// Pause between tries while a booting agent's announcement has not come (it may be lost: the
+/// announcement is a hint, the health check is what counts).
+const READY_FALLBACK: Duration = Duration::from_millis(500);
+
 /// The agent's services over one HTTP/2 connection.
 #[derive(Clone, Debug)]
 pub struct GrpcAgent {
@@ -99,7 +105,42 @@ impl GrpcAgent {
     /// With `rpc_timeout` every call fails after it instead of waiting for ever on a stalled
     /// guest; leave it out for calls that last as long as a process (waits, event streams).
     pub async fn connect(uds: &Path, timeout: Duration, rpc_timeout: Option<Duration>) -> AgentResult<Self> {
+        Self::connect_when_ready(uds, timeout, rpc_timeout, None).await
+    }
+
+    /// Like [`connect`](Self::connect), for a VM that is booting: the first try waits for the
+    /// agent's announcement on `ready` (the listener at `<uds>_<READY_PORT>`), and tries are
+    /// [`READY_FALLBACK`] apart until it comes, instead of [`RETRY_PAUSE`]: every try reaches
+    /// into the booting guest.
+    pub async fn connect_when_ready(
+        uds: &Path,
+        timeout: Duration,
+        rpc_timeout: Option<Duration>,
+        mut ready: Option<tokio::net::UnixListener>,
+    ) -> AgentResult<Self> {
         let start = Instant::now();
+        let wait_for_ready = |ready: &mut Option<tokio::net::UnixListener>| {
+            let listener = ready.take();
+            async move {
+                let Some(l) = listener else {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    return None;
+                };
+                tokio::select! {
+                    r = l.accept() => {
+                        match r {
+                            Ok(_) => crate::timeline::mark("agent: announced it serves"),
+                            Err(e) => tracing::debug!("ready listener: {e}"),
+                        }
+                        None
+                    }
+                    () = tokio::time::sleep(READY_FALLBACK) => Some(l),
+                }
+            }
+        };
+        if ready.is_some() {
+            ready = wait_for_ready(&mut ready).await;
+        }
         loop {
             let last = match Self::try_connect(uds, rpc_timeout).await {
                 // Bounded too: a guest that accepted the connection but hangs must not keep
@@ -134,7 +175,7 @@ impl GrpcAgent {
             if start.elapsed() >= timeout {
                 return Err(AgentError::NotReady { path: uds.to_path_buf(), waited: start.elapsed(), last });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            ready = wait_for_ready(&mut ready).await;
         }
     }
 

@@ -142,6 +142,14 @@ pub(crate) fn vm_config(cfg: &Config, dir: &Path, shape: &VmShape, vsock_arg: &P
     }
 }
 
+/// Where a cold guest's agent announces it serves: the VMM forwards the guest's connection to
+/// its host port [`pb::READY_PORT`] to `<vsock socket>_<port>`.
+fn ready_socket(vsock: &Path) -> PathBuf {
+    let mut p = vsock.as_os_str().to_owned();
+    p.push(format!("_{}", pb::READY_PORT));
+    PathBuf::from(p)
+}
+
 /// The sandbox directory of a record: its vsock socket lives in `<dir>/vsock/`.
 fn sandbox_dir_of(rec: &SandboxRecord) -> Option<PathBuf> {
     let parent = rec.vsock.parent()?;
@@ -179,12 +187,13 @@ impl HuskVmm {
         shape: &VmShape,
         log: &Path,
         spawn_ns: u64,
-        restored: bool,
+        ready: Option<tokio::net::UnixListener>,
     ) -> Result<GrpcAgent, RuntimeError> {
+        let restored = ready.is_none();
         let started = Instant::now();
         // A restored agent is up at once; one that is not soon is better booted cold.
         let wait = if restored { self.cfg.boot_timeout.min(RESTORE_TIMEOUT) } else { self.cfg.boot_timeout };
-        let connect = GrpcAgent::connect(&record.vsock, wait, Some(RPC_TIMEOUT));
+        let connect = GrpcAgent::connect_when_ready(&record.vsock, wait, Some(RPC_TIMEOUT), ready);
         tokio::pin!(connect);
         let agent = loop {
             tokio::select! {
@@ -346,6 +355,17 @@ impl HuskVmm {
         if crate::timeline::enabled() {
             args.push(OsStr::new("--timings"));
         }
+        // A cold guest's agent announces itself here once it serves (a restored one is up at
+        // once); bound before the VMM starts so the announcement cannot come first.
+        let ready_path = ready_socket(&vsock);
+        let _ = std::fs::remove_file(&ready_path);
+        let ready = match restore {
+            None => Some(
+                uds::bind(&ready_path)
+                    .map_err(RuntimeError::io(format!("binding {}", ready_path.display())))?,
+            ),
+            Some(_) => None,
+        };
         crate::timeline::mark("vmm config written");
         let spawn_ns = crate::timeline::now_ns();
         let spawned = spawn(Spawn {
@@ -379,8 +399,9 @@ impl HuskVmm {
             vcpus: shape.vcpus,
             network: shape.network.clone(),
         };
-        match self.wait_for_agent(&mut process, &record, shape, &log_path, spawn_ns, restore.is_some()).await
-        {
+        let waited = self.wait_for_agent(&mut process, &record, shape, &log_path, spawn_ns, ready).await;
+        let _ = std::fs::remove_file(&ready_path);
+        match waited {
             Ok(agent) => {
                 keep_shared(&record, &agent);
                 Ok(Booted { record, process, agent })
