@@ -45,9 +45,13 @@ impl<V: Vms> Runtime<V> {
                 status.as_str()
             )));
         }
-        // The last container of a VM goes with the VM (the agent kills what runs when the
-        // sandbox is destroyed): taking it apart in the guest first would be wasted work.
-        let vm_goes = agent.is_some() && self.is_last_container(&rec.sandbox_id, id)?;
+        // A VM's last container that no longer runs (exited, or never started) goes with the
+        // VM (the agent kills what is left when the sandbox is destroyed): taking it apart in
+        // the guest first would be wasted work. A running one is stopped in the guest first, so
+        // a delete killed before the VM is off leaves it stopped.
+        let vm_goes = agent.is_some()
+            && !matches!(status, Status::Running | Status::Paused)
+            && self.is_last_container(&rec.sandbox_id, id)?;
         if let (Some(a), false) = (&agent, vm_goes) {
             remove_in_guest(a, id).await?;
         }

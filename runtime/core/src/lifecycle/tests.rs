@@ -192,6 +192,25 @@ async fn a_pod_member_needs_its_sandbox() {
 }
 
 #[tokio::test]
+async fn a_running_last_container_is_stopped_in_the_guest_before_its_vm_goes() {
+    let f = Fixture::new("last-running");
+    let held = f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create").expect("held");
+    f.rt.start("c1").await.expect("start");
+    f.rt.delete("c1", true, held.vm).await.expect("delete");
+    assert_eq!(f.fake.world().removed, ["c1"]);
+    assert_eq!(f.fake.world().power_offs, 1);
+    f.assert_gone("c1");
+    // One that exited goes with its VM.
+    let held = f.rt.create("c2", &f.bundle(json!({})), Fixture::opts()).await.expect("create").expect("held");
+    f.rt.start("c2").await.expect("start");
+    f.fake.world().containers.insert("c2".into(), Status::Stopped);
+    f.rt.delete("c2", false, held.vm).await.expect("delete");
+    assert_eq!(f.fake.world().removed, ["c1"]);
+    assert_eq!(f.fake.world().power_offs, 2);
+    f.assert_gone("c2");
+}
+
+#[tokio::test]
 async fn a_container_left_for_its_vm_is_removed_if_another_joined_meanwhile() {
     let f = Fixture::new("joined");
     let sb = json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod3"}});
