@@ -83,6 +83,26 @@ const RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// announcement is a hint, the health check is what counts).
 const READY_FALLBACK: Duration = Duration::from_millis(500);
 
+/// The pause before the next connection try: [`RETRY_PAUSE`], or with `ready` (a booting VM's
+/// announcement listener) until the announcement comes or [`READY_FALLBACK`] passes. Gives the
+/// listener back while the announcement is still to come.
+async fn pause_before_retry(ready: Option<tokio::net::UnixListener>) -> Option<tokio::net::UnixListener> {
+    let Some(l) = ready else {
+        tokio::time::sleep(RETRY_PAUSE).await;
+        return None;
+    };
+    tokio::select! {
+        r = l.accept() => {
+            match r {
+                Ok(_) => crate::timeline::mark("agent: announced it serves"),
+                Err(e) => tracing::debug!("ready listener: {e}"),
+            }
+            None
+        }
+        () = tokio::time::sleep(READY_FALLBACK) => Some(l),
+    }
+}
+
 /// The agent's services over one HTTP/2 connection.
 #[derive(Clone, Debug)]
 pub struct GrpcAgent {
@@ -119,27 +139,8 @@ impl GrpcAgent {
         mut ready: Option<tokio::net::UnixListener>,
     ) -> AgentResult<Self> {
         let start = Instant::now();
-        let wait_for_ready = |ready: &mut Option<tokio::net::UnixListener>| {
-            let listener = ready.take();
-            async move {
-                let Some(l) = listener else {
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                    return None;
-                };
-                tokio::select! {
-                    r = l.accept() => {
-                        match r {
-                            Ok(_) => crate::timeline::mark("agent: announced it serves"),
-                            Err(e) => tracing::debug!("ready listener: {e}"),
-                        }
-                        None
-                    }
-                    () = tokio::time::sleep(READY_FALLBACK) => Some(l),
-                }
-            }
-        };
         if ready.is_some() {
-            ready = wait_for_ready(&mut ready).await;
+            ready = pause_before_retry(ready).await;
         }
         loop {
             let last = match Self::try_connect(uds, rpc_timeout).await {
@@ -175,7 +176,7 @@ impl GrpcAgent {
             if start.elapsed() >= timeout {
                 return Err(AgentError::NotReady { path: uds.to_path_buf(), waited: start.elapsed(), last });
             }
-            ready = wait_for_ready(&mut ready).await;
+            ready = pause_before_retry(ready).await;
         }
     }
 

@@ -228,22 +228,33 @@ mod tests {
         unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
     }
 
+    /// A spawn with both output streams on `w`, in no other namespace or cgroup.
+    fn plain<'a>(
+        program: &'a str,
+        args: &'a [&'a str],
+        w: OwnedFd,
+        fd3: Option<OwnedFd>,
+        die: bool,
+    ) -> Spawn<'a> {
+        Spawn {
+            program: Path::new(program),
+            args: args.iter().map(OsStr::new).collect(),
+            stdout: w.try_clone().expect("dup"),
+            stderr: w,
+            netns: None,
+            fd3,
+            cgroup: None,
+            new_pid_ns: false,
+            die_with_parent: die,
+        }
+    }
+
     #[test]
     fn spawns_with_fd3_and_reports_exec_errors() {
         let (r, w) = pipe_fds();
         let dir = std::fs::File::open("/").expect("open /");
-        let pid = spawn(Spawn {
-            program: Path::new("/bin/sh"),
-            args: vec![OsStr::new("-c"), OsStr::new("ls /proc/self/fd; readlink /proc/self/fd/3")],
-            stdout: w.try_clone().expect("dup"),
-            stderr: w,
-            netns: None,
-            fd3: Some(dir.into()),
-            cgroup: None,
-            new_pid_ns: false,
-            die_with_parent: false,
-        })
-        .expect("spawn");
+        let script = "ls /proc/self/fd; readlink /proc/self/fd/3";
+        let pid = spawn(plain("/bin/sh", &["-c", script], w, Some(dir.into()), false)).expect("spawn");
         let mut status = 0;
         // SAFETY: reaping our child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
@@ -254,18 +265,7 @@ mod tests {
         assert!(out.ends_with("/\n"), "{out}");
 
         let (_r, w) = pipe_fds();
-        let e = spawn(Spawn {
-            program: Path::new("/nonexistent/husk-vmm"),
-            args: vec![],
-            stdout: w.try_clone().expect("dup"),
-            stderr: w,
-            netns: None,
-            fd3: None,
-            cgroup: None,
-            new_pid_ns: false,
-            die_with_parent: false,
-        })
-        .expect_err("no such program");
+        let e = spawn(plain("/nonexistent/husk-vmm", &[], w, None, false)).expect_err("no such program");
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
     }
 
@@ -274,18 +274,7 @@ mod tests {
         // The parent-death signal follows the spawning thread: one that ends takes it along.
         let pid = std::thread::spawn(|| {
             let (_r, w) = pipe_fds();
-            spawn(Spawn {
-                program: Path::new("/bin/sleep"),
-                args: vec![OsStr::new("100")],
-                stdout: w.try_clone().expect("dup"),
-                stderr: w,
-                netns: None,
-                fd3: None,
-                cgroup: None,
-                new_pid_ns: false,
-                die_with_parent: true,
-            })
-            .expect("spawn")
+            spawn(plain("/bin/sleep", &["100"], w, None, true)).expect("spawn")
         })
         .join()
         .expect("thread");

@@ -94,6 +94,14 @@ impl ShareFs {
         self
     }
 
+    /// What this wrapper keeps about an inode the guest forgot `count` lookups of.
+    fn forgotten(&self, inode: Inode, count: u64) {
+        self.inodes.forget(inode, count);
+        if let Some(v) = &self.versions {
+            v.forget(inode);
+        }
+    }
+
     fn warn_inode_cap(&self) {
         let mut w = self.warn.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(held_back) = w.0.check() {
@@ -207,19 +215,13 @@ impl FileSystem for ShareFs {
     }
 
     fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
-        self.inodes.forget(inode, count);
-        if let Some(v) = &self.versions {
-            v.forget(inode);
-        }
+        self.forgotten(inode, count);
         self.inner.forget(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(Inode, u64)>) {
         for &(inode, count) in &requests {
-            self.inodes.forget(inode, count);
-            if let Some(v) = &self.versions {
-                v.forget(inode);
-            }
+            self.forgotten(inode, count);
         }
         self.inner.batch_forget(ctx, requests)
     }
