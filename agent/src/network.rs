@@ -1,6 +1,6 @@
 //! The guest's interfaces set up as the pod's are on the host: each virtio-net device (found by
-//! the MAC the VMM gave it, which is the pod interface's) gets that interface's name, MTU and
-//! addresses; the pod's routes follow. Everything in the request is checked first, so a bad
+//! the MAC the VMM gave it: the pod interface's, or a snapshot's placeholder in a restored VM)
+//! gets that interface's MAC, name, MTU and addresses; the pod's routes follow. Everything in the request is checked first, so a bad
 //! request changes nothing.
 
 use std::net::IpAddr;
@@ -22,6 +22,8 @@ const MAX_ROUTES: usize = 256;
 pub struct Iface {
     pub name: String,
     pub mac: [u8; 6],
+    /// The MAC the device has now (`mac` unless the VM was restored from a snapshot).
+    pub device_mac: [u8; 6],
     pub mtu: u32,
     pub addresses: Vec<(IpAddr, u8)>,
 }
@@ -60,6 +62,15 @@ fn ip(what: &str, text: &str, prefix_len: u32) -> Result<(IpAddr, u8), AgentErro
     Ok((a, prefix_len as u8))
 }
 
+fn unicast_mac(name: &str, what: &str, bytes: &[u8]) -> Result<[u8; 6], AgentError> {
+    let mac: [u8; 6] =
+        bytes.try_into().map_err(|_| invalid(format!("interface {name}: {what} is not 6 bytes")))?;
+    if mac[0] & 1 != 0 || mac == [0; 6] {
+        return Err(invalid(format!("interface {name}: {what} is not a unicast address")));
+    }
+    Ok(mac)
+}
+
 /// Checks the request's network part.
 pub fn check(ifaces: &[pb::Interface], routes: &[pb::Route]) -> Result<(Vec<Iface>, Vec<Route>), AgentError> {
     if ifaces.len() > MAX_INTERFACES || routes.len() > MAX_ROUTES {
@@ -72,14 +83,9 @@ pub fn check(ifaces: &[pb::Interface], routes: &[pb::Route]) -> Result<(Vec<Ifac
     let mut out = Vec::new();
     for i in ifaces {
         ifname(&i.name)?;
-        let mac: [u8; 6] = i
-            .mac
-            .as_slice()
-            .try_into()
-            .map_err(|_| invalid(format!("interface {}: MAC is not 6 bytes", i.name)))?;
-        if mac[0] & 1 != 0 || mac == [0; 6] {
-            return Err(invalid(format!("interface {}: MAC is not a unicast address", i.name)));
-        }
+        let mac = unicast_mac(&i.name, "MAC", &i.mac)?;
+        let device_mac =
+            if i.device_mac.is_empty() { mac } else { unicast_mac(&i.name, "device MAC", &i.device_mac)? };
         if !(68..=65_535).contains(&i.mtu) {
             return Err(invalid(format!("interface {}: MTU {} is outside 68-65535", i.name, i.mtu)));
         }
@@ -91,10 +97,10 @@ pub fn check(ifaces: &[pb::Interface], routes: &[pb::Route]) -> Result<(Vec<Ifac
             .iter()
             .map(|a| ip("address", &a.address, a.prefix_len))
             .collect::<Result<Vec<_>, _>>()?;
-        if out.iter().any(|o: &Iface| o.name == i.name || o.mac == mac) {
+        if out.iter().any(|o: &Iface| o.name == i.name || o.mac == mac || o.device_mac == device_mac) {
             return Err(invalid(format!("interface {} named twice or its MAC used twice", i.name)));
         }
-        out.push(Iface { name: i.name.clone(), mac, mtu: i.mtu, addresses });
+        out.push(Iface { name: i.name.clone(), mac, device_mac, mtu: i.mtu, addresses });
     }
     let mut rs = Vec::new();
     for r in routes {
@@ -158,22 +164,28 @@ async fn configure_with(h: &Handle, ifaces: &[Iface], routes: &[Route]) -> Resul
             .map_err(netlink("lo up"))?;
     }
     let mut index = std::collections::HashMap::new();
+    // Every device is found before any changes its MAC: a pod MAC may be another device's
+    // placeholder.
+    let mut found = Vec::new();
     for i in ifaces {
-        let mac = i.mac.map(|b| format!("{b:02x}")).join(":");
-        let idx = link_by_mac(h, &i.mac).await?.ok_or_else(|| {
+        let mac = i.device_mac.map(|b| format!("{b:02x}")).join(":");
+        let idx = link_by_mac(h, &i.device_mac).await?.ok_or_else(|| {
             AgentError::NotFound(format!("no guest network device has MAC {mac} (for {})", i.name))
         })?;
+        found.push(idx);
+    }
+    for (i, idx) in ifaces.iter().zip(found) {
         // A link is renamed while down.
         h.link()
             .set(LinkUnspec::new_with_index(idx).down().build())
             .execute()
             .await
             .map_err(netlink("taking the link down"))?;
-        h.link()
-            .set(LinkUnspec::new_with_index(idx).name(i.name.clone()).mtu(i.mtu).build())
-            .execute()
-            .await
-            .map_err(netlink("naming the link"))?;
+        let mut set = LinkUnspec::new_with_index(idx).name(i.name.clone()).mtu(i.mtu);
+        if i.device_mac != i.mac {
+            set = set.address(i.mac.to_vec());
+        }
+        h.link().set(set.build()).execute().await.map_err(netlink("naming the link"))?;
         for (a, len) in &i.addresses {
             h.address().add(idx, *a, *len).execute().await.map_err(netlink("adding an address"))?;
         }
@@ -219,6 +231,7 @@ mod tests {
                 pb::IpAddress { address: "10.213.7.5".into(), prefix_len: 24 },
                 pb::IpAddress { address: "fd00:213::5".into(), prefix_len: 64 },
             ],
+            device_mac: vec![],
         }
     }
 
@@ -234,6 +247,11 @@ mod tests {
         };
         let (i, r) = check(&[iface("eth0", &MAC)], std::slice::from_ref(&route)).expect("good");
         assert_eq!(i[0].addresses.len(), 2);
+        assert_eq!(i[0].device_mac, MAC, "no device MAC: the device has the pod's");
+        let placeholder = [2, 0x68, 0x75, 0x73, 0x6b, 0];
+        let restored = pb::Interface { device_mac: placeholder.to_vec(), ..iface("eth0", &MAC) };
+        let (i, _) = check(std::slice::from_ref(&restored), &[]).expect("good");
+        assert_eq!((i[0].mac, i[0].device_mac), (MAC, placeholder));
         assert_eq!(r[0].gateway, Some("10.213.7.1".parse().unwrap()));
 
         let bad_ifaces = [
@@ -243,6 +261,8 @@ mod tests {
             iface("eth0", &[2, 0, 0]),
             iface("eth0", &[1, 0, 0, 0, 0, 1]),
             iface("eth0", &[0; 6]),
+            pb::Interface { device_mac: vec![2, 0], ..iface("eth0", &MAC) },
+            pb::Interface { device_mac: vec![1, 0, 0, 0, 0, 1], ..iface("eth0", &MAC) },
             pb::Interface { mtu: 10, ..iface("eth0", &MAC) },
             pb::Interface {
                 addresses: vec![pb::IpAddress { address: "10.0.0.300".into(), prefix_len: 8 }],
@@ -258,6 +278,12 @@ mod tests {
         }
         assert!(check(&[iface("eth0", &MAC), iface("eth0", &[2, 0, 0, 0, 0, 9])], &[]).is_err());
         assert!(check(&[iface("eth0", &MAC), iface("eth1", &MAC)], &[]).is_err());
+        // Two interfaces cannot name one device.
+        let on = |name: &str, mac: u8| pb::Interface {
+            device_mac: placeholder.to_vec(),
+            ..iface(name, &[2, 0, 0, 0, 0, mac])
+        };
+        assert!(check(&[on("eth0", 1), on("eth1", 2)], &[]).is_err());
         let bad_routes = [
             pb::Route { device: "eth9".into(), ..route.clone() },
             pb::Route { gateway: "fd00::1".into(), ..route.clone() },

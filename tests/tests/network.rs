@@ -6,11 +6,13 @@
 //! retransmits in the slow nested guest).
 //!
 //! Checked: published TCP and UDP ports on L1's 127.0.0.1 and the guest's CNI address, the
-//! guest reaching L1, 64 MiB each way byte for byte, 100 concurrent connections, `--net none`
+//! guest reaching L1, 64 MiB each way byte for byte, 100 concurrent connections, a sandbox
+//! restored from a snapshot prepared for one NIC (`husk snapshot prepare --nics 1`) with the
+//! pod's MAC in the guest, `--net none`
 //! (loopback only), CNI DEL for a sandbox whose `husk run` was SIGKILLed (through `husk delete
-//! --force`), and after each part: no husk-vmm, tap, veth, network namespace, host-local lease
-//! or iptables rule left. Everything stays inside L1: 10.77/16 and podman's 10.88/16 exist only
-//! on L1's bridges, and L1 has no other interface.
+//! --force`; that one boots cold), and after each part: no husk-vmm, tap, veth, network
+//! namespace, host-local lease or iptables rule left. Everything stays inside L1: 10.77/16 and
+//! podman's 10.88/16 exist only on L1's bridges, and L1 has no other interface.
 
 use std::path::Path;
 use std::time::Duration;
@@ -93,6 +95,7 @@ httpd -f -p 80 -h /www &
 husk-udp-echo 5353 &
 husk-tcp-hello 81 hello-from-guest &
 echo "@@G-IFACES $(ls /sys/class/net | tr '\n' ' ')"
+echo "@@G-MAC $(cat /sys/class/net/eth0/address)"
 ip -o -4 addr show eth0 | sed 's/^/@@G-ADDR /'
 ip route | sed 's/^/@@G-ROUTE /'
 echo "@@G-HELLO $(wget -q -O - http://10.77.0.1:8089/hello 2>&1)"
@@ -111,6 +114,10 @@ until_ok 120 grep -q '^@@SERVE-READY' /var/serve.out || { echo "@@SERVE FAIL not
 L1SUM=$(sed -n 's/^@@SERVE-READY sha256=//p' /var/serve.out)
 
 echo "=== husk run"
+# Snapshots for one pod interface made ahead of time: the run starts from one of them.
+$H snapshot prepare --memory 512 --nics 1 > /var/prep.out 2>&1; echo "@@PREPARE-NICS-RC $?"
+grep -c ', 1 NIC)' /var/prep.out | sed 's/^/@@PREPARED-NICS /'; cat /var/prep.out
+$H snapshot ls | awk '$2 == "512M" { print $1 }' > /var/prepared.keys
 t run
 $H run --memory 512 -p 8080:80 -p 5353:5353/udp --rootfs /var/bb -- /bin/net-guest > /var/run1.out 2>&1 & run1=$!
 ready /var/run1.out $run1 300 || echo "@@RUN1 FAIL the guest did not get ready"
@@ -142,6 +149,14 @@ seen=$(ipt | grep -c "DNAT --to-destination ${gaddr:-none}:80")/$(ls /sys/class/
 seen=$seen/$(ls /run/husk/netns | grep -c .)/$(ls /var/lib/cni/networks/*/ | grep -c "^${gaddr:-none}$")
 if [ "$seen" = 1/1/1/1 ]; then echo "@@RUN-STATE-VISIBLE ok"
 else echo "@@RUN-STATE-VISIBLE FAIL DNAT rules/veths/husk netns/leases: $seen"; ipt | grep -v ' :'; fi
+# The sandbox started from a prepared snapshot for one pod interface (it made none of its own),
+# and the guest's link has the pod interface's MAC, not the snapshot's placeholder.
+nics=$($H snapshot ls | awk '$2 == "512M" { print $5 }' | tr '\n' ' ')
+if [ "$nics" = "1 1 " ] && $H snapshot ls | awk '$2 == "512M" { print $1 }' | cmp -s - /var/prepared.keys
+then echo "@@NET-SNAPSHOT ok"; else echo "@@NET-SNAPSHOT FAIL 512M snapshots' NICS: '$nics'"; $H snapshot ls; cat /var/prepared.keys; fi
+podmac=$(nsenter --net=/run/husk/netns/$(ls /run/husk/netns | head -n 1) ip -o link show eth0 | sed -n 's#.*link/ether \([0-9a-f:]*\) .*#\1#p')
+gmac=$(sed -n 's/^@@G-MAC //p' /var/run1.out)
+if [ -n "$podmac" ] && [ "$gmac" = "$podmac" ]; then echo "@@POD-MAC ok"; else echo "@@POD-MAC FAIL guest $gmac, pod $podmac"; fi
 t stop
 stop $run1 RUN1
 t stopped
@@ -157,7 +172,8 @@ leftovers none
 
 echo "=== crash"
 t crash
-$H run --rootfs /var/bb -- sh -c 'ip -o -4 addr show eth0; echo "@@G-READY"; exec sleep 600' > /var/crash.out 2>&1 & cr=$!
+# Booted cold: a networked guest whose devices have the pod's MACs from the start.
+$H --no-snapshot run --rootfs /var/bb -- sh -c 'ip -o -4 addr show eth0; echo "@@G-READY"; exec sleep 600' > /var/crash.out 2>&1 & cr=$!
 ready /var/crash.out $cr 180 || { echo "@@CRASH FAIL the guest did not get ready:"; cat /var/crash.out; }
 ls /var/lib/cni/networks/*/ | grep -q '^10\.77\.' && echo "@@CRASH-LEASE-HELD"
 t crash-ready
@@ -230,6 +246,12 @@ fn husk_run_and_podman_on_cni_networks() {
         "@@GUEST-UDP ok",
         // Killed from outside by `husk kill`: 128 + SIGKILL.
         "@@RUN-STATE-VISIBLE ok",
+        // Restored from a snapshot with one (detached) NIC, given the pod's MAC by the agent.
+        "@@PREPARE-NICS-RC 0",
+        // One for OCI containers, one for `husk run`.
+        "@@PREPARED-NICS 2",
+        "@@NET-SNAPSHOT ok",
+        "@@POD-MAC ok",
         "@@RUN1-RC 137",
         "@@CLEAN-CHECKED run",
         // --net none: loopback only.

@@ -270,7 +270,7 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
         devices.push(Box::new(Vsock::new(v.guest_cid, v.uds_path.clone())));
     }
     for n in &cfg.net {
-        let tap = crate::devices::virtio::net::tap::Tap::open(&n.tap)?;
+        let tap = n.tap.as_deref().map(crate::devices::virtio::net::tap::Tap::open).transpose()?;
         let mac = n.mac.map(|m| m.0).unwrap_or_else(random_mac);
         devices.push(Box::new(crate::devices::virtio::net::Net::new(tap, mac, n.mtu)));
     }

@@ -49,7 +49,7 @@ pub enum ConfigError {
     Jail { path: PathBuf, reason: String },
     #[error("loopback_forward needs a vsock device and a listen_port other than 0")]
     LoopbackForward,
-    #[error("net {spec:?}: {reason} (expected tap=NAME[,mac=MAC][,mtu=N])")]
+    #[error("net {spec:?}: {reason} (expected tap=NAME or detached, then [,mac=MAC][,mtu=N])")]
     NetSpec { spec: String, reason: String },
     #[error("net device {tap:?}: {reason}")]
     Net { tap: String, reason: String },
@@ -280,11 +280,15 @@ impl<'de> Deserialize<'de> for MacAddr {
     }
 }
 
-/// A virtio-net device on a tap in husk-vmm's network namespace (created if absent).
+/// A virtio-net device on a tap in husk-vmm's network namespace (created if absent), or
+/// detached from any: what the guest sends is dropped and nothing arrives. A snapshot
+/// template's devices are detached, so every VM restored from it attaches a tap of its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    pub tap: String,
+    /// The tap's name; none: detached.
+    #[serde(default)]
+    pub tap: Option<String>,
     /// The guest interface's MAC; a random locally administered one when absent.
     #[serde(default)]
     pub mac: Option<MacAddr>,
@@ -295,11 +299,17 @@ pub struct NetConfig {
 
 impl std::str::FromStr for NetConfig {
     type Err = ConfigError;
-    /// `tap=NAME[,mac=MAC][,mtu=N]`
+    /// `tap=NAME[,mac=MAC][,mtu=N]` or `detached[,mac=MAC][,mtu=N]`
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let bad = |reason: String| ConfigError::NetSpec { spec: s.to_string(), reason };
-        let (mut tap, mut mac, mut mtu) = (None, None, None);
+        let (mut tap, mut mac, mut mtu, mut detached) = (None, None, None, false);
         for part in s.split(',') {
+            if part == "detached" {
+                if std::mem::replace(&mut detached, true) {
+                    return Err(bad("detached given twice".into()));
+                }
+                continue;
+            }
             let Some((key, value)) = part.split_once('=') else {
                 return Err(bad(format!("{part:?} is not KEY=VALUE")));
             };
@@ -315,14 +325,25 @@ impl std::str::FromStr for NetConfig {
                 return Err(bad(format!("{key} given twice")));
             }
         }
-        Ok(Self { tap: tap.ok_or_else(|| bad("tap= is missing".into()))?, mac, mtu })
+        match (tap, detached) {
+            (Some(_), true) => Err(bad("a device is on a tap or detached, not both".into())),
+            (None, false) => Err(bad("tap= (or detached) is missing".into())),
+            (tap, _) => Ok(Self { tap, mac, mtu }),
+        }
     }
 }
 
 impl NetConfig {
+    /// The tap's name, or "detached": how errors name the device.
+    pub fn label(&self) -> String {
+        self.tap.clone().unwrap_or_else(|| "detached".into())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
-        let err = |reason: String| ConfigError::Net { tap: self.tap.clone(), reason };
-        crate::devices::virtio::net::tap::check_name(&self.tap).map_err(|e| err(e.to_string()))?;
+        let err = |reason: String| ConfigError::Net { tap: self.label(), reason };
+        if let Some(tap) = &self.tap {
+            crate::devices::virtio::net::tap::check_name(tap).map_err(|e| err(e.to_string()))?;
+        }
         if let Some(m) = self.mac {
             if m.0[0] & 1 != 0 {
                 return Err(err(format!("MAC {m} is a multicast address")));
@@ -479,8 +500,8 @@ impl VmConfig {
         }
         for (i, n) in self.net.iter().enumerate() {
             n.validate()?;
-            if self.net[..i].iter().any(|o| o.tap == n.tap) {
-                return Err(ConfigError::Net { tap: n.tap.clone(), reason: "tap used twice".into() });
+            if n.tap.is_some() && self.net[..i].iter().any(|o| o.tap == n.tap) {
+                return Err(ConfigError::Net { tap: n.label(), reason: "tap used twice".into() });
             }
         }
         if let Some(f) = &self.loopback_forward {
@@ -585,7 +606,7 @@ mod tests {
     #[test]
     fn net_parse_and_validate() {
         let n: NetConfig = "tap=tap0,mac=02:00:0a:d5:07:02,mtu=1450".parse().unwrap();
-        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.tap.as_deref(), Some("tap0"));
         assert_eq!(n.mac, Some(MacAddr([2, 0, 0x0a, 0xd5, 7, 2])));
         assert_eq!(n.mtu, Some(1450));
         n.validate().unwrap();
@@ -600,9 +621,16 @@ mod tests {
             "tap=a,mac=02:00",
             "tap=a,mtu=x",
             "tap=a,x=1",
+            "tap=a,detached",
+            "detached,detached",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
         }
+        // Detached: no tap; any number of them, as a template has one per pod interface.
+        let d: NetConfig = "detached,mac=02:68:75:73:6b:00".parse().unwrap();
+        assert_eq!((d.tap.as_deref(), d.label().as_str()), (None, "detached"));
+        d.validate().unwrap();
+        assert_eq!(serde_json::from_str::<NetConfig>(&serde_json::to_string(&d).unwrap()).unwrap(), d);
         for bad in [
             "tap=a-name-too-long-16",
             "tap=a/b",
@@ -617,6 +645,8 @@ mod tests {
         let mut cfg = VmConfig::new(k.clone());
         cfg.net = vec!["tap=t0".parse().unwrap(), "tap=t0".parse().unwrap()];
         assert!(cfg.validate().unwrap_err().to_string().contains("tap used twice"));
+        cfg.net = vec!["detached".parse().unwrap(), "detached".parse().unwrap()];
+        cfg.validate().unwrap();
         assert!(VmConfig::from_json(r#"{"kernel":"/k","net":[{"tap":"t0","mac":"zz"}]}"#).is_err());
         std::fs::remove_file(k).unwrap();
     }

@@ -57,8 +57,8 @@ struct Cli {
     #[arg(long, value_name = "tag=TAG,path=DIR[,ro][,cache=never|auto|always]")]
     fs: Vec<String>,
     /// A virtio-net device on a tap in this process's network namespace (repeatable; created
-    /// when no such interface exists).
-    #[arg(long, value_name = "tap=NAME[,mac=MAC][,mtu=N]")]
+    /// when no such interface exists), or detached from any (a snapshot template's).
+    #[arg(long, value_name = "tap=NAME|detached[,mac=MAC][,mtu=N]")]
     net: Vec<String>,
     /// Confine the VMM in its own mount, IPC and UTS namespaces with this empty directory as
     /// its root (holding only the shares and the vsock socket's directory).

@@ -148,6 +148,9 @@ pub enum SnapshotCommand {
         /// vCPUs (default: the configured count).
         #[arg(long)]
         cpus: Option<u32>,
+        /// Pod network interfaces (CNI, `-p`, Kubernetes pods have one each); 0: none.
+        #[arg(long, default_value_t = 0)]
+        nics: usize,
     },
     /// List the snapshots kept.
     Ls,

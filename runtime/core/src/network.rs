@@ -130,6 +130,7 @@ impl Wired {
                     .iter()
                     .map(|(a, p)| pb::IpAddress { address: a.to_string(), prefix_len: (*p).into() })
                     .collect(),
+                device_mac: Vec::new(),
             })
             .collect();
         let routes = self

@@ -14,7 +14,6 @@ use containerd_shim::{api, Config, Error, Flags, StartOpts};
 use husk_core::config::Config as HuskConfig;
 use husk_core::state::StateDir;
 use husk_core::vm::husk_vmm::HuskVmm;
-use husk_core::vm::VmProcess;
 use husk_core::{Runtime, RuntimeError};
 
 use crate::events::{timestamp, Events};
@@ -94,7 +93,7 @@ impl Shim for HuskShim {
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, Error> {
         // The shim that served this container is gone (killed, say): what it held goes now.
         let rt = runtime(&self.namespace, None).map_err(other)?;
-        if let Err(e) = rt.delete(&self.id, true, VmProcess::default()).await {
+        if let Err(e) = rt.delete_abandoned(&self.id).await {
             eprintln!("husk shim: deleting {}: {e}", self.id);
         }
         let bundle = if self.bundle.is_empty() {

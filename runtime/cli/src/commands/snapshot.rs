@@ -1,6 +1,7 @@
 //! `husk snapshot prepare|ls|rm`: the VM snapshots sandboxes start from (see
 //! `husk_core::vm::snapshot`). They are made on first use anyway; `prepare` takes that cost
-//! ahead of time, for the shapes `husk run` and OCI containers use.
+//! ahead of time, for the shapes `husk run` and OCI containers use (with `--nics N`, those of
+//! sandboxes with N pod interfaces: CNI, `-p`, Kubernetes pods).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -18,7 +19,14 @@ pub async fn run(c: &SnapshotCommand) -> Result<ExitCode, CliError> {
     let cfg = Config::load()?;
     let root = cfg.snapshot_root();
     match c {
-        SnapshotCommand::Prepare { memory, cpus } => {
+        SnapshotCommand::Prepare { memory, cpus, nics } => {
+            if *nics > snapshot::MAX_NICS {
+                return Err(RuntimeError::InvalidArgument(format!(
+                    "--nics {nics}: at most {}",
+                    snapshot::MAX_NICS
+                ))
+                .into());
+            }
             let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
             let memory_mib = memory.unwrap_or(cfg.memory_mib);
             if !(husk_core::config::MIN_MEMORY_MIB..=husk_core::config::MAX_MEMORY_MIB as u32)
@@ -45,19 +53,27 @@ pub async fn run(c: &SnapshotCommand) -> Result<ExitCode, CliError> {
             }];
             for (what, shape) in [("OCI containers", oci), ("husk run", run)] {
                 let started = Instant::now();
-                let dir = snapshot::ensure(&cfg, &shape)
+                let dir = snapshot::ensure_with_nics(&cfg, &shape, *nics)
                     .await
-                    .map_err(|e| RuntimeError::Vm(format!("making the snapshot: {e}")))?
-                    .ok_or_else(|| RuntimeError::Internal("this shape takes no snapshot".into()))?;
+                    .map_err(|e| RuntimeError::Vm(format!("making the snapshot: {e}")))?;
                 out!(
-                    "{} ({what}, {memory_mib} MiB, {vcpus} vCPU): ready in {:.1} s",
+                    "{} ({what}, {memory_mib} MiB, {vcpus} vCPU, {nics} NIC): ready in {:.1} s",
                     dir.display(),
                     started.elapsed().as_secs_f64()
                 );
             }
         }
         SnapshotCommand::Ls => {
-            out!("{:<34} {:>8} {:>5} {:>7} {:<10} CREATED", "KEY", "MEMORY", "CPUS", "SHARES", "SIZE");
+            out!(
+                "{:<34} {:>8} {:>5} {:>7} {:>5} {:<10} {:>8} CREATED",
+                "KEY",
+                "MEMORY",
+                "CPUS",
+                "SHARES",
+                "NICS",
+                "SIZE",
+                "MADE IN"
+            );
             for (dir, meta) in snapshot::list(&root) {
                 let key = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 let size = std::fs::metadata(dir.join("memory")).map_or(0, |m| {
@@ -66,11 +82,13 @@ pub async fn run(c: &SnapshotCommand) -> Result<ExitCode, CliError> {
                 });
                 match meta {
                     Some(m) => out!(
-                        "{key:<34} {:>8} {:>5} {:>7} {:<10} {}",
+                        "{key:<34} {:>8} {:>5} {:>7} {:>5} {:<10} {:>8} {}",
                         format!("{}M", m.inputs.memory_mib),
                         m.inputs.vcpus,
                         m.inputs.shares.len() + 1,
+                        m.inputs.nics,
                         format!("{}M", size >> 20),
+                        format!("{:.1}s", m.prepare_ms as f64 / 1000.0),
                         m.created
                     ),
                     None => out!("{key:<34} (incomplete)"),

@@ -29,6 +29,8 @@ pub struct World {
     pub fail: HashSet<Step>,
     pub boots: usize,
     pub power_offs: usize,
+    /// VMs killed without a word to the guest.
+    pub kills: usize,
     /// Containers removed through the agent, in order.
     pub removed: Vec<String>,
     pub execs: Vec<String>,
@@ -248,6 +250,14 @@ impl Vms for Fake {
             Ok(self.clone())
         } else {
             Err(RuntimeError::Vm(format!("the VM of sandbox {} is not running", rec.id)))
+        }
+    }
+
+    async fn kill(&self, rec: &SandboxRecord) {
+        let mut w = self.world();
+        if w.running_vms.remove(&rec.id) {
+            w.kills += 1;
+            w.containers.clear();
         }
     }
 

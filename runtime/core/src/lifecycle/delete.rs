@@ -85,6 +85,19 @@ impl<V: Vms> Runtime<V> {
         Ok(())
     }
 
+    /// Deletes `id` after the process that served it (a shim) died. Nothing controls its VM any
+    /// more and the VM's other containers are lost with it, so the VM is killed first, without
+    /// a word to the guest; what is left is a force delete of a stopped container, bounded by
+    /// local work (containerd allows a dead shim's cleanup a few seconds).
+    pub async fn delete_abandoned(&self, id: &str) -> Result<(), RuntimeError> {
+        if let Ok(rec) = self.state.read_container(id) {
+            if let Ok(Some(vm)) = self.state.read_sandbox(&rec.sandbox_id) {
+                self.vms.kill(&vm).await;
+            }
+        }
+        self.delete(id, true, VmProcess::default()).await
+    }
+
     /// Whether `cid` is the only container its sandbox's record holds.
     fn is_last_container(&self, sid: &str, cid: &str) -> Result<bool, RuntimeError> {
         Ok(match self.state.read_sandbox(sid)? {

@@ -75,6 +75,16 @@ fn exec_opts(ignore_paused: bool) -> ExecOpts {
     }
 }
 
+/// The annotations CRI gives a pod's sandbox container.
+fn sandbox_of(pod: &str) -> serde_json::Value {
+    json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": pod}})
+}
+
+/// The annotations CRI gives a container of pod `pod`.
+fn member_of(pod: &str) -> serde_json::Value {
+    json!({"annotations": {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": pod}})
+}
+
 async fn status(f: &Fixture, id: &str) -> Status {
     let rec = f.rt.state.read_container(id).expect("record");
     f.rt.status(&rec).await.expect("status").0
@@ -169,16 +179,13 @@ async fn calls_in_the_wrong_state_are_refused() {
 #[tokio::test]
 async fn a_pod_member_needs_its_sandbox() {
     let f = Fixture::new("pod");
-    let member = json!({"annotations": {
-        "io.kubernetes.cri.container-type": "container",
-        "io.kubernetes.cri.sandbox-id": "pod1",
-    }});
+    let member = member_of("pod1");
     let e = f.rt.create("m1", &f.bundle(member.clone()), Fixture::opts()).await.expect_err("no sandbox");
     assert!(e.to_string().contains("sandbox pod1 does not exist"), "{e}");
     f.assert_gone("m1");
     f.assert_gone("pod1");
     // With its sandbox, both share one VM, which goes with the last of them.
-    let sb = json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod1"}});
+    let sb = sandbox_of("pod1");
     let held = f.rt.create("pod1", &f.bundle(sb), Fixture::opts()).await.expect("sandbox").expect("held");
     f.rt.create("m1", &f.bundle(member), Fixture::opts()).await.expect("member");
     assert_eq!(f.fake.world().boots, 1);
@@ -213,11 +220,8 @@ async fn a_running_last_container_is_stopped_in_the_guest_before_its_vm_goes() {
 #[tokio::test]
 async fn a_container_left_for_its_vm_is_removed_if_another_joined_meanwhile() {
     let f = Fixture::new("joined");
-    let sb = json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod3"}});
-    let member = json!({"annotations": {
-        "io.kubernetes.cri.container-type": "container",
-        "io.kubernetes.cri.sandbox-id": "pod3",
-    }});
+    let sb = sandbox_of("pod3");
+    let member = member_of("pod3");
     f.rt.create("pod3", &f.bundle(sb), Fixture::opts()).await.expect("sandbox");
     // m1 joins after pod3's delete found pod3 the last one and left it in the guest.
     f.rt.create("m1", &f.bundle(member), Fixture::opts()).await.expect("member");
@@ -273,6 +277,36 @@ async fn two_concurrent_deletes_of_one_container_both_succeed() {
     b.expect("second delete");
     assert_eq!(f.fake.world().power_offs, 1);
     f.assert_gone("c1");
+}
+
+/// A dead shim's `delete` of any member of a running pod kills the VM without a word to the
+/// guest; each member then deletes as stopped, and the last takes the sandbox's files.
+#[tokio::test]
+async fn a_dead_shims_delete_kills_the_vm_first_and_asks_the_guest_nothing() {
+    let f = Fixture::new("abandoned");
+    let sb = sandbox_of("pod4");
+    let member = member_of("pod4");
+    f.rt.create("pod4", &f.bundle(sb), Fixture::opts()).await.expect("sandbox");
+    f.rt.start("pod4").await.expect("start sandbox");
+    f.rt.create("m1", &f.bundle(member), Fixture::opts()).await.expect("member");
+    f.rt.start("m1").await.expect("start member");
+    f.rt.delete_abandoned("m1").await.expect("delete member");
+    {
+        let w = f.fake.world();
+        assert_eq!((w.kills, w.power_offs), (1, 0));
+        assert!(
+            w.removed.is_empty() && w.signals.is_empty(),
+            "the guest was asked: {:?} {:?}",
+            w.removed,
+            w.signals
+        );
+    }
+    assert!(!f.rt.state.container_dir("m1").exists());
+    f.rt.delete_abandoned("pod4").await.expect("delete sandbox");
+    assert_eq!(f.fake.world().kills, 1);
+    f.assert_gone("pod4");
+    // Again, for one already gone: as a retried delete.
+    f.rt.delete_abandoned("pod4").await.expect("delete again");
 }
 
 #[tokio::test]

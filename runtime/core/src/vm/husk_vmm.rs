@@ -93,8 +93,20 @@ pub struct HuskVmm {
     pub cfg: Config,
 }
 
+/// How a VM's virtio-net devices look to its guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Nics {
+    /// Each on its pod interface's tap, with that interface's MAC and MTU (a cold boot).
+    Own,
+    /// As a snapshot holds them, on the pod interfaces' taps: the placeholder MAC of each
+    /// device's place and no MTU. The agent gives the guest's links the pod's MACs and MTUs.
+    Snapshot,
+    /// A snapshot template's: this many devices with their placeholders, detached.
+    Template(usize),
+}
+
 /// husk-vmm's description of a sandbox VM whose vsock socket husk-vmm reaches as `vsock_arg`.
-pub(crate) fn vm_config(cfg: &Config, dir: &Path, shape: &VmShape, vsock_arg: &Path) -> VmConfig {
+pub(crate) fn vm_config(cfg: &Config, dir: &Path, shape: &VmShape, vsock_arg: &Path, nics: Nics) -> VmConfig {
     let jail =
         cfg.confinement.jail.then(|| JailConfig { root: dir.join("jail"), nofile: DEFAULT_JAIL_NOFILE });
     let mut fs = vec![FsShareConfig {
@@ -119,18 +131,8 @@ pub(crate) fn vm_config(cfg: &Config, dir: &Path, shape: &VmShape, vsock_arg: &P
         rng: true,
         fs,
         vsock: Some(VsockConfig { uds_path: vsock_arg.to_path_buf(), guest_cid: 3 }),
-        // The taps wired to the pod's interfaces, with their MACs: husk-vmm runs in that
-        // namespace (see `boot`).
-        net: shape
-            .network
-            .iter()
-            .flat_map(|w| &w.links)
-            .map(|l| NetConfig {
-                tap: l.tap.clone(),
-                mac: Some(MacAddr(l.mac)),
-                mtu: u16::try_from(l.mtu).ok(),
-            })
-            .collect(),
+        // The taps wired to the pod's interfaces: husk-vmm runs in that namespace (see `boot`).
+        net: net_devices(shape, nics),
         // The pod's loopback, which the REDIRECT rule sends to this listener, into the guest.
         loopback_forward: shape
             .network
@@ -139,6 +141,27 @@ pub(crate) fn vm_config(cfg: &Config, dir: &Path, shape: &VmShape, vsock_arg: &P
             .map(|listen_port| LoopbackForward { listen_port, guest_port: husk_proto::STDIO_PORT }),
         jail,
         seccomp: cfg.confinement.seccomp,
+    }
+}
+
+fn net_devices(shape: &VmShape, nics: Nics) -> Vec<NetConfig> {
+    let links = shape.network.iter().flat_map(|w| &w.links);
+    let placeholder = |i| Some(MacAddr(snapshot::placeholder_mac(i)));
+    match nics {
+        Nics::Own => links
+            .map(|l| NetConfig {
+                tap: Some(l.tap.clone()),
+                mac: Some(MacAddr(l.mac)),
+                mtu: u16::try_from(l.mtu).ok(),
+            })
+            .collect(),
+        Nics::Snapshot => links
+            .enumerate()
+            .map(|(i, l)| NetConfig { tap: Some(l.tap.clone()), mac: placeholder(i), mtu: None })
+            .collect(),
+        Nics::Template(n) => {
+            (0..n).map(|i| NetConfig { tap: None, mac: placeholder(i), mtu: None }).collect()
+        }
     }
 }
 
@@ -240,7 +263,13 @@ impl HuskVmm {
             shape.extra_shares.iter().map(|s| pb::Share { tag: s.tag.clone(), read_only: s.read_only }),
         );
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
-        let (interfaces, routes) = shape.network.as_ref().map(|w| w.to_proto()).unwrap_or_default();
+        let (mut interfaces, routes) = shape.network.as_ref().map(|w| w.to_proto()).unwrap_or_default();
+        if restored {
+            // Its devices have the snapshot's placeholder MACs (see `Nics::Snapshot`).
+            for (i, iface) in interfaces.iter_mut().enumerate() {
+                iface.device_mac = snapshot::placeholder_mac(i).to_vec();
+            }
+        }
         agent
             .create_sandbox(pb::CreateSandboxRequest {
                 hostname: shape.hostname.clone(),
@@ -321,7 +350,8 @@ impl HuskVmm {
         let (vsock_arg, vsock_dir) = uds::inherited_path(&vsock, VSOCK_DIR_FD)
             .map_err(RuntimeError::io(format!("vsock socket {}", vsock.display())))?;
         let config_path = dir.join("vm.json");
-        let json = serde_json::to_vec_pretty(&vm_config(cfg, &dir, shape, &vsock_arg))
+        let nics = if restore.is_some() { Nics::Snapshot } else { Nics::Own };
+        let json = serde_json::to_vec_pretty(&vm_config(cfg, &dir, shape, &vsock_arg, nics))
             .map_err(|e| RuntimeError::Internal(format!("encoding the VM config: {e}")))?;
         std::fs::write(&config_path, json)
             .map_err(RuntimeError::io(format!("writing {}", config_path.display())))?;
@@ -472,6 +502,20 @@ impl Vms for HuskVmm {
         Ok(agent)
     }
 
+    async fn kill(&self, rec: &SandboxRecord) {
+        forget_shared(rec);
+        if !procinfo::signal(rec.vmm_pid, rec.vmm_start, nix::sys::signal::Signal::SIGKILL) {
+            return;
+        }
+        tracing::info!("sandbox {}: its controller is gone; VM killed", rec.id);
+        // SIGKILL is not delayed by the guest: the kernel frees the VM within moments. A zombie
+        // (a parent that does not reap) already reads as gone.
+        let deadline = Instant::now() + EXIT_WAIT;
+        while self.alive(rec) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn power_off(&self, rec: &SandboxRecord, mut process: VmProcess) {
         let was_alive = self.alive(rec);
         let kept = shared(rec);
@@ -566,7 +610,8 @@ mod tests {
                 loopback_forward: Some(15327),
             }),
         };
-        let c = vm_config(&cfg, dir, &shape, Path::new("/proc/self/fd/3/vsock.sock"));
+        let vsock = Path::new("/proc/self/fd/3/vsock.sock");
+        let c = vm_config(&cfg, dir, &shape, vsock, Nics::Own);
         let text = serde_json::to_string(&c).expect("json");
         let back = VmConfig::from_json(&text).expect("husk-vmm parses it");
         assert_eq!(back, c);
@@ -575,8 +620,25 @@ mod tests {
         assert!(back.fs[1].read_only);
         assert_eq!((back.memory_mib, back.vcpus), (256, 2));
         assert_eq!(back.net.len(), 1);
-        assert_eq!((back.net[0].tap.as_str(), back.net[0].mtu), ("husk-tap0", Some(1450)));
+        let n = &back.net[0];
+        assert_eq!(
+            (n.tap.as_deref(), n.mac, n.mtu),
+            (Some("husk-tap0"), Some(MacAddr([2, 0, 10, 213, 7, 5])), Some(1450))
+        );
         let fwd = back.loopback_forward.expect("the pod's loopback is forwarded");
         assert_eq!((fwd.listen_port, fwd.guest_port), (15327, husk_proto::STDIO_PORT));
+
+        // From a snapshot: the pod's taps, the devices as the template had them. The template's
+        // devices are those with no tap, and its VM has no loopback of a pod to forward.
+        let restored = vm_config(&cfg, dir, &shape, vsock, Nics::Snapshot);
+        let template_shape = VmShape { network: None, ..shape.clone() };
+        let template = vm_config(&cfg, dir, &template_shape, vsock, Nics::Template(1));
+        let placeholder = Some(MacAddr(snapshot::placeholder_mac(0)));
+        let r = &restored.net[0];
+        assert_eq!((r.tap.as_deref(), r.mac, r.mtu), (Some("husk-tap0"), placeholder, None));
+        let t = &template.net[..];
+        assert_eq!(t, [NetConfig { tap: None, mac: placeholder, mtu: None }]);
+        assert!(template.loopback_forward.is_none());
+        assert!(restored.loopback_forward.is_some());
     }
 }

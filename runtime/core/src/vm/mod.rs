@@ -183,6 +183,10 @@ pub trait Vms: Send + Sync + 'static {
     /// Powers the VM off (or kills it) and waits for it to go. The caller holds the sandbox
     /// lock; the sandbox's files are the caller's to remove.
     fn power_off(&self, rec: &SandboxRecord, process: VmProcess) -> impl Future<Output = ()> + Send;
+
+    /// Kills the VM at once, without a word to the guest, and waits (briefly) for it to go:
+    /// for a VM whose controlling process died, where nothing in it is worth waiting for.
+    fn kill(&self, rec: &SandboxRecord) -> impl Future<Output = ()> + Send;
 }
 
 #[cfg(test)]

@@ -12,7 +12,9 @@
 //! no container ever ran in it: it holds only what husk shipped), waiting for its agent,
 //! closing that connection and asking the VMM over its control socket to save itself. Every
 //! restored VM then gets its own shares and socket (a virtio-fs session starts at mount).
-//! Networked sandboxes boot cold: their virtio-net MACs are fixed at probe.
+//! A networked sandbox's snapshot has one virtio-net device per pod interface, detached in the
+//! template and each with a placeholder MAC; a restored VM gets the pod's taps in their place,
+//! and its agent gives the guest's links the pod's MACs (see [`placeholder_mac`]).
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -74,6 +76,9 @@ pub struct KeyInputs {
     pub vcpus: u32,
     /// The extra shares' tags and whether each is read-only (the sandbox share is always there).
     pub shares: Vec<(String, bool)>,
+    /// virtio-net devices: one per pod interface.
+    #[serde(default)]
+    pub nics: usize,
     pub host_kernel: String,
     pub host_cpu: String,
 }
@@ -101,13 +106,26 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The most pod interfaces a snapshot is made for (the agent takes no more).
+pub const MAX_NICS: usize = 16;
+
 /// Whether a VM of `shape` can start from a snapshot at all.
 pub fn eligible(shape: &VmShape) -> bool {
-    shape.network.is_none()
+    nics(shape) <= MAX_NICS
 }
 
-/// The inputs of the snapshot a VM of `shape` would start from.
-pub fn key_inputs(cfg: &Config, shape: &VmShape) -> Result<KeyInputs, SnapshotError> {
+fn nics(shape: &VmShape) -> usize {
+    shape.network.as_ref().map_or(0, |w| w.links.len())
+}
+
+/// The MAC a snapshot's `i`th virtio-net device has in its guest until the agent gives the
+/// link its pod interface's (locally administered: "husk" and the device's place).
+pub fn placeholder_mac(i: usize) -> [u8; 6] {
+    [0x02, 0x68, 0x75, 0x73, 0x6b, i as u8]
+}
+
+/// The inputs of the snapshot a VM of `shape` with `nics` virtio-net devices would start from.
+fn key_inputs(cfg: &Config, shape: &VmShape, nics: usize) -> Result<KeyInputs, SnapshotError> {
     let digests = DigestCache::new(&cfg.snapshot_root());
     Ok(KeyInputs {
         format: CACHE_FORMAT,
@@ -118,6 +136,7 @@ pub fn key_inputs(cfg: &Config, shape: &VmShape) -> Result<KeyInputs, SnapshotEr
         memory_mib: shape.memory_mib,
         vcpus: shape.vcpus,
         shares: shape.extra_shares.iter().map(|s| (s.tag.clone(), s.read_only)).collect(),
+        nics,
         host_kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().into(),
         host_cpu: host_cpu(),
     })
@@ -237,13 +256,14 @@ pub fn remove_all(root: &Path) -> usize {
 /// again (an upgrade). Entries for other command lines or shapes are still in use and stay.
 fn superseded(root: &Path, new: &Meta) -> Vec<PathBuf> {
     let same_use = |i: &KeyInputs| {
-        (i.format, &i.cmdline, i.memory_mib, i.vcpus, &i.shares)
+        (i.format, &i.cmdline, i.memory_mib, i.vcpus, &i.shares, i.nics)
             == (
                 new.inputs.format,
                 &new.inputs.cmdline,
                 new.inputs.memory_mib,
                 new.inputs.vcpus,
                 &new.inputs.shares,
+                new.inputs.nics,
             )
     };
     list(root)
@@ -280,11 +300,20 @@ pub async fn ensure(cfg: &Config, shape: &VmShape) -> Result<Option<PathBuf>, Sn
     if !eligible(shape) {
         return Ok(None);
     }
+    ensure_with_nics(cfg, shape, nics(shape)).await.map(Some)
+}
+
+/// The snapshot for VMs of `shape` (its own network aside) with `nics` pod interfaces, as
+/// [`ensure`] finds or makes it; for making one ahead of time (`husk snapshot prepare`).
+pub async fn ensure_with_nics(cfg: &Config, shape: &VmShape, nics: usize) -> Result<PathBuf, SnapshotError> {
+    if nics > MAX_NICS {
+        return Err(SnapshotError::Template(format!("{nics} network devices: at most {MAX_NICS}")));
+    }
     let root = cfg.snapshot_root();
-    let inputs = key_inputs(cfg, shape)?;
+    let inputs = key_inputs(cfg, shape, nics)?;
     let key = inputs.key();
     if let Some(dir) = lookup(&root, &key) {
-        return Ok(Some(dir));
+        return Ok(dir);
     }
     // One maker per key; the others wait and then use what it made.
     let locks = root.join("locks");
@@ -300,11 +329,11 @@ pub async fn ensure(cfg: &Config, shape: &VmShape) -> Result<Option<PathBuf>, Sn
     .await
     .map_err(|e| SnapshotError::Template(format!("lock task: {e}")))??;
     if let Some(dir) = lookup(&root, &key) {
-        return Ok(Some(dir));
+        return Ok(dir);
     }
     let made = make(cfg, shape, &root, &key, inputs).await;
     drop(lock);
-    made.map(Some)
+    made
 }
 
 /// Boots a template VM of `shape`, waits for its agent, snapshots it into `<root>/<key>`.
@@ -334,7 +363,7 @@ async fn make(
             mkdirs(&path).map(|()| ExtraShare { tag: s.tag.clone(), path, read_only: s.read_only })
         })
         .collect::<Result<_, _>>()?;
-    let result = run_template(cfg, &template, &work, &snap, key).await;
+    let result = run_template(cfg, &template, inputs.nics, &work, &snap, key).await;
     let out = match result {
         Ok(()) => {
             let meta = Meta {
@@ -364,6 +393,7 @@ async fn make(
 async fn run_template(
     cfg: &Config,
     shape: &VmShape,
+    nics: usize,
     work: &Path,
     snap: &Path,
     key: &str,
@@ -378,7 +408,8 @@ async fn run_template(
         let at = |n: &str| uds::via_fd(WORK_DIR_FD, OsStr::new(n));
         (Some(fd), at("vsock.sock"), at("control.sock"))
     };
-    let mut vm = super::husk_vmm::vm_config(cfg, work, shape, &vsock_arg);
+    let mut vm =
+        super::husk_vmm::vm_config(cfg, work, shape, &vsock_arg, super::husk_vmm::Nics::Template(nics));
     // The template runs only what husk shipped, briefly, in a directory of its own.
     vm.jail = None;
     let config_path = work.join("vm.json");
@@ -501,6 +532,7 @@ mod tests {
             memory_mib: 256,
             vcpus: 1,
             shares: vec![],
+            nics: 0,
             host_kernel: "6.1".into(),
             host_cpu: "x".into(),
         }
@@ -513,7 +545,7 @@ mod tests {
         assert_eq!(k.len(), 32);
         assert_eq!(k, inputs().key(), "the key is stable");
         type Change = fn(&mut KeyInputs);
-        let changes: [Change; 9] = [
+        let changes: [Change; 10] = [
             |i| i.kernel_sha256 = "d".repeat(64),
             |i| i.initramfs_sha256 = "d".repeat(64),
             |i| i.vmm_sha256 = "d".repeat(64),
@@ -521,6 +553,7 @@ mod tests {
             |i| i.memory_mib = 512,
             |i| i.vcpus = 2,
             |i| i.shares.push(("vol".into(), true)),
+            |i| i.nics = 1,
             |i| i.host_kernel = "6.2".into(),
             |i| i.host_cpu = "y".into(),
         ];

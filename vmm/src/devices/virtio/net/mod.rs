@@ -52,16 +52,26 @@ pub trait Backend {
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
 }
 
-/// A shared tap: the device keeps it across resets while a worker uses it.
+/// What a device's frames go through: a tap it shares with its worker (the device keeps it
+/// across resets), or nothing (detached: what the guest sends is dropped, nothing arrives).
 #[derive(Debug, Clone)]
-struct SharedTap(Arc<Tap>);
+enum Wire {
+    Tap(Arc<Tap>),
+    Detached,
+}
 
-impl Backend for SharedTap {
+impl Backend for Wire {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        self.0.recv(buf)
+        match self {
+            Self::Tap(t) => t.recv(buf),
+            Self::Detached => Ok(None),
+        }
     }
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        self.0.send(frame)
+        match self {
+            Self::Tap(t) => t.send(frame),
+            Self::Detached => Ok(()),
+        }
     }
 }
 
@@ -124,15 +134,17 @@ pub fn tap_offloads(acked: u64) -> libc::c_uint {
 
 #[derive(Debug)]
 pub struct Net {
-    tap: Arc<Tap>,
+    wire: Wire,
     mac: [u8; 6],
     mtu: Option<u16>,
     worker: Worker,
 }
 
 impl Net {
-    pub fn new(tap: Tap, mac: [u8; 6], mtu: Option<u16>) -> Self {
-        Self { tap: Arc::new(tap), mac, mtu, worker: Worker::new("virtio-net", ThreadKind::VirtioNet) }
+    /// A device on `tap`, or detached without one.
+    pub fn new(tap: Option<Tap>, mac: [u8; 6], mtu: Option<u16>) -> Self {
+        let wire = tap.map_or(Wire::Detached, |t| Wire::Tap(Arc::new(t)));
+        Self { wire, mac, mtu, worker: Worker::new("virtio-net", ThreadKind::VirtioNet) }
     }
 
     /// mac, status, max_virtqueue_pairs, mtu (spec 5.1.4).
@@ -235,7 +247,7 @@ fn kick_on_next_post(q: &mut Queue, mem: &GuestMem, seen: u16) -> bool {
     q.avail_idx(mem, Ordering::Acquire).is_ok_and(|i| i.0 != seen)
 }
 
-fn run_worker(mut ctx: ActivateContext, tap: SharedTap, kill: EventFd) {
+fn run_worker(mut ctx: ActivateContext, tap: Wire, kill: EventFd) {
     let acked = ctx.acked_features;
     let event_idx = acked & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
     let (Some(mut txq), Some(mut rxq)) = (ctx.queues.pop(), ctx.queues.pop()) else { return };
@@ -257,13 +269,14 @@ fn run_worker(mut ctx: ActivateContext, tap: SharedTap, kill: EventFd) {
         Ok(e) => e,
         Err(e) => return tracing::error!("virtio-net: epoll: {e}"),
     };
-    let tap_fd = w.tap.0.as_raw_fd();
-    let fds = [
+    let mut fds = vec![
         (ctx.queue_evts[RXQ].as_raw_fd(), TOKEN_RXQ, EventSet::IN),
         (ctx.queue_evts[TXQ].as_raw_fd(), TOKEN_TXQ, EventSet::IN),
-        (tap_fd, TOKEN_TAP, EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED),
         (kill.as_raw_fd(), TOKEN_KILL, EventSet::IN),
     ];
+    if let Wire::Tap(t) = &w.tap {
+        fds.push((t.as_raw_fd(), TOKEN_TAP, EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED));
+    }
     for (fd, token, set) in fds {
         if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(set, token)) {
             return tracing::error!("virtio-net: epoll_ctl: {e}");
@@ -341,14 +354,16 @@ impl VirtioDevice for Net {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         check_queue_count(&ctx, QUEUE_SIZES.len())?;
         self.reset();
-        let tap = SharedTap(self.tap.clone());
+        let wire = self.wire.clone();
         // On the worker: the vCPU thread that activates us may not make tap ioctls.
         self.worker.start(move |kill| {
-            if let Err(e) = tap.0.set_offload(tap_offloads(ctx.acked_features)) {
-                tracing::error!("virtio-net: tap offloads: {e}; the device stays idle");
-                return;
+            if let Wire::Tap(t) = &wire {
+                if let Err(e) = t.set_offload(tap_offloads(ctx.acked_features)) {
+                    tracing::error!("virtio-net: tap offloads: {e}; the device stays idle");
+                    return;
+                }
             }
-            run_worker(ctx, tap, kill)
+            run_worker(ctx, wire, kill)
         })
     }
 

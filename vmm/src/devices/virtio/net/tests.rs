@@ -272,6 +272,26 @@ fn rx_runt_frames_from_the_host_are_dropped() {
 }
 
 #[test]
+fn a_detached_device_completes_what_the_guest_sends_and_receives_nothing() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, 16);
+    guest_frame(&m, 0x10_0000, NetHdr::default(), 60);
+    vq.build_desc_chain(&[desc(0x10_0000, 72, 0, 0)]).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut wire = Wire::Detached;
+    // The guest gets its buffer back (a full TX ring would stall it); the frame goes nowhere.
+    let out = process_tx(&mut q, &m, &mut wire, ALL, &mut Vec::new());
+    assert_eq!((out.completed, out.dropped, out.blocked), (1, 0, false));
+    assert_eq!(used_lens(&vq), vec![0]);
+    let mut buf = [0u8; 64];
+    assert!(matches!(wire.recv(&mut buf), Ok(None)));
+    // A detached device looks to the guest like any other: same features and config.
+    let d = Net::new(None, [2, 0x68, 0x75, 0x73, 0x6b, 0], None);
+    assert_eq!(d.avail_features(), features(None));
+    assert_eq!(&d.config()[..6], &[2, 0x68, 0x75, 0x73, 0x6b, 0]);
+}
+
+#[test]
 fn features_config_and_offloads() {
     let dev_features = features(Some(1400));
     assert!(dev_features & bit(VIRTIO_NET_F_MTU) != 0);
