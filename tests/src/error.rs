@@ -37,9 +37,9 @@ pub enum TestHostError {
     #[error("writing the L1 initramfs: {0}")]
     Cpio(#[from] CpioError),
 
-    /// L1 printed nothing for `after` (see `Job::stall_after`); QEMU was killed.
-    #[error("the test host stalled: no output for {after:?}\n--- L1 console (tail) ---\n{console_tail}\n--- job output (tail) ---\n{output_tail}")]
-    Stalled { after: Duration, console_tail: String, output_tail: String },
+    /// L1 stopped (see `Job::stall_after`): `how` says what showed it; QEMU was killed.
+    #[error("the test host stalled: {how}\n--- L1 console (tail) ---\n{console_tail}\n--- job output (tail) ---\n{output_tail}")]
+    Stalled { how: String, console_tail: String, output_tail: String },
 
     /// The job did not finish in time; QEMU (or the local shell) was killed.
     #[error("job timed out after {after:?}\n--- L1 console (tail) ---\n{console_tail}\n--- job output (tail) ---\n{output_tail}")]

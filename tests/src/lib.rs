@@ -19,6 +19,7 @@ pub mod artifacts;
 pub mod error;
 pub mod initramfs;
 pub mod l1_assets;
+pub mod l1_kick;
 pub mod testhost;
 
 pub use error::TestHostError;

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use crate::error::TestHostError;
 use crate::initramfs::{which, Initramfs};
 use crate::l1_assets::{l1_assets, tail, EXTRA_MODULES, KVM_MODULES};
+use crate::l1_kick;
 
 /// How tests get a real KVM on this machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,7 +118,8 @@ pub struct Job {
     pub cpus: u32,
     /// Nested mode: a job that prints nothing for this long (jobs with a watchdog print every
     /// 120 s) is taken as a stalled L1 (nested TCG now and then stops with its vCPU idle) and
-    /// run once more from a fresh boot; a second stall is an error.
+    /// run again from a fresh boot, as is any job whose QEMU uses no CPU at all even after a
+    /// kick (see [`KICK_AFTER`]); up to [`STALL_RERUNS`] times, and each run must pass whole.
     pub stall_after: Option<Duration>,
     /// Nested mode: load the networking modules (bridge, veth, tun, tc, netfilter; see
     /// `prepare-l1.sh`) before the script runs. A direct host is expected to autoload them.
@@ -207,16 +209,21 @@ pub fn run_job(job: &Job) -> Result<JobOutput, TestHostError> {
     }
     match kvm_mode() {
         KvmMode::Direct => run_direct(job),
-        KvmMode::Nested => match run_nested(job) {
-            Err(TestHostError::Stalled { after, output_tail, .. }) => {
-                eprintln!(
-                    "test host: no output for {after:?}, L1 stalled (a nested-TCG fault); running the job \
-                     again from a fresh boot. Output so far:\n{output_tail}"
-                );
-                run_nested(job)
+        KvmMode::Nested => {
+            let mut reruns = 0;
+            loop {
+                match run_nested(job) {
+                    Err(TestHostError::Stalled { how, output_tail, .. }) if reruns < STALL_RERUNS => {
+                        reruns += 1;
+                        eprintln!(
+                            "test host: L1 stalled ({how}; a nested-TCG fault); running the job again \
+                             from a fresh boot (#{reruns}). Output so far:\n{output_tail}"
+                        );
+                    }
+                    r => return r,
+                }
             }
-            r => r,
-        },
+        }
         KvmMode::Unavailable(reason) => Err(TestHostError::Unavailable(reason)),
     }
 }
@@ -257,7 +264,11 @@ fn run_direct(job: &Job) -> Result<JobOutput, TestHostError> {
 
 /// L1's kernel command line. `quiet` because every console byte costs emulated I/O;
 /// `mitigations=off` since nothing untrusted runs in L1 and TCG pays dearly for them.
-const L1_CMDLINE: &str = "console=ttyS0 panic=-1 quiet mitigations=off";
+/// `nohz=off highres=off` keep L1's LAPIC timer periodic: QEMU re-arms a periodic timer in its
+/// own timer callback, while a one-shot one is armed by the guest from the vCPU thread, and a
+/// lost arming or wake-up of that kind left stalled L1s halted with no timer due (see
+/// `l1_kick`); a periodic tick retries at the next one.
+const L1_CMDLINE: &str = "console=ttyS0 panic=-1 quiet mitigations=off nohz=off highres=off";
 
 const READY: &str = "@@HUSK-TESTHOST-READY ";
 const SETUP_FAILED: &str = "@@HUSK-TESTHOST-SETUP-FAILED ";
@@ -265,6 +276,11 @@ const EXIT: &str = "\n@@HUSK-TESTHOST-EXIT ";
 const END: &str = "@@\n";
 /// How long QEMU may take to power off after the trailer before it is killed.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+/// How long QEMU may use no CPU at all before its vCPU is kicked: a working L1 under TCG always
+/// uses some (its timers alone), and a kick of a healthy one is harmless.
+const KICK_AFTER: Duration = Duration::from_secs(30);
+/// How many times a stalled job is run again from a fresh boot.
+pub const STALL_RERUNS: u32 = 2;
 
 fn init_script(busybox: &str, net: bool) -> String {
     let mut modules = String::new();
@@ -360,6 +376,7 @@ fn run_nested(job: &Job) -> Result<JobOutput, TestHostError> {
     let console_path = tmp.path().join("console.log");
     let out_path = tmp.path().join("output");
     let stderr_path = tmp.path().join("qemu.stderr");
+    let qmp_path = tmp.path().join("qmp.sock");
     let qemu_stderr = File::create(&stderr_path).map_err(TestHostError::io("creating qemu.stderr"))?;
 
     // One L1 at a time: each is CPU-bound, and parallel ones only make all of them slower and
@@ -369,6 +386,8 @@ fn run_nested(job: &Job) -> Result<JobOutput, TestHostError> {
     let mut child = Command::new(&qemu)
         .args(["-M", "pc", "-nodefaults", "-no-user-config", "-vga", "none", "-display", "none"])
         .args(["-monitor", "none", "-no-reboot", "-accel", "tcg,thread=multi", "-cpu", "max"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
         .args(["-m", &job.mem_mib.to_string(), "-smp", &job.cpus.to_string()])
         .arg("-kernel")
         .arg(&assets.vmlinuz)
@@ -386,8 +405,28 @@ fn run_nested(job: &Job) -> Result<JobOutput, TestHostError> {
         .map_err(TestHostError::io(format!("spawning {}", qemu.display())))?;
 
     let mut trailer_at: Option<Instant> = None;
-    let (mut out_len, mut grew_at, mut stalled) = (0u64, Instant::now(), false);
+    let (mut out_len, mut grew_at) = (0u64, Instant::now());
+    let qemu_pid = child.id();
+    let (mut ticks, mut busy_at, mut kicked) = (None, Instant::now(), false);
+    let mut stall = None;
     let status = wait_with_timeout(&mut child, job.timeout, |now| {
+        // A QEMU that used no CPU for a while has a halted vCPU: kick it (see `l1_kick`); one
+        // that uses none after the kick either is stalled for good.
+        let t = l1_kick::cpu_ticks(qemu_pid);
+        if t != ticks {
+            if std::mem::take(&mut kicked) {
+                eprintln!("test host: QEMU runs again after the kick");
+            }
+            (ticks, busy_at) = (t, now);
+        } else if now.duration_since(busy_at) > KICK_AFTER && trailer_at.is_none() {
+            if kicked {
+                stall = Some(format!("QEMU used no CPU for {KICK_AFTER:?}, then as long after a kick"));
+                return true;
+            }
+            let ok = l1_kick::kick(&qmp_path);
+            eprintln!("test host: QEMU used no CPU for {KICK_AFTER:?}; vCPU kicked (accepted: {ok})");
+            (kicked, busy_at) = (true, now);
+        }
         // A wedged power-off must not turn a finished job into a timeout.
         if trailer_at.is_none() && has_trailer(&out_path) {
             trailer_at = Some(now);
@@ -397,16 +436,16 @@ fn run_nested(job: &Job) -> Result<JobOutput, TestHostError> {
             if len != out_len {
                 (out_len, grew_at) = (len, now);
             } else if trailer_at.is_none() && now.duration_since(grew_at) > limit {
-                stalled = true;
+                stall = Some(format!("no output for {limit:?}"));
                 return true;
             }
         }
         trailer_at.is_some_and(|t| now.duration_since(t) > POWEROFF_GRACE)
     })?;
-    if stalled {
+    if let Some(how) = stall {
         let output = String::from_utf8_lossy(&fs::read(&out_path).unwrap_or_default()).into_owned();
         return Err(TestHostError::Stalled {
-            after: job.stall_after.unwrap_or_default(),
+            how,
             console_tail: tail(&fs::read_to_string(&console_path).unwrap_or_default(), 20),
             output_tail: tail(&output, 30),
         });
