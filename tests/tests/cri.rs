@@ -1,9 +1,5 @@
 //! Kubernetes pods through containerd 1.6's CRI plugin with a `husk` runtime handler (the runc
-//! shim with `BinaryName` = husk, and husk's own shim), one test-host boot per shim. Through
-//! husk's shim every check runs; through the runc shim those whose path differs by front end
-//! (stdio FIFOs, exec, tty, ExecSync's timeout, the state root, an exec's seccomp profile): the
-//! rest is the core's and the agent's work, the same under both, and podman covers the OCI
-//! CLI on CNI networks (tests/network.rs). containerd keeps its own defaults
+//! shim with `BinaryName` = husk, and husk's own shim), one test-host boot per shim. containerd keeps its own defaults
 //! (root, state, socket, the runc shim's `--root`); a second handler has a state root of over
 //! 80 characters. A CRI client on the k8s-cri crate (husk-cri-probe) runs each check as its own
 //! pod, as kubelet would: the `FROM scratch` pause image, a read-only rootfs with a writable
@@ -113,7 +109,7 @@ echo "@@CLEAN-CHECKED"
 
 /// One test-host boot per shim: each is a few minutes, so a stalled L1 (see `Job::stall_after`)
 /// costs one part's rerun, not the whole suite's.
-fn run_part(part: &str, handlers: &str, scope: &str) -> Option<String> {
+fn run_part(part: &str, handlers: &str) -> Option<String> {
     let kit = RuntimeTestKit::find();
     let (kit, probe, pause) = match (kit, bin("husk-cri-probe"), guest_bin("husk-pause")) {
         (Ok(k), Ok(p), Ok(q)) => (k, p, q),
@@ -132,7 +128,7 @@ fn run_part(part: &str, handlers: &str, scope: &str) -> Option<String> {
         .replace("@BUSYBOX@", &d(&kit.busybox))
         .replace("@LONGROOT@", LONG_ROOT)
         .replace("@PART@", part)
-        .replace("@HANDLERS@", &format!("{handlers} {scope}"))
+        .replace("@HANDLERS@", handlers)
         .replace("@BINDIR@", &d(kit.shim.parent().unwrap_or(Path::new("/"))));
     assert!(LONG_ROOT.len() >= 80);
     let mut job = Job::new(script).timeout(Duration::from_secs(1200));
@@ -165,7 +161,7 @@ fn run_part(part: &str, handlers: &str, scope: &str) -> Option<String> {
     for check in ["@@CONTAINERD-UP", "@@IMAGES-WRITTEN", "@@IMAGES-IMPORTED", "@@CLEAN-CHECKED"] {
         assert!(o.contains(check), "expected {check}:\n{o}");
     }
-    let front_end = [
+    for check in [
         "@@PAUSE-POD ok",
         "@@READONLY ok",
         "@@NGINX-STDIO ok",
@@ -173,28 +169,30 @@ fn run_part(part: &str, handlers: &str, scope: &str) -> Option<String> {
         "@@EXEC-TTY ok",
         "@@NGINX-LOGS ok",
         "@@SECCOMP ok",
+        "@@SETUID ok",
+        "@@PROPAGATION ok",
+        "@@PID-MODES ok",
+        "@@VM-SIZE ok",
+        "@@POD-NET ok",
+        "@@PORTS ok",
         "@@PROBE-DONE",
-    ];
-    let core =
-        ["@@SETUID ok", "@@PROPAGATION ok", "@@PID-MODES ok", "@@VM-SIZE ok", "@@POD-NET ok", "@@PORTS ok"];
-    let all = scope == "all";
-    for check in front_end.iter().chain(core.iter().filter(|_| all)) {
+    ] {
         assert!(o.contains(check), "{part}: expected {check}:\n{o}");
     }
     Some(o)
 }
 
-/// The front-end checks through the runc shim with husk as its binary.
+/// The checks through the runc shim with husk as its binary (today's path).
 #[test]
 fn kubernetes_pods_through_containerd_cri_and_the_runc_shim() {
-    run_part("runc shim with husk", "husk husk-long", "front-end");
+    run_part("runc shim with husk", "husk husk-long");
 }
 
-/// Every check through husk's own shim, and the shim's own: one shim per pod, a killed shim,
-/// runtime options.
+/// The same checks through husk's own shim, and the shim's own: one shim per pod, a killed
+/// shim, runtime options.
 #[test]
 fn kubernetes_pods_through_containerd_cri_and_the_husk_shim() {
-    let Some(o) = run_part("husk shim", "husk-shim husk-shim", "all") else { return };
+    let Some(o) = run_part("husk shim", "husk-shim husk-shim") else { return };
     for check in ["@@SHIM-PER-POD ok", "@@SHIM-KILLED ok", "@@SHIM-OPTIONS ok"] {
         assert!(o.contains(check), "husk shim: expected {check}:\n{o}");
     }

@@ -4,9 +4,8 @@
 //! - `husk-cri-probe images OUTDIR PAUSE BUSYBOX` writes two image archives for `ctr images
 //!   import`: `husk.test/pause:1` (`FROM scratch`, only `/pause`) and `husk.test/bb:1` (busybox,
 //!   nginx-style log links to `/dev/stdout` and `/dev/stderr`, a setuid-root `/bin/suid-euid`).
-//! - `husk-cri-probe run SOCKET HANDLER LONG-ROOT-HANDLER all|front-end` runs each check (or
-//!   only those whose path differs by front end) as its own pod and prints
-//!   `@@<CHECK> ok (<s> s)` or `@@<CHECK> FAIL (<s> s) <why>`, then `@@PROBE-DONE`.
+//! - `husk-cri-probe run SOCKET HANDLER LONG-ROOT-HANDLER` runs each check as its own pod and
+//!   prints `@@<CHECK> ok (<s> s)` or `@@<CHECK> FAIL (<s> s) <why>`, then `@@PROBE-DONE`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -45,17 +44,14 @@ fn main() {
         Some("images") if args.len() == 5 => {
             images(Path::new(&args[2]), Path::new(&args[3]), Path::new(&args[4]))
         }
-        Some("run") if args.len() == 6 => match Scope::parse(&args[5]) {
-            Some(scope) => {
-                let _ = HANDLERS.set((args[3].clone(), args[4].clone()));
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(anyhow::Error::from)
-                    .and_then(|rt| rt.block_on(run(&args[2], scope)))
-            }
-            None => Err(anyhow!("run: SCOPE is all or front-end, not {:?}", args[5])),
-        },
+        Some("run") if args.len() == 5 => {
+            let _ = HANDLERS.set((args[3].clone(), args[4].clone()));
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(run(&args[2])))
+        }
         Some("bench") if args.len() >= 5 => match args[3].parse::<usize>() {
             Ok(n) => tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -66,7 +62,7 @@ fn main() {
         },
         _ => Err(anyhow!(
             "usage: husk-cri-probe images OUTDIR PAUSE BUSYBOX | run SOCKET HANDLER LONG-ROOT-HANDLER \
-             all|front-end | bench SOCKET N HANDLER..."
+             | bench SOCKET N HANDLER..."
         )),
     };
     if let Err(e) = r {
@@ -445,28 +441,7 @@ fn report(check: &str, r: Result<()>) {
     }
 }
 
-/// Which checks `run` makes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Scope {
-    /// Every check.
-    All,
-    /// Only those whose path differs by front end (how a shim hands over stdio, exec, a tty, a
-    /// state root, a seccomp profile of an exec): the rest is the core's and the agent's work,
-    /// the same under every front end, and is checked through husk's own shim.
-    FrontEnd,
-}
-
-impl Scope {
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "all" => Some(Self::All),
-            "front-end" => Some(Self::FrontEnd),
-            _ => None,
-        }
-    }
-}
-
-async fn run(socket: &str, scope: Scope) -> Result<()> {
+async fn run(socket: &str) -> Result<()> {
     let mut rt = connect(socket).await?;
     let v = rt.version(cri::VersionRequest::default()).await?.into_inner();
     println!("@@CRI-VERSION {} {}", v.runtime_name, v.runtime_version);
@@ -486,10 +461,6 @@ async fn run(socket: &str, scope: Scope) -> Result<()> {
     report("READONLY", readonly(&mut rt).await);
     report("NGINX-LOGS", nginx(&mut rt).await);
     report("SECCOMP", seccomp(&mut rt).await);
-    if scope == Scope::FrontEnd {
-        println!("@@PROBE-DONE");
-        return Ok(());
-    }
     report("SETUID", setuid(&mut rt).await);
     report("PROPAGATION", propagation(&mut rt).await);
     report("PID-MODES", pid_modes(&mut rt).await);
