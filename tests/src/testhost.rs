@@ -405,38 +405,24 @@ fn run_nested(job: &Job) -> Result<JobOutput, TestHostError> {
         .map_err(TestHostError::io(format!("spawning {}", qemu.display())))?;
 
     let mut trailer_at: Option<Instant> = None;
-    let (mut out_len, mut grew_at) = (0u64, Instant::now());
     let qemu_pid = child.id();
-    let (mut ticks, mut busy_at, mut kicked) = (None, Instant::now(), false);
+    let mut watch = l1_kick::StallWatch::new(Instant::now(), KICK_AFTER, job.stall_after);
     let mut stall = None;
     let status = wait_with_timeout(&mut child, job.timeout, |now| {
-        // A QEMU that used no CPU for a while has a halted vCPU: kick it (see `l1_kick`); one
-        // that uses none after the kick either is stalled for good.
-        let t = l1_kick::cpu_ticks(qemu_pid);
-        if t != ticks {
-            if std::mem::take(&mut kicked) {
-                eprintln!("test host: QEMU runs again after the kick");
-            }
-            (ticks, busy_at) = (t, now);
-        } else if now.duration_since(busy_at) > KICK_AFTER && trailer_at.is_none() {
-            if kicked {
-                stall = Some(format!("QEMU used no CPU for {KICK_AFTER:?}, then as long after a kick"));
-                return true;
-            }
-            let ok = l1_kick::kick(&qmp_path);
-            eprintln!("test host: QEMU used no CPU for {KICK_AFTER:?}; vCPU kicked (accepted: {ok})");
-            (kicked, busy_at) = (true, now);
-        }
         // A wedged power-off must not turn a finished job into a timeout.
         if trailer_at.is_none() && has_trailer(&out_path) {
             trailer_at = Some(now);
         }
-        if let Some(limit) = job.stall_after {
-            let len = fs::metadata(&out_path).map(|m| m.len()).unwrap_or(0);
-            if len != out_len {
-                (out_len, grew_at) = (len, now);
-            } else if trailer_at.is_none() && now.duration_since(grew_at) > limit {
-                stall = Some(format!("no output for {limit:?}"));
+        let out_len = fs::metadata(&out_path).map(|m| m.len()).unwrap_or(0);
+        match watch.observe(now, l1_kick::cpu_ticks(qemu_pid), out_len, trailer_at.is_some()) {
+            l1_kick::Verdict::Fine => {}
+            l1_kick::Verdict::Kick => {
+                let ok = l1_kick::kick(&qmp_path);
+                eprintln!("test host: QEMU used no CPU for {KICK_AFTER:?}; vCPU kicked (accepted: {ok})");
+            }
+            l1_kick::Verdict::Revived => eprintln!("test host: QEMU runs again after the kick"),
+            l1_kick::Verdict::Stalled(how) => {
+                stall = Some(how);
                 return true;
             }
         }

@@ -277,8 +277,9 @@ fn faults_converge_and_cycles_leak_nothing() {
         .replace("@BUSYBOX@", &d(&kit.busybox))
         .replace("@CYCLES@", &n.to_string())
         .replace("@ROUNDS@", &rounds.to_string());
-    // Nested, the whole default run took about 4 minutes (~30 VM boots); the limit leaves room
-    // for a slower host: 30 s per sequential cycle and 60 s per parallel round on top.
+    // Nested, the whole default run takes about 90 s (~30 VM boots; 4 minutes before L1 ran a
+    // periodic tick); the limit leaves room for a slower host: 30 s per sequential cycle and
+    // 60 s per parallel round on top.
     let secs = 1200 + 30 * n as u64 + 60 * rounds as u64;
     let mut job = Job::new(script).timeout(Duration::from_secs(secs));
     job.files.extend([&kit.husk, &kit.vmm, &kit.kernel, &kit.initrd, &kit.busybox].map(|p| p.to_path_buf()));
