@@ -182,6 +182,7 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
                 restore.as_ref().map(|(_, f)| std::os::fd::AsRawFd::as_raw_fd(f)).into_iter().collect();
             keep.extend(control.as_ref().map(|c| c.fds()).unwrap_or_default());
             let (built, c) = crate::jail::prepare(j, cfg, &keep)?;
+            crate::vmm::timing_point("jail prepared", crate::vmm::monotonic_ns());
             (jail, jailed) = (Some(built), c);
             &jailed
         }
@@ -199,6 +200,7 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
         None => {
             let mem = create_guest_memory(cfg.memory_mib)?;
             let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+            crate::vmm::timing_point("kernel loaded", crate::vmm::monotonic_ns());
             let initrd_max = match kernel.kind {
                 KernelKind::BzImage { header, .. } if header.initrd_addr_max != 0 => {
                     u64::from(header.initrd_addr_max)
@@ -210,6 +212,7 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
                 .as_ref()
                 .map(|p| boot::load_initrd(&mem, p, kernel.end, initrd_max))
                 .transpose()?;
+            crate::vmm::timing_point("initramfs loaded", crate::vmm::monotonic_ns());
             (mem, Some((kernel, initrd)))
         }
     };
@@ -301,6 +304,7 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
             return Err(SnapshotError::Invalid("serial state present without a serial console".into()).into());
         }
     }
+    crate::vmm::timing_point("devices made", crate::vmm::monotonic_ns());
     if let Some(j) = jail {
         j.enter()?;
         crate::vmm::timing_point("jail entered", crate::vmm::monotonic_ns());
