@@ -247,7 +247,7 @@ fn kick_on_next_post(q: &mut Queue, mem: &GuestMem, seen: u16) -> bool {
     q.avail_idx(mem, Ordering::Acquire).is_ok_and(|i| i.0 != seen)
 }
 
-fn run_worker(mut ctx: ActivateContext, tap: Wire, kill: EventFd) {
+fn run_worker(mut ctx: ActivateContext, wire: Wire, kill: EventFd) {
     let acked = ctx.acked_features;
     let event_idx = acked & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
     let (Some(mut txq), Some(mut rxq)) = (ctx.queues.pop(), ctx.queues.pop()) else { return };
@@ -257,7 +257,7 @@ fn run_worker(mut ctx: ActivateContext, tap: Wire, kill: EventFd) {
         mem: ctx.mem.clone(),
         rxq,
         txq,
-        tap,
+        tap: wire,
         offloads: tx_offloads(acked),
         mergeable: acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
         rx_frame: RxFrame::default(),
