@@ -119,6 +119,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Agent {
     cfg: Config,
     reaper: Arc<Reaper>,
+    /// Starts the container helpers (keeping one spare).
+    helpers: Arc<crate::spare::Helpers>,
     pub stdio: Arc<StdioRegistry>,
     oom: Arc<OomWatcher>,
     pub events: broadcast::Sender<Event>,
@@ -158,6 +160,7 @@ impl Agent {
         let oom = Arc::new(OomWatcher::new(events.clone())?);
         Ok(Self {
             cfg,
+            helpers: crate::spare::Helpers::new(reaper.clone()),
             reaper,
             stdio: Arc::default(),
             oom,
@@ -434,7 +437,7 @@ impl Agent {
             None
         };
         let (helper_stdio, stdin_copy) = streams.process_stdio()?;
-        let pid = oci::run(&self.reaper, op, helper_stdio).await;
+        let pid = self.helpers.run(op, helper_stdio).await;
         let _ = std::fs::remove_file(console);
         let pid = match pid {
             Ok(Some(pid)) => pid,
@@ -491,7 +494,7 @@ impl Agent {
         let delete = async {
             let null = StdioFds::null_triple()?;
             let op = Op::Delete { root: self.lc_root(), id: id.to_string(), force: true };
-            oci::run(&self.reaper, op, null).await
+            self.helpers.run(op, null).await
         };
         if let Err(e) = delete.await {
             tracing::warn!("container {id}: libcontainer delete: {e}");
@@ -511,8 +514,10 @@ impl Agent {
                 status_word(status)
             )));
         }
-        let null = StdioFds::null_triple()?;
-        oci::run(&self.reaper, Op::Start { root: self.lc_root(), id: id.to_string() }, null).await?;
+        let (root, owned_id) = (self.lc_root(), id.to_string());
+        tokio::task::spawn_blocking(move || oci::start(&root, &owned_id))
+            .await
+            .map_err(|e| AgentError::Internal(format!("start task: {e}")))??;
         c.started.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -540,8 +545,7 @@ impl Agent {
         self.oom.unwatch(id);
         let null = StdioFds::null_triple()?;
         if let Err(e) =
-            oci::run(&self.reaper, Op::Delete { root: self.lc_root(), id: id.to_string(), force: true }, null)
-                .await
+            self.helpers.run(Op::Delete { root: self.lc_root(), id: id.to_string(), force: true }, null).await
         {
             tracing::warn!("container {id}: libcontainer delete: {e}");
             // Its processes are dead already; its state must not block the id's next create.

@@ -4,7 +4,8 @@
 //!   (stdio streams); DestroySandbox powers the VM off.
 //! - `husk-agent serve --unix PATH --shares DIR`: host mode for tests, the same API on a Unix
 //!   socket that speaks the hybrid-vsock handshake, running containers on this host as root.
-//! - `husk-agent __oci OP`: internal, one libcontainer operation in a fresh process.
+//! - `husk-agent __oci OP`: internal, one libcontainer operation in a fresh process;
+//!   `husk-agent __oci-spare`: internal, the same, parked until the agent sends the op.
 
 mod agent;
 mod entropy;
@@ -19,6 +20,7 @@ mod procfs;
 mod reaper;
 mod rootfs;
 mod service;
+mod spare;
 mod stdio;
 mod tty;
 
@@ -63,8 +65,10 @@ enum Cli {
 
 fn main() {
     let mut args = std::env::args();
-    if args.nth(1).as_deref() == Some("__oci") {
-        oci::helper_main(&args.next().unwrap_or_default());
+    match args.nth(1).as_deref() {
+        Some("__oci") => oci::helper_main(&args.next().unwrap_or_default()),
+        Some("__oci-spare") => spare::park_main(),
+        _ => {}
     }
     if std::process::id() == 1 {
         guest_main();
@@ -141,6 +145,9 @@ fn serve(endpoint: Endpoint, cfg: Config, started_ns: u64) -> anyhow::Result<()>
                     tracing::error!("reaper: {e}");
                 }
             });
+        }
+        if guest {
+            network::loopback_up().await.context("guest loopback")?;
         }
         let agent = Arc::new(Agent::new(cfg, reaper)?);
         agent.init_started_ns.store(started_ns, Ordering::Relaxed);

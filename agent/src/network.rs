@@ -144,25 +144,46 @@ async fn link_by_mac(h: &Handle, mac: &[u8; 6]) -> Result<Option<u32>, AgentErro
 
 /// Configures the guest's links and routes (the agent is PID 1 in the guest's network
 /// namespace, which the containers' pod namespace is made from).
+/// Loopback up ([`loopback_up`] at boot) is all a sandbox without interfaces needs: no
+/// netlink connection then.
 pub async fn configure(ifaces: &[Iface], routes: &[Route]) -> Result<(), AgentError> {
+    if ifaces.is_empty() && routes.is_empty() {
+        return Ok(());
+    }
+    with_netlink(|h| async move { configure_with(&h, ifaces, routes).await }).await
+}
+
+/// Brings the guest's loopback up, once at boot, before the agent serves (so a VM snapshot
+/// holds it up): containers in the pod's network namespace share the VM's, whose loopback a
+/// pod needs (localhost between its containers).
+pub async fn loopback_up() -> Result<(), AgentError> {
+    with_netlink(|h| async move {
+        let mut lo = h.link().get().match_name("lo".into()).execute();
+        if let Some(l) = lo.try_next().await.map_err(netlink("finding lo"))? {
+            h.link()
+                .set(LinkUnspec::new_with_index(l.header.index).up().build())
+                .execute()
+                .await
+                .map_err(netlink("lo up"))?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+async fn with_netlink<F, Fut>(f: F) -> Result<(), AgentError>
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: std::future::Future<Output = Result<(), AgentError>>,
+{
     let (conn, h, _) = rtnetlink::new_connection().map_err(AgentError::io("netlink socket"))?;
     let conn = tokio::spawn(conn);
-    let r = configure_with(&h, ifaces, routes).await;
+    let r = f(h).await;
     conn.abort();
     r
 }
 
 async fn configure_with(h: &Handle, ifaces: &[Iface], routes: &[Route]) -> Result<(), AgentError> {
-    // Containers in the pod's network namespace share the VM's, whose loopback a pod needs
-    // (localhost between its containers).
-    let mut lo = h.link().get().match_name("lo".into()).execute();
-    if let Some(l) = lo.try_next().await.map_err(netlink("finding lo"))? {
-        h.link()
-            .set(LinkUnspec::new_with_index(l.header.index).up().build())
-            .execute()
-            .await
-            .map_err(netlink("lo up"))?;
-    }
     let mut index = std::collections::HashMap::new();
     // Every device is found before any changes its MAC: a pod MAC may be another device's
     // placeholder.

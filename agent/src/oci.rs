@@ -13,17 +13,17 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 
 use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::container::Container;
+use libcontainer::container::{Container, ContainerStatus};
+use libcontainer::notify_socket::NOTIFY_FILE;
 use libcontainer::syscall::syscall::SyscallType;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 
 use crate::confine::ConfinedExec;
 use crate::error::AgentError;
-use crate::reaper::{self, Reaper};
+use crate::reaper::{self, ExitWatch, Reaper};
 
 /// The fd the helper writes its one-line JSON report to.
 const REPORT_FD: i32 = 3;
@@ -51,10 +51,6 @@ pub enum Op {
         /// Bind mounts whose propagation the helper sets itself: (destination, mode).
         propagation: Vec<(PathBuf, String)>,
     },
-    Start {
-        root: PathBuf,
-        id: String,
-    },
     /// Runs the OCI process in `process_json` inside the running container.
     Exec {
         root: PathBuf,
@@ -78,10 +74,33 @@ struct Report {
     error: Option<String>,
 }
 
-/// Runs `op` in a helper with `stdio` as its fds 0–2; returns the PID it reports.
-pub async fn run(reaper: &Arc<Reaper>, op: Op, stdio: [OwnedFd; 3]) -> Result<Option<i32>, AgentError> {
-    let op_json =
-        serde_json::to_string(&op).map_err(|e| AgentError::Internal(format!("encoding op: {e}")))?;
+/// The fd a parked helper waits for its op on (see [`crate::spare`]).
+pub(crate) const CONTROL_FD: i32 = 5;
+
+impl Op {
+    pub(crate) fn encode(&self) -> Result<String, AgentError> {
+        serde_json::to_string(self).map_err(|e| AgentError::Internal(format!("encoding op: {e}")))
+    }
+}
+
+/// A helper started and not yet finished: its PID, its exit, and the read ends of its report
+/// and log pipes.
+pub(crate) struct Launched {
+    pub pid: i32,
+    exit: ExitWatch,
+    report: OwnedFd,
+    log: OwnedFd,
+}
+
+/// Starts `husk-agent ARGS` with `stdio` as its fds 0–2, its report and log pipes at
+/// [`REPORT_FD`] and [`LOG_FD`], and `control` (if any) at [`CONTROL_FD`]. It runs under the
+/// calling thread's scheduling policy.
+pub(crate) fn launch(
+    reaper: &Reaper,
+    args: &[&str],
+    stdio: [Stdio; 3],
+    control: Option<&OwnedFd>,
+) -> Result<Launched, AgentError> {
     // Not current_exe(): after init leaves the initramfs, the binary's path is unreachable, but
     // the magic link still execs the same file.
     let exe = "/proc/self/exe";
@@ -92,31 +111,48 @@ pub async fn run(reaper: &Arc<Reaper>, op: Op, stdio: [OwnedFd; 3]) -> Result<Op
     let [stdin, stdout, stderr] = stdio;
     let report_w_fd = report_w.as_raw_fd();
     let log_w_fd = log_w.as_raw_fd();
+    let control_fd = control.map(|c| c.as_raw_fd());
     let mut cmd = Command::new(exe);
-    cmd.arg("__oci")
-        .arg(&op_json)
-        .stdin(Stdio::from(stdin))
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr));
+    cmd.args(args).stdin(stdin).stdout(stdout).stderr(stderr);
     // SAFETY: dup2 is async-signal-safe; it runs between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(report_w_fd, REPORT_FD) < 0 || libc::dup2(log_w_fd, LOG_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            if let Some(fd) = control_fd {
+                if libc::dup2(fd, CONTROL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
     let child = cmd.spawn().map_err(AgentError::io("starting the container helper"))?;
-    tracing::debug!("helper {} runs {op_json}", child.id());
-    let exit = reaper.watch(child.id() as i32);
-    drop(report_w);
-    drop(log_w);
+    let pid = child.id() as i32;
+    let exit = reaper.watch(pid);
+    Ok(Launched { pid, exit, report: report_r, log: log_r })
+}
+
+/// Runs `op` in a fresh helper with `stdio` as its fds 0–2; returns the PID it reports.
+pub(crate) async fn run_fresh(
+    reaper: &Reaper,
+    op_json: &str,
+    stdio: [OwnedFd; 3],
+) -> Result<Option<i32>, AgentError> {
+    let launched = launch(reaper, &["__oci", op_json], stdio.map(Stdio::from), None)?;
+    tracing::debug!("helper {} runs {op_json}", launched.pid);
+    finish(launched).await
+}
+
+/// Waits for a launched helper's report; returns the PID it reports.
+pub(crate) async fn finish(helper: Launched) -> Result<Option<i32>, AgentError> {
+    let Launched { exit, report, log, .. } = helper;
     // The report line comes before the helper exits, but the container (which inherits the pipe
     // until it execs) may hold the write end much longer: never wait for EOF. A helper that dies
     // without reporting (killed, or aborted on a panic) is caught by its exit.
     let pipe =
-        tokio::net::unix::pipe::Receiver::from_owned_fd(report_r).map_err(AgentError::io("report pipe"))?;
+        tokio::net::unix::pipe::Receiver::from_owned_fd(report).map_err(AgentError::io("report pipe"))?;
     let mut reader = tokio::io::BufReader::new(pipe);
     let mut line = String::new();
     let status = tokio::select! {
@@ -136,7 +172,7 @@ pub async fn run(reaper: &Arc<Reaper>, op: Op, stdio: [OwnedFd; 3]) -> Result<Op
     match report.error {
         // Logged before the failure was reported, so in the pipe already; never wait for EOF
         // (a created container holds the pipe until it execs).
-        Some(e) => Err(AgentError::FailedPrecondition(with_cause(e, &drain(&log_r)))),
+        Some(e) => Err(AgentError::FailedPrecondition(with_cause(e, &drain(&log)))),
         None => Ok(report.pid),
     }
 }
@@ -204,6 +240,11 @@ fn init_error_log() {
 pub fn helper_main(op_json: &str) -> ! {
     init_error_log();
     let result = serde_json::from_str::<Op>(op_json).map_err(|e| format!("bad op: {e}")).and_then(perform);
+    finish_helper(result)
+}
+
+/// Writes the helper's report and exits.
+pub(crate) fn finish_helper(result: Result<Option<i32>, String>) -> ! {
     let report = match result {
         Ok(pid) => Report { pid, error: None },
         Err(error) => Report { pid: None, error: Some(error) },
@@ -219,22 +260,64 @@ pub fn helper_main(op_json: &str) -> ! {
 /// `HUSK_CMDLINE`) makes the helper SIGKILL itself at POINT, for container ID only if one is
 /// given, once per boot, so a test sees what a helper dying there leaves behind. Points:
 /// `oci-create` (before libcontainer builds the container), `oci-created` (after, before the
-/// report), `oci-start`, `oci-exec`, `oci-delete`. Without the parameter nothing changes.
+/// report), `oci-exec`, `oci-delete`; and `oci-start`, where the agent (which starts
+/// containers itself) fails the start instead. Without the parameter nothing changes.
 fn fault_point(point: &str, id: &str) {
-    let Ok(cmdline) = std::fs::read_to_string("/proc/cmdline") else { return };
+    if fault_fires(point, id) {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Whether the test hook names `point` (for `id`) and has not fired at it this boot yet.
+fn fault_fires(point: &str, id: &str) -> bool {
+    let Ok(cmdline) = std::fs::read_to_string("/proc/cmdline") else { return false };
     let Some(list) = cmdline.split_whitespace().find_map(|a| a.strip_prefix("husk.fault=")) else {
-        return;
+        return false;
     };
     let hit = list.split(',').find(|f| match f.split_once('@') {
         Some((p, i)) => p == point && i == id,
         None => *f == point,
     });
-    let Some(hit) = hit else { return };
+    let Some(hit) = hit else { return false };
     // Once per boot: a retry of the same step must be able to succeed.
     let marker = std::path::Path::new(FAULT_MARKER_DIR).join(format!("husk-fault-{hit}"));
-    if std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_ok() {
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_ok()
+}
+
+/// Starts created container `id` from the agent itself, without a helper: starting forks
+/// nothing (the host runs the OCI hooks; none reach the guest), and a helper's exec was most
+/// of a start's time. libcontainer's own `start` reaches the init's notify socket by changing
+/// the process's working directory, which a multithreaded agent must not do; this reaches it
+/// through a descriptor of the container's state directory (a short path, whatever the
+/// root's length). Blocking: call from a blocking thread.
+pub fn start(root: &std::path::Path, id: &str) -> Result<(), AgentError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let failed = |e: String| AgentError::FailedPrecondition(format!("starting container {id}: {e}"));
+    // Test hook: the start fails before the init hears of it (`oci-start`, see fault_point).
+    if fault_fires("oci-start", id) {
+        return Err(failed("fault injected at oci-start".into()));
     }
+    let dir = root.join(id);
+    let mut container = Container::load(dir.clone()).map_err(|e| failed(e.to_string()))?;
+    container.refresh_status().map_err(|e| failed(e.to_string()))?;
+    if !container.can_start() {
+        return Err(failed(format!("it is {}", container.status())));
+    }
+    let d = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(&dir)
+        .map_err(AgentError::io(format!("opening {}", dir.display())))?;
+    let sock = format!("/proc/self/fd/{}/{NOTIFY_FILE}", d.as_raw_fd());
+    // The init reads to end of stream: the connection closes when `s` drops.
+    let mut s = std::os::unix::net::UnixStream::connect(&sock)
+        .map_err(AgentError::io(format!("container {id}: connecting to its init")))?;
+    s.write_all(b"start container").map_err(AgentError::io(format!("container {id}: starting its init")))?;
+    drop(s);
+    container.set_status(ContainerStatus::Running).save().map_err(|e| failed(e.to_string()))?;
+    Ok(())
 }
 
 fn load(root: &std::path::Path, id: &str) -> Result<Container, String> {
@@ -266,11 +349,6 @@ fn perform(op: Op) -> Result<Option<i32>, String> {
                 }
             }
             Ok(pid)
-        }
-        Op::Start { root, id } => {
-            fault_point("oci-start", &id);
-            load(&root, &id)?.start().map_err(|e| format!("starting container {id}: {e}"))?;
-            Ok(None)
         }
         Op::Exec { root, id, process_json, console_socket, start } => {
             fault_point("oci-exec", &id);
