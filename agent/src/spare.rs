@@ -1,8 +1,8 @@
 //! A container helper started ahead of need ("spare"): exec'd and parked on a control socket
 //! until an op comes, so a request pays for neither the agent's fork nor the helper's exec and
 //! start (most of a create's fixed cost in a guest). The first spare starts with the agent, so
-//! a VM snapshot holds it parked; each one used is replaced by a new one started at
-//! `SCHED_IDLE`, which takes only CPU time nothing else wants. Without a spare (in use, still
+//! a VM snapshot holds it parked; each one used is replaced a little later by a new one
+//! started at `SCHED_IDLE`, which takes only CPU time nothing else wants. Without a spare (in use, still
 //! being replaced, or dead) a helper is started fresh, as before.
 //!
 //! A parked helper is a fresh single-threaded process like any helper (see [`crate::oci`]);
@@ -22,6 +22,11 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use crate::error::AgentError;
 use crate::oci::{self, Launched, Op, CONTROL_FD};
 use crate::reaper::Reaper;
+
+/// How long after a spare is taken its replacement starts: a sandbox that runs one short
+/// container is often gone by then, and its VM never spends CPU time on a spare it would not
+/// use; a pod's next container usually comes later than this.
+const REPLACE_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Longest op a parked helper takes (a spec with a large seccomp profile is tens of KiB).
 const MAX_OP: usize = 8 << 20;
@@ -88,7 +93,8 @@ impl Helpers {
         }
     }
 
-    /// Starts a new spare in the background at `SCHED_IDLE`, unless one is there or coming.
+    /// Starts a new spare in the background, [`REPLACE_DELAY`] later and at `SCHED_IDLE`, unless
+    /// one is there or coming.
     fn replace(self: &Arc<Self>) {
         if self.slot().is_some() || self.starting.swap(true, Ordering::SeqCst) {
             return;
@@ -101,6 +107,7 @@ impl Helpers {
             if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
                 tracing::debug!("SCHED_IDLE: {}", std::io::Error::last_os_error());
             }
+            std::thread::sleep(REPLACE_DELAY);
             match start_spare(&h.reaper) {
                 Ok(s) => {
                     let mut slot = h.slot();
