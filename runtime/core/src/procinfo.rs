@@ -35,6 +35,46 @@ pub fn signal(pid: i32, start: u64, signal: nix::sys::signal::Signal) -> bool {
     alive(pid, start) && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).is_ok()
 }
 
+/// Waits until the recorded process has exited (a zombie counts), at most `limit`; whether it
+/// has. Woken by the exit itself (a pidfd), not by polling.
+pub async fn wait_exit(pid: i32, start: u64, limit: std::time::Duration) -> bool {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if !alive(pid, start) {
+        return true;
+    }
+    // SAFETY: pidfd_open takes a PID and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        // Gone between the two looks (ESRCH), or no pidfd on this kernel: poll instead.
+        return poll_exit(pid, start, limit).await;
+    }
+    // SAFETY: a fresh fd from pidfd_open that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // The PID may have been reused before the pidfd was opened: it must still be the recorded one.
+    if !alive(pid, start) {
+        return true;
+    }
+    // SAFETY: `fd` is owned by the AsyncFd until it drops, and is never closed elsewhere.
+    match unsafe { tokio::io::unix::AsyncFd::register(fd) } {
+        Ok(afd) => match tokio::time::timeout(limit, afd.readable()).await {
+            Ok(_) => true,
+            Err(_) => !alive(pid, start),
+        },
+        Err(_) => poll_exit(pid, start, limit).await,
+    }
+}
+
+async fn poll_exit(pid: i32, start: u64, limit: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while alive(pid, start) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    true
+}
+
 /// The live processes (PID, start time) with `arg` as one of their command-line arguments: how
 /// a process that was started but never recorded (its starter killed in between) is found.
 pub fn with_arg(arg: &OsStr) -> Vec<(i32, u64)> {
@@ -62,6 +102,21 @@ pub fn cloexec_from_3() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_exit_is_seen_when_it_happens_and_a_live_process_times_out() {
+        let mut child = std::process::Command::new("sleep").arg("0.3").spawn().expect("sleep");
+        let pid = child.id() as i32;
+        let start = start_time(pid).expect("start time");
+        let t = std::time::Instant::now();
+        assert!(!wait_exit(pid, start, std::time::Duration::from_millis(50)).await, "still running");
+        assert!(wait_exit(pid, start, std::time::Duration::from_secs(10)).await);
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{:?}", t.elapsed());
+        // A zombie has exited; so has a PID recorded with another start time.
+        assert!(wait_exit(pid, start, std::time::Duration::ZERO).await);
+        child.wait().expect("reap");
+        assert!(wait_exit(std::process::id() as i32, 1, std::time::Duration::ZERO).await);
+    }
 
     #[test]
     fn parses_stat_with_odd_names() {

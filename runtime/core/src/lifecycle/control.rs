@@ -15,25 +15,22 @@ impl<V: Vms> Runtime<V> {
     pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         let (_lock, rec) = self.state.lock_container_async(id).await?;
         crate::timeline::mark("start: lock taken");
-        let (status, agent) = self.status(&rec).await?;
-        crate::timeline::mark("start: status read");
-        match (status, agent) {
-            (Status::Created, Some(a)) => {
-                crate::fault::point("start-before-agent");
-                a.start_container(id).await?;
-                crate::timeline::mark("container started");
-                crate::fault::point("start-after-agent");
-            }
-            (Status::Stopped, _) => {
-                return Err(RuntimeError::WrongState("cannot start a container that has stopped".into()))
-            }
-            (s, _) => {
-                return Err(RuntimeError::WrongState(format!(
-                    "cannot start an already {} container",
-                    s.as_str()
-                )))
-            }
+        let stopped = || RuntimeError::WrongState("cannot start a container that has stopped".into());
+        let a = self.vm_agent(&rec).await.ok_or_else(stopped)?;
+        crate::timeline::mark("start: agent reached");
+        crate::fault::point("start-before-agent");
+        // One request when all is well: the agent refuses to start a container that is not
+        // created, and only then is its state asked for (for runc's words).
+        if let Err(e) = a.start_container(id).await {
+            return Err(match a.container_status(id).await.ok().flatten().unwrap_or(Status::Stopped) {
+                // Created still: the start itself failed.
+                Status::Created => e.into(),
+                Status::Stopped => stopped(),
+                s => RuntimeError::WrongState(format!("cannot start an already {} container", s.as_str())),
+            });
         }
+        crate::timeline::mark("container started");
+        crate::fault::point("start-after-agent");
         let state = HookState {
             oci_version: OCI_VERSION,
             id,

@@ -83,21 +83,27 @@ impl<V: Vms> Runtime<V> {
     /// The container's status as its VM sees it; stopped when the VM (or the container in it)
     /// is gone or cannot be reached.
     pub async fn status(&self, rec: &ContainerRecord) -> Result<(Status, Option<V::Agent>), RuntimeError> {
-        let Ok(Some(srec)) = self.state.read_sandbox(&rec.sandbox_id) else {
+        let Some(agent) = self.vm_agent(rec).await else {
             return Ok((Status::Stopped, None));
-        };
-        if !self.vms.alive(&srec) {
-            return Ok((Status::Stopped, None));
-        }
-        let agent = match self.vms.connect(&srec, Calls::Bounded).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!("container {}: {e}", rec.id);
-                return Ok((Status::Stopped, None));
-            }
         };
         let status = agent.container_status(&rec.id).await?.unwrap_or(Status::Stopped);
         Ok((status, Some(agent)))
+    }
+
+    /// The agent of the container's VM; None when the VM is gone or does not answer (its
+    /// containers count as stopped).
+    async fn vm_agent(&self, rec: &ContainerRecord) -> Option<V::Agent> {
+        let srec = self.state.read_sandbox(&rec.sandbox_id).ok().flatten()?;
+        if !self.vms.alive(&srec) {
+            return None;
+        }
+        match self.vms.connect(&srec, Calls::Bounded).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!("container {}: {e}", rec.id);
+                None
+            }
+        }
     }
 
     /// Locks `id` and connects to its VM, requiring one of `allowed` states.

@@ -147,7 +147,12 @@ async fn calls_in_the_wrong_state_are_refused() {
     f.rt.create("c1", &b, Fixture::opts()).await.expect("create");
     assert!(matches!(f.rt.create("c1", &b, Fixture::opts()).await, Err(RuntimeError::Exists(_))));
     f.rt.start("c1").await.expect("start");
-    assert!(matches!(f.rt.start("c1").await, Err(RuntimeError::WrongState(_))));
+    // The agent refuses the second start; runc's words come from the state asked after.
+    let e = f.rt.start("c1").await.expect_err("running");
+    assert!(
+        matches!(&e, RuntimeError::WrongState(m) if m == "cannot start an already running container"),
+        "{e}"
+    );
     assert!(matches!(f.rt.kill("c1", 0, false).await, Err(RuntimeError::InvalidArgument(_))));
     assert!(matches!(f.rt.kill("c1", 65, false).await, Err(RuntimeError::InvalidArgument(_))));
     let e = f.rt.delete("c1", false, VmProcess::default()).await.expect_err("running").to_string();
@@ -164,7 +169,11 @@ async fn calls_in_the_wrong_state_are_refused() {
     assert!(e.contains("stopped"), "{e}");
     let e = f.rt.kill("c1", libc::SIGTERM, false).await.expect_err("stopped").to_string();
     assert_eq!(e, "container not running");
-    assert!(matches!(f.rt.start("c1").await, Err(RuntimeError::WrongState(_))));
+    let e = f.rt.start("c1").await.expect_err("stopped");
+    assert!(
+        matches!(&e, RuntimeError::WrongState(m) if m == "cannot start a container that has stopped"),
+        "{e}"
+    );
     f.rt.delete("c1", false, VmProcess::default()).await.expect("delete a stopped container");
     // Unknown ids.
     assert!(matches!(f.rt.start("nope").await, Err(RuntimeError::NotFound(_))));

@@ -510,13 +510,10 @@ impl Vms for HuskVmm {
         tracing::info!("sandbox {}: its controller is gone; VM killed", rec.id);
         // SIGKILL is not delayed by the guest: the kernel frees the VM within moments. A zombie
         // (a parent that does not reap) already reads as gone.
-        let deadline = Instant::now() + EXIT_WAIT;
-        while self.alive(rec) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        procinfo::wait_exit(rec.vmm_pid, rec.vmm_start, EXIT_WAIT).await;
     }
 
-    async fn power_off(&self, rec: &SandboxRecord, mut process: VmProcess) {
+    async fn power_off(&self, rec: &SandboxRecord, process: VmProcess) {
         let was_alive = self.alive(rec);
         let kept = shared(rec);
         forget_shared(rec);
@@ -546,10 +543,7 @@ impl Vms for HuskVmm {
             if destroyed {
                 procinfo::signal(rec.vmm_pid, rec.vmm_start, nix::sys::signal::Signal::SIGKILL);
             }
-            let deadline = Instant::now() + EXIT_WAIT;
-            while self.alive(rec) && Instant::now() < deadline && !process.exited() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            procinfo::wait_exit(rec.vmm_pid, rec.vmm_start, EXIT_WAIT).await;
             if !destroyed && procinfo::signal(rec.vmm_pid, rec.vmm_start, nix::sys::signal::Signal::SIGKILL) {
                 tracing::warn!("sandbox {}: husk-vmm did not exit after power-off; killed", rec.id);
             }
