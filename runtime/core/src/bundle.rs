@@ -139,9 +139,10 @@ pub fn to_guest(
     shared: &Path,
     peers: &HashMap<i32, u32>,
     bind_rootfs: bool,
+    starts_vm: bool,
 ) -> Result<GuestSpec, RuntimeError> {
     let mut done = Vec::new();
-    match to_guest_inner(bundle, cid, shared, peers, bind_rootfs, &mut done) {
+    match to_guest_inner(bundle, cid, shared, peers, bind_rootfs, starts_vm, &mut done) {
         Ok(mut g) => {
             g.host_mounts = done;
             Ok(g)
@@ -170,6 +171,7 @@ fn to_guest_inner(
     shared: &Path,
     peers: &HashMap<i32, u32>,
     bind_rootfs: bool,
+    starts_vm: bool,
     done: &mut Vec<PathBuf>,
 ) -> Result<GuestSpec, RuntimeError> {
     let mut spec = bundle.spec.clone();
@@ -234,6 +236,13 @@ fn to_guest_inner(
                     if guest.is_none() {
                         namespaces::validate(&ns)?;
                     }
+                    if ns.path().is_none() && ns.typ() == LinuxNamespaceType::Network && starts_vm {
+                        // A new network namespace for the container that starts the VM: the
+                        // VM's own holds nothing else either (only a loopback; its agent uses
+                        // vsock) and costs no namespace to make and tear down. Later members
+                        // that ask for one of their own still get it.
+                        guest = Some(PathBuf::from(GUEST_POD_NETNS));
+                    }
                     if ns.path().is_some() && guest.is_none() {
                         if ns.typ() == LinuxNamespaceType::Network {
                             // The pod's network namespace (CNI's) is wired to the VM, whose
@@ -290,7 +299,7 @@ mod tests {
         .expect("spec");
         let b = Bundle::from_spec(d.clone(), spec).expect("bundle");
         let peers = HashMap::from([(42, 7u32)]);
-        let g = to_guest(&b, "c1", &d.join("shared"), &peers, false).expect("guest spec");
+        let g = to_guest(&b, "c1", &d.join("shared"), &peers, false, false).expect("guest spec");
         let out: oci_spec::runtime::Spec = serde_json::from_slice(&g.spec_json).expect("json");
         let paths: Vec<(LinuxNamespaceType, Option<PathBuf>)> = out
             .linux()
@@ -309,6 +318,32 @@ mod tests {
                 (LinuxNamespaceType::Pid, None),
             ]
         );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_new_network_namespace_is_the_vms_own_for_the_container_that_starts_the_vm() {
+        let d = std::env::temp_dir().join(format!("husk-bundle-newns-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("rootfs")).expect("mkdir");
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "linux": {"namespaces": [{"type": "network"}, {"type": "pid"}]},
+        }))
+        .expect("spec");
+        let b = Bundle::from_spec(d.clone(), spec).expect("bundle");
+        let net_path = |starts_vm: bool| {
+            let g = to_guest(&b, "c1", &d.join("shared"), &HashMap::new(), false, starts_vm).expect("guest");
+            let out: oci_spec::runtime::Spec = serde_json::from_slice(&g.spec_json).expect("json");
+            let nss = out.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
+            assert_eq!(nss.len(), 2, "{nss:?}");
+            nss.into_iter().find(|n| n.typ() == LinuxNamespaceType::Network).and_then(|n| n.path().clone())
+        };
+        assert_eq!(net_path(true), Some(PathBuf::from(GUEST_POD_NETNS)));
+        // A later member of the VM that asks for its own network gets one.
+        assert_eq!(net_path(false), None);
         let _ = std::fs::remove_dir_all(&d);
     }
 

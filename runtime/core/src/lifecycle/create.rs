@@ -191,7 +191,8 @@ impl<V: Vms> Runtime<V> {
             .collect();
         let shared = share::shared_dir(&self.state, &sid);
         partial.share_dir = Some(shared.join(id));
-        let guest = bundle::to_guest(bundle, id, &shared, &peers, opts.rootfs_share.is_none())?;
+        let guest =
+            bundle::to_guest(bundle, id, &shared, &peers, opts.rootfs_share.is_none(), role.starts_vm())?;
         partial.mounts = guest.host_mounts.clone();
         let rootfs = match &opts.rootfs_share {
             Some((tag, path)) => pb::Rootfs { share_tag: tag.clone(), path: path.clone() },
