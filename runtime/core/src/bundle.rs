@@ -280,24 +280,33 @@ mod tests {
         assert_eq!(mount_rel(1, Path::new("/data/.hidden")), Path::new("mounts/1/.hidden"));
     }
 
-    #[test]
-    fn a_pod_network_namespace_becomes_the_vms_own() {
-        let d = std::env::temp_dir().join(format!("husk-bundle-ns-{}", std::process::id()));
+    /// A bundle in a fresh directory `name` whose spec has these namespaces.
+    fn bundle_with_namespaces(name: &str, namespaces: serde_json::Value) -> (PathBuf, Bundle) {
+        let d = std::env::temp_dir().join(format!("husk-bundle-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(d.join("rootfs")).expect("mkdir");
         let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
             "ociVersion": "1.0.2",
             "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
             "root": {"path": "rootfs"},
-            "linux": {"namespaces": [
+            "linux": {"namespaces": namespaces},
+        }))
+        .expect("spec");
+        let b = Bundle::from_spec(d.clone(), spec).expect("bundle");
+        (d, b)
+    }
+
+    #[test]
+    fn a_pod_network_namespace_becomes_the_vms_own() {
+        let (d, b) = bundle_with_namespaces(
+            "ns",
+            serde_json::json!([
                 {"type": "network", "path": "/proc/self/ns/net"},
                 {"type": "uts", "path": "/proc/self/ns/uts"},
                 {"type": "ipc", "path": "/proc/42/ns/ipc"},
                 {"type": "pid"},
-            ]},
-        }))
-        .expect("spec");
-        let b = Bundle::from_spec(d.clone(), spec).expect("bundle");
+            ]),
+        );
         let peers = HashMap::from([(42, 7u32)]);
         let g = to_guest(&b, "c1", &d.join("shared"), &peers, false, false).expect("guest spec");
         let out: oci_spec::runtime::Spec = serde_json::from_slice(&g.spec_json).expect("json");
@@ -323,17 +332,8 @@ mod tests {
 
     #[test]
     fn a_new_network_namespace_is_the_vms_own_for_the_container_that_starts_the_vm() {
-        let d = std::env::temp_dir().join(format!("husk-bundle-newns-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(d.join("rootfs")).expect("mkdir");
-        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
-            "ociVersion": "1.0.2",
-            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
-            "root": {"path": "rootfs"},
-            "linux": {"namespaces": [{"type": "network"}, {"type": "pid"}]},
-        }))
-        .expect("spec");
-        let b = Bundle::from_spec(d.clone(), spec).expect("bundle");
+        let (d, b) =
+            bundle_with_namespaces("newns", serde_json::json!([{"type": "network"}, {"type": "pid"}]));
         let net_path = |starts_vm: bool| {
             let g = to_guest(&b, "c1", &d.join("shared"), &HashMap::new(), false, starts_vm).expect("guest");
             let out: oci_spec::runtime::Spec = serde_json::from_slice(&g.spec_json).expect("json");
