@@ -22,11 +22,14 @@ impl<V: Vms> Runtime<V> {
         // One request when all is well: the agent refuses to start a container that is not
         // created, and only then is its state asked for (for runc's words).
         if let Err(e) = a.start_container(id).await {
-            return Err(match a.container_status(id).await.ok().flatten().unwrap_or(Status::Stopped) {
-                // Created still: the start itself failed.
-                Status::Created => e.into(),
-                Status::Stopped => stopped(),
-                s => RuntimeError::WrongState(format!("cannot start an already {} container", s.as_str())),
+            return Err(match a.container_status(id).await {
+                // Created still (the start itself failed), or no state to word it by: the
+                // agent's own error.
+                Ok(Some(Status::Created)) | Err(_) => e.into(),
+                Ok(None | Some(Status::Stopped)) => stopped(),
+                Ok(Some(s)) => {
+                    RuntimeError::WrongState(format!("cannot start an already {} container", s.as_str()))
+                }
             });
         }
         crate::timeline::mark("container started");
