@@ -109,9 +109,14 @@ pub(crate) fn launch(
     let (log_r, log_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
         .map_err(AgentError::errno("pipe"))?;
     let [stdin, stdout, stderr] = stdio;
+    // Above every fd the child is given, so no dup2 below overwrites another's source (or
+    // is a no-op that leaves the fd close-on-exec).
+    let report_w = above_targets(&report_w)?;
+    let log_w = above_targets(&log_w)?;
+    let control = control.map(above_targets).transpose()?;
     let report_w_fd = report_w.as_raw_fd();
     let log_w_fd = log_w.as_raw_fd();
-    let control_fd = control.map(|c| c.as_raw_fd());
+    let control_fd = control.as_ref().map(|c| c.as_raw_fd());
     let mut cmd = Command::new(exe);
     cmd.args(args).stdin(stdin).stdout(stdout).stderr(stderr);
     // SAFETY: dup2 is async-signal-safe; it runs between fork and exec.
@@ -132,6 +137,14 @@ pub(crate) fn launch(
     let pid = child.id() as i32;
     let exit = reaper.watch(pid);
     Ok(Launched { pid, exit, report: report_r, log: log_r })
+}
+
+/// A close-on-exec duplicate of `fd` numbered above [`CONTROL_FD`].
+fn above_targets(fd: &OwnedFd) -> Result<OwnedFd, AgentError> {
+    let dup = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(CONTROL_FD + 1))
+        .map_err(AgentError::errno("duplicating a helper fd"))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) })
 }
 
 /// Runs `op` in a fresh helper with `stdio` as its fds 0–2; returns the PID it reports.
