@@ -755,7 +755,7 @@ async fn main() -> Result<()> {
         bail!(usage);
     }
     let uds = PathBuf::from(&args[2]);
-    let client = GrpcAgent::connect(&uds, Duration::from_secs(300), None).await?.raw();
+    let client = GrpcAgent::connect_when_ready(&uds, Duration::from_secs(300), None, None).await?.raw();
     let read_only_share = args.iter().any(|a| a == "--read-only-share");
     let share = pb::Share { tag: args[3].clone(), read_only: read_only_share };
     let unix_time_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i64;

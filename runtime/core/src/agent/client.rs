@@ -120,18 +120,38 @@ pub struct GrpcAgent {
 }
 
 impl GrpcAgent {
-    /// Connects, retrying until the agent answers a health check or `timeout` passes (the
-    /// guest may still be booting: the VMM resets connections to ports nobody listens on).
-    /// With `rpc_timeout` every call fails after it instead of waiting for ever on a stalled
-    /// guest; leave it out for calls that last as long as a process (waits, event streams).
+    /// Connects to an agent known to serve (a running sandbox's, whose API was checked when
+    /// its VM started, or one restored from a checked template): the guest accepting the
+    /// connection is enough, no request is spent on a health check. Retries until `timeout`
+    /// passes (the VMM resets connections to ports nobody listens on). With `rpc_timeout`
+    /// every call fails after it instead of waiting for ever on a stalled guest; leave it out
+    /// for calls that last as long as a process (waits, event streams).
     pub async fn connect(uds: &Path, timeout: Duration, rpc_timeout: Option<Duration>) -> AgentResult<Self> {
-        Self::connect_when_ready(uds, timeout, rpc_timeout, None).await
+        let start = Instant::now();
+        loop {
+            // Bounded: a VMM that takes the connection but never answers its handshake must
+            // not keep this loop from its deadline.
+            let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_secs(1));
+            let last = match tokio::time::timeout(left, Self::try_connect(uds, rpc_timeout)).await {
+                Ok(Ok(c)) => {
+                    crate::timeline::mark("agent connected (one connection)");
+                    return Ok(c);
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer to the connection".to_string(),
+            };
+            if start.elapsed() >= timeout {
+                return Err(AgentError::NotReady { path: uds.to_path_buf(), waited: start.elapsed(), last });
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
     }
 
-    /// Like [`connect`](Self::connect), for a VM that is booting: the first try waits for the
-    /// agent's announcement on `ready` (the listener at `<uds>_<READY_PORT>`), and tries are
-    /// [`READY_FALLBACK`] apart until it comes, instead of [`RETRY_PAUSE`]: every try reaches
-    /// into the booting guest.
+    /// Connects to an agent that is booting (or not known yet), retrying until it answers a
+    /// health check with this runtime's API version or `timeout` passes. With `ready` (the
+    /// listener at `<uds>_<READY_PORT>`) the first try waits for the agent's announcement,
+    /// and tries are [`READY_FALLBACK`] apart until it comes, instead of [`RETRY_PAUSE`]:
+    /// every try reaches into the booting guest.
     pub async fn connect_when_ready(
         uds: &Path,
         timeout: Duration,

@@ -473,7 +473,9 @@ async fn save_when_ready(
     vsock: &Path,
     control: &Path,
 ) -> Result<(), SnapshotError> {
-    let connect = GrpcAgent::connect(vsock, cfg.boot_timeout, Some(super::husk_vmm::RPC_TIMEOUT));
+    // A health check: the template's agent is the one every VM restored from it trusts.
+    let connect =
+        GrpcAgent::connect_when_ready(vsock, cfg.boot_timeout, Some(super::husk_vmm::RPC_TIMEOUT), None);
     tokio::pin!(connect);
     let agent = loop {
         tokio::select! {
