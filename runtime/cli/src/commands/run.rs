@@ -37,7 +37,7 @@ pub async fn run(rt: &Rt, a: OciRun) -> Result<ExitCode, RuntimeError> {
     let Some(held) = held else { return Ok(0) };
     let (outcome, vm) = foreground::relay(rt, held, terminal).await?;
     if !a.keep {
-        rt.delete(&a.id, true, vm).await?;
+        foreground::delete_after(rt, &a.id, outcome, vm).await?;
         husk_core::timeline::mark("teardown done");
     }
     Ok(outcome.code())

@@ -282,7 +282,7 @@ async fn run_in(
         held.guest.stdin = None;
     }
     let (outcome, vm) = foreground::relay(rt, held, a.tty).await?;
-    rt.delete(id, true, vm).await?;
+    foreground::delete_after(rt, id, outcome, vm).await?;
     husk_core::timeline::mark("delete done");
     Ok(outcome.code())
 }

@@ -39,6 +39,8 @@ pub struct World {
     pub exits: HashMap<String, pb::ExitStatus>,
     /// Signals delivered, as (process key, signal).
     pub signals: Vec<(String, i32)>,
+    /// Container states asked for.
+    pub status_reads: usize,
 }
 
 /// The key of a process in [`World::exits`].
@@ -109,7 +111,9 @@ impl Agent for Fake {
     }
 
     async fn container_status(&self, id: &str) -> AgentResult<Option<Status>> {
-        Ok(self.world().containers.get(id).copied())
+        let mut w = self.world();
+        w.status_reads += 1;
+        Ok(w.containers.get(id).copied())
     }
 
     async fn remove_container(&self, id: &str, _force: bool) -> AgentResult<()> {

@@ -25,6 +25,22 @@ impl<V: Vms> Runtime<V> {
     /// A stopped container (VM gone included) needs no `force`; `vm` is the VMM this process
     /// started for it, if any, reaped when the VM goes.
     pub async fn delete(&self, id: &str, force: bool, vm: VmProcess) -> Result<(), RuntimeError> {
+        self.delete_known(id, force, vm, None).await
+    }
+
+    /// Deletes `id` for a caller that saw its init exit (a foreground run, after its wait): a
+    /// stopped container, whose state is not asked of the guest again.
+    pub async fn delete_exited(&self, id: &str, vm: VmProcess) -> Result<(), RuntimeError> {
+        self.delete_known(id, true, vm, Some(Status::Stopped)).await
+    }
+
+    async fn delete_known(
+        &self,
+        id: &str,
+        force: bool,
+        vm: VmProcess,
+        known: Option<Status>,
+    ) -> Result<(), RuntimeError> {
         let (lock, rec) = match self.state.lock_container_async(id).await {
             // As runc: forcing the delete of a container that is gone succeeds, so a caller
             // retrying a delete (containerd does) is done. What a create killed before it
@@ -37,7 +53,10 @@ impl<V: Vms> Runtime<V> {
             r => r?,
         };
         crate::timeline::mark("delete: lock taken");
-        let (status, agent) = self.status(&rec).await?;
+        let (status, agent) = match known {
+            Some(s) => (s, self.vm_agent(&rec).await),
+            None => self.status(&rec).await?,
+        };
         crate::timeline::mark("delete: status read");
         if matches!(status, Status::Running | Status::Paused) && !force {
             return Err(RuntimeError::WrongState(format!(

@@ -92,7 +92,7 @@ impl<V: Vms> Runtime<V> {
 
     /// The agent of the container's VM; None when the VM is gone or does not answer (its
     /// containers count as stopped).
-    async fn vm_agent(&self, rec: &ContainerRecord) -> Option<V::Agent> {
+    pub(crate) async fn vm_agent(&self, rec: &ContainerRecord) -> Option<V::Agent> {
         let srec = self.state.read_sandbox(&rec.sandbox_id).ok().flatten()?;
         if !self.vms.alive(&srec) {
             return None;

@@ -109,6 +109,21 @@ async fn a_container_lives_and_goes() {
 }
 
 #[tokio::test]
+async fn a_container_seen_to_exit_goes_without_a_status_read() {
+    let f = Fixture::new("exited");
+    let held = f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create").expect("held");
+    f.rt.start("c1").await.expect("start");
+    f.fake.world().containers.insert("c1".into(), Status::Stopped);
+    let reads = f.fake.world().status_reads;
+    f.rt.delete_exited("c1", held.vm).await.expect("delete");
+    f.assert_gone("c1");
+    let w = f.fake.world();
+    assert_eq!(w.status_reads, reads, "the guest was asked again");
+    assert_eq!(w.power_offs, 1, "its VM went with it");
+    assert!(w.removed.is_empty(), "taken apart in the guest before the VM went: {:?}", w.removed);
+}
+
+#[tokio::test]
 async fn create_rolls_back_at_each_failing_step() {
     for step in [Step::Boot, Step::OpenStdio, Step::CreateContainer] {
         let f = Fixture::new(&format!("rollback-{step:?}"));
