@@ -41,6 +41,8 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+// Each subcommand's arguments are built only when it is the one invoked.
+#[command(defer = true)]
 pub enum Command {
     /// Create a container (its process waits for `start`).
     Create(Create),
@@ -138,6 +140,8 @@ pub enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+// Each subcommand's arguments are built only when it is the one invoked.
+#[command(defer = true)]
 pub enum SnapshotCommand {
     /// Make the snapshots that `husk run` and OCI containers of this size start from (they
     /// are otherwise made on first use).
@@ -159,6 +163,8 @@ pub enum SnapshotCommand {
 }
 
 #[derive(Subcommand, Debug)]
+// Each subcommand's arguments are built only when it is the one invoked.
+#[command(defer = true)]
 pub enum ImageCommand {
     /// Print an image's record, layers and config as JSON.
     Inspect { name: String },
@@ -223,7 +229,8 @@ pub struct Create {
     pub id: String,
 }
 
-/// `run` as clap parses it: both modes' flags. Commands take [`OciRun`] or [`SandboxRun`].
+// `run` as clap parses it: both modes' flags. Commands take `OciRun` or `SandboxRun`. (No doc
+// comment: with deferred subcommands it would replace the variant's `about`.)
 #[derive(Args, Debug)]
 pub struct Run {
     #[arg(short, long)]
@@ -577,5 +584,27 @@ mod tests {
         assert_eq!(o.id, "ctr1");
         assert!(run(&["--pull", "always", "--rootfs", "/", "--", "true"]).is_err(), "--pull needs an image");
         assert!(run(&["--bundle", "/b", "--pull", "always", "ctr1"]).is_err());
+    }
+
+    #[test]
+    fn deferred_subcommands_keep_their_help_and_globals() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let help = |argv: &[&str]| match Cli::try_parse_from(argv) {
+            Err(e) => e.to_string(),
+            Ok(c) => panic!("{argv:?} parsed as {c:?}"),
+        };
+        let run = help(&["husk", "run", "--help"]);
+        assert!(run.starts_with("Create and start a container;"), "{run}");
+        assert!(run.contains("--rootfs") && run.contains("--root"), "{run}");
+        assert!(help(&["husk", "snapshot", "prepare", "--help"]).contains("--nics"));
+        // A global flag after the subcommand, and a nested subcommand's own flag.
+        let cli = Cli::try_parse_from(["husk", "delete", "--root", "/r", "-f", "c1"]).unwrap();
+        assert_eq!(cli.root, std::path::Path::new("/r"));
+        assert!(matches!(cli.command, Command::Delete { force: true, ref id } if id == "c1"));
+        let cli = Cli::try_parse_from(["husk", "image", "pull", "--platform", "linux/arm64", "a"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Image(ImageCommand::Pull(ref p)) if p.platform == "linux/arm64")
+        );
     }
 }
