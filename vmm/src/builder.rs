@@ -143,9 +143,39 @@ fn load_snapshot(dir: &std::path::Path) -> Result<(Snapshot, std::fs::File), Sna
     Ok((snap, mem))
 }
 
+/// KVM_CREATE_VM on a thread of its own, while the VMM reads its input: on Linux 6.1 the
+/// ioctl waits for the VM's NX huge page recovery worker to join the VMM's cgroups, which
+/// takes an RCU grace period, time the VMM would otherwise spend asleep.
+enum VmCreation {
+    Started(std::thread::JoinHandle<Result<Vm, VmError>>),
+    /// No thread could be started: created in place, when needed.
+    Inline(u32),
+}
+
+impl VmCreation {
+    fn start(vcpus: u32) -> Self {
+        match std::thread::Builder::new().name("kvm-create".into()).spawn(move || Vm::new(vcpus)) {
+            Ok(h) => Self::Started(h),
+            Err(e) => {
+                tracing::debug!("creating the VM in place: {e}");
+                Self::Inline(vcpus)
+            }
+        }
+    }
+
+    /// The VM; the thread is gone once this returns (the jail wants a single thread).
+    fn finish(self) -> Result<Vm, VmError> {
+        match self {
+            Self::Started(h) => h.join().unwrap_or(Err(VmError::CreateThread)),
+            Self::Inline(vcpus) => Vm::new(vcpus),
+        }
+    }
+}
+
 /// Like [`build_vmm`], and also restores from a snapshot or takes control commands.
 pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, BuildError> {
     cfg.validate()?;
+    let creating = VmCreation::start(cfg.vcpus);
     // Snapshot input is checked before anything is set up for it.
     let restore = opts.restore.as_deref().map(load_snapshot).transpose()?;
     let image_lens = (
@@ -172,8 +202,10 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
         .as_deref()
         .map(|p| ControlEndpoint::bind(p, opts.snapshot_dir.as_deref()))
         .transpose()?;
+    // Before the jail (namespaces can only be entered while the VMM has one thread); its
+    // errors are reported where KVM was always first touched, after the input's.
+    let vm = creating.finish();
     crate::confine::enable(cfg.seccomp)?;
-    // The jail comes first: namespaces can only be entered while the VMM has one thread.
     let (jail, jailed);
     let cfg = match &cfg.jail {
         Some(j) => {
@@ -181,6 +213,7 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
             let mut keep: Vec<std::os::fd::RawFd> =
                 restore.as_ref().map(|(_, f)| std::os::fd::AsRawFd::as_raw_fd(f)).into_iter().collect();
             keep.extend(control.as_ref().map(|c| c.fds()).unwrap_or_default());
+            keep.extend(vm.as_ref().map(|v| v.raw_fds()).into_iter().flatten());
             let (built, c) = crate::jail::prepare(j, cfg, &keep)?;
             crate::vmm::timing_point("jail prepared", crate::vmm::monotonic_ns());
             (jail, jailed) = (Some(built), c);
@@ -217,7 +250,7 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
         }
     };
 
-    let vm = Vm::new(cfg.vcpus)?;
+    let vm = vm?;
     vm.register_memory(&mem)?;
     vm.setup_irqchip()?;
     // The Generic Event Device's interrupt: how a restored VM learns of its new generation id.

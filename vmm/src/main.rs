@@ -142,8 +142,35 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_SETUP_FAILED)
 }
 
+/// Descriptor table slots made up front (the fs server holds one descriptor per inode the
+/// guest has looked up).
+const FD_TABLE_PRESIZE: u64 = 1024;
+
+/// Grows the descriptor table while the VMM has one thread: once threads share it, each
+/// growth waits for an RCU grace period (milliseconds, in the middle of a guest's request).
+fn presize_fd_table() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let top = lim.rlim_cur.min(FD_TABLE_PRESIZE).saturating_sub(1);
+    if top <= 2 {
+        return;
+    }
+    let top = top as libc::c_int;
+    // SAFETY: fcntl(F_GETFD) only asks whether `top` is open; a free slot is borrowed by
+    // dup2 of stderr and closed at once, so no descriptor of the process is replaced.
+    unsafe {
+        if libc::fcntl(top, libc::F_GETFD) == -1 && libc::dup2(2, top) == top {
+            libc::close(top);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let started_ns = husk_vmm::vmm::monotonic_ns();
+    presize_fd_table();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")

@@ -42,6 +42,8 @@ pub enum VmError {
     TooManyVcpus { vcpus: u32, max: usize },
     #[error("KVM {what}: {source}")]
     Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("the thread creating the VM ended without a VM")]
+    CreateThread,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -92,6 +94,12 @@ impl Vm {
 
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The KVM system and VM descriptors (for a jail that closes everything else).
+    pub fn raw_fds(&self) -> [std::os::fd::RawFd; 2] {
+        use std::os::fd::AsRawFd;
+        [self.kvm.as_raw_fd(), self.fd.as_raw_fd()]
     }
 
     pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
