@@ -50,7 +50,15 @@ pub fn setup_guest() -> Result<(), AgentError> {
     mount_fs("shm", "/dev/shm", "tmpfs", nosuid_noexec_nodev, Some("mode=1777"))?;
     mount_fs("run", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
     mount_fs("tmp", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_noexec_nodev, Some("nsdelegate"))?;
+    // favordynmods (Linux 6.0+): moving a task into a cgroup (every container's init, every
+    // exec) then skips an RCU grace period, at a small cost to fork and exit. An older kernel
+    // refuses the option; it mounts without.
+    if let Err(e) =
+        mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_noexec_nodev, Some("nsdelegate,favordynmods"))
+    {
+        tracing::debug!("{e}; mounting cgroup2 without favordynmods");
+        mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_noexec_nodev, Some("nsdelegate"))?;
+    }
     crate::cgroup::enable_controllers()?;
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),
