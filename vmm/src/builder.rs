@@ -342,6 +342,22 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
         j.enter()?;
         crate::vmm::timing_point("jail entered", crate::vmm::monotonic_ns());
     }
+    // A restored VM's interrupt controllers and vCPUs are back before any device runs: an
+    // interrupt raised earlier (for a host connection already waiting on the vsock socket)
+    // would be overwritten by their saved state, and the guest would never see it.
+    let restored_vcpus = match &restore {
+        Some((snap, _)) => {
+            crate::snapshot::kvm_state::restore_vm(vm.fd(), &snap.vm)?;
+            let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+            for (i, state) in snap.vcpus.iter().enumerate() {
+                let vcpu = Vcpu::new(&vm, i as u32)?;
+                crate::snapshot::kvm_state::restore_vcpu(vcpu.fd(), state)?;
+                vcpus.push(vcpu);
+            }
+            Some(vcpus)
+        }
+        None => None,
+    };
     let mut placer = VirtioPlacer { next: 0, acpi: Vec::new(), transports: Vec::new() };
     let saved_devices = restore.as_ref().map(|(s, _)| s.devices.as_slice()).unwrap_or_default();
     for (i, dev) in devices.into_iter().enumerate() {
@@ -357,15 +373,8 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
         identity: identity.clone(),
         transports: placer.transports.clone(),
     });
-    if let Some((snap, _)) = &restore {
+    if let (Some((snap, _)), Some(vcpus)) = (&restore, restored_vcpus) {
         crate::vmm::timing_point("devices restored", crate::vmm::monotonic_ns());
-        crate::snapshot::kvm_state::restore_vm(vm.fd(), &snap.vm)?;
-        let mut vcpus = Vec::with_capacity(snap.vcpus.len());
-        for (i, state) in snap.vcpus.iter().enumerate() {
-            let vcpu = Vcpu::new(&vm, i as u32)?;
-            crate::snapshot::kvm_state::restore_vcpu(vcpu.fd(), state)?;
-            vcpus.push(vcpu);
-        }
         // This sibling is a new VM to the guest: its id is in place before any vCPU runs, and
         // the VMM announces it once they do (the guest's driver then reseeds its RNG).
         let genid = VmGenId::new(&mem, ged_irq, vmgenid::next_id(&snap.vmgenid.generation)?)?;

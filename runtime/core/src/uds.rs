@@ -76,6 +76,47 @@ pub async fn connect(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
     s
 }
 
+/// Waits up to `limit` for a socket to appear at `path` (a VMM that is starting binds it once
+/// its devices are restored): an inotify event on the directory, not a poll. True once it
+/// exists; false at the limit or when the directory cannot be watched.
+pub async fn wait_for(path: &Path, limit: std::time::Duration) -> bool {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return path.exists() };
+    let Ok(ino) = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) else { return path.exists() };
+    let watched =
+        ino.add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_ONLYDIR);
+    // Checked after the watch is in place, so a socket bound in between is not missed.
+    if watched.is_err() || path.exists() {
+        return path.exists();
+    }
+    /// tokio wants the raw descriptor, nix's Inotify lends only a borrowed one.
+    struct Watch(Inotify);
+    impl AsRawFd for Watch {
+        fn as_raw_fd(&self) -> RawFd {
+            std::os::fd::AsFd::as_fd(&self.0).as_raw_fd()
+        }
+    }
+    // SAFETY: the Watch owns the inotify descriptor, which stays open (and the same) until the
+    // AsyncFd, which owns the Watch, is dropped.
+    let Ok(fd) = (unsafe { tokio::io::unix::AsyncFd::register(Watch(ino)) }) else { return path.exists() };
+    let wait = async {
+        loop {
+            let Ok(mut ready) = fd.readable().await else { return false };
+            match fd.get_ref().0.read_events() {
+                Ok(events) => {
+                    if events.iter().any(|e| e.name.as_deref() == Some(name)) {
+                        return true;
+                    }
+                    ready.clear_ready();
+                }
+                Err(nix::errno::Errno::EAGAIN) => ready.clear_ready(),
+                Err(_) => return false,
+            }
+        }
+    };
+    tokio::time::timeout(limit, wait).await.unwrap_or(false) || path.exists()
+}
+
 /// Binds a listener at `path`, however long the path.
 pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     if fits(path) {
@@ -119,6 +160,35 @@ mod tests {
         std::fs::create_dir_all(&d).expect("mkdir");
         assert!(d.as_os_str().len() > 150);
         d
+    }
+
+    #[tokio::test]
+    async fn a_socket_bound_later_is_waited_for_by_event() {
+        let d = long_dir("wait");
+        let path = d.join("vsock.sock");
+        let _ = std::fs::remove_file(&path);
+        let other = d.join("other.sock");
+        let _ = std::fs::remove_file(&other);
+        let (p, o) = (path.clone(), other.clone());
+        let binder = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            // Another name first: only the awaited one ends the wait.
+            let _a = bind(&o).expect("bind other");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            bind(&p).expect("bind")
+        });
+        let started = std::time::Instant::now();
+        assert!(wait_for(&path, std::time::Duration::from_secs(10)).await);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+        let _listener = binder.await.expect("binder");
+        assert!(connect(&path).await.is_ok());
+        // There already: at once. Never made: false at the limit. No directory: false.
+        assert!(wait_for(&path, std::time::Duration::ZERO).await);
+        assert!(!wait_for(&d.join("never.sock"), std::time::Duration::from_millis(30)).await);
+        assert!(!wait_for(&d.join("no-such-dir/x.sock"), std::time::Duration::from_secs(5)).await);
+        let _ = std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("husk-uds-wait-{}", std::process::id())),
+        );
     }
 
     #[test]

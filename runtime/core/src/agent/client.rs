@@ -128,6 +128,11 @@ impl GrpcAgent {
     /// for calls that last as long as a process (waits, event streams).
     pub async fn connect(uds: &Path, timeout: Duration, rpc_timeout: Option<Duration>) -> AgentResult<Self> {
         let start = Instant::now();
+        // A VMM restoring a snapshot binds its socket once its devices are back: dialling
+        // before that only fails, and costs the CPU the restore needs.
+        if !uds.exists() {
+            crate::uds::wait_for(uds, timeout).await;
+        }
         loop {
             // Bounded: a VMM that takes the connection but never answers its handshake must
             // not keep this loop from its deadline.
