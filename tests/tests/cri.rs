@@ -84,7 +84,9 @@ until_ok 60 ctr version && echo "@@CONTAINERD-UP"
 @PROBE@ images /var/cri/img @PAUSE@ @BUSYBOX@
 ctr -n k8s.io images import /var/cri/img/pause.tar >/dev/null && ctr -n k8s.io images import /var/cri/img/bb.tar >/dev/null \
     && echo "@@IMAGES-IMPORTED"
-( while sleep 120; do echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; done ) & watch=$!
+# If a step stalls, the process list says where: on L1's console, whose tail a timeout reports
+# (in the output it could land inside a section that a check reads whole).
+( while sleep 120; do { echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; } >/dev/console; done ) & watch=$!
 echo "=== @PART@"
 @PROBE@ run /run/containerd/containerd.sock @HANDLERS@
 kill $watch

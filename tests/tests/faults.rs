@@ -196,7 +196,9 @@ converge() {
 }
 mk_rootfs /var/bb
 bundle /var/bs '["sleep","300"]'
-( while sleep 120; do echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; done ) & watch=$!
+# If a step stalls, the process list says where: on L1's console, whose tail a timeout reports
+# (in the output it could land inside a section that a check reads whole).
+( while sleep 120; do { echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; } >/dev/console; done ) & watch=$!
 "##;
 
 /// Host fault points, as `fault.rs` callers name them.

@@ -1581,7 +1581,9 @@ up() { cut -d' ' -f1 /proc/uptime; }
 t() { echo "@@T $1 $(up)"; }
 # ck NAME DETAIL CMD...: @@NAME ok when CMD succeeds, else @@NAME FAIL DETAIL.
 ck() { n=$1; d=$2; shift 2; if "$@"; then echo "@@$n ok"; else echo "@@$n FAIL $d"; fi; }
-( while sleep 120; do echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; done ) & watch=$!
+# If a step stalls, the process list says where: on L1's console, whose tail a timeout reports
+# (in the output it could land inside a section that a check reads whole).
+( while sleep 120; do { echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; } >/dev/console; done ) & watch=$!
 cat > /var/reg.yml <<EOC
 version: 0.1
 log:

@@ -107,7 +107,9 @@ EOG
 chmod +x /var/bb/bin/net-guest
 # Where the time goes (L1's uptime).
 t() { echo "@@T $1 $(cut -d' ' -f1 /proc/uptime)"; }
-( while sleep 120; do echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; done ) & watch=$!
+# If a step stalls, the process list says where: on L1's console, whose tail a timeout reports
+# (in the output it could land inside a section that a check reads whole).
+( while sleep 120; do { echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; } >/dev/console; done ) & watch=$!
 ipt > /var/ipt.before
 $P serve 0.0.0.0:8089 $BLOB > /var/serve.out 2>&1 &
 until_ok 120 grep -q '^@@SERVE-READY' /var/serve.out || { echo "@@SERVE FAIL not ready:"; cat /var/serve.out; }

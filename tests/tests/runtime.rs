@@ -79,8 +79,9 @@ confined() {
 mk_rootfs /var/bb
 # `husk run` here is on no network (no CNI plugins in this test host): tests/network.rs has that.
 mkdir -p /var/vol && echo vol-data > /var/vol/f
-# If a step stalls, the process list says where.
-( while sleep 120; do echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; done ) & watch=$!
+# If a step stalls, the process list says where: on L1's console, whose tail a timeout reports
+# (in the output it could land inside a section that a check reads whole).
+( while sleep 120; do { echo "@@WATCH"; ps -o pid,ppid,stat,args | grep -v '\[' | cut -c1-160; } >/dev/console; done ) & watch=$!
 
 echo "=== husk run"
 # Cold, with every phase timed; then the first ordinary run makes the shape's snapshot and
