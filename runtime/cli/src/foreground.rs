@@ -20,8 +20,6 @@ pub fn stdin_is_tty() -> bool {
     nix::unistd::isatty(0).unwrap_or(false)
 }
 
-/// Relays `held` through this process's stdio; with `terminal`, stdin must be a terminal.
-/// Hands back the VMM (if this process started it) for the caller to reap after the delete.
 /// Removes a foreground container once its relay ended: one whose exit was seen is known to
 /// be stopped; a lost one is asked about as any delete does.
 pub async fn delete_after(rt: &Rt, id: &str, outcome: Outcome, vm: VmProcess) -> Result<(), RuntimeError> {
@@ -31,6 +29,8 @@ pub async fn delete_after(rt: &Rt, id: &str, outcome: Outcome, vm: VmProcess) ->
     }
 }
 
+/// Relays `held` through this process's stdio; with `terminal`, stdin must be a terminal.
+/// Hands back the VMM (if this process started it) for the caller to reap after the delete.
 pub async fn relay(rt: &Rt, held: Held, terminal: bool) -> Result<(Outcome, VmProcess), RuntimeError> {
     let Held { target, guest, vm, .. } = held;
     let rec = rt.state.read_container(&target.container_id)?;

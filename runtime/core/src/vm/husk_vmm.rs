@@ -217,11 +217,12 @@ impl HuskVmm {
         // A restored agent is up at once; one that is not soon is better booted cold.
         let wait = if restored { self.cfg.boot_timeout.min(RESTORE_TIMEOUT) } else { self.cfg.boot_timeout };
         let connect = async {
-            match ready {
+            if restored {
                 // Its template's agent passed the health check, and the snapshot's key holds
                 // the initramfs it came from: the connection is all a restored VM needs.
-                None => GrpcAgent::connect(&record.vsock, wait, Some(RPC_TIMEOUT)).await,
-                Some(_) => GrpcAgent::connect_when_ready(&record.vsock, wait, Some(RPC_TIMEOUT), ready).await,
+                GrpcAgent::connect(&record.vsock, wait, Some(RPC_TIMEOUT)).await
+            } else {
+                GrpcAgent::connect_when_ready(&record.vsock, wait, Some(RPC_TIMEOUT), ready).await
             }
         };
         tokio::pin!(connect);
