@@ -1,6 +1,6 @@
 //! The agent's state and every operation the API offers, independent of gRPC.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -126,7 +126,8 @@ pub struct Agent {
     pub events: broadcast::Sender<Event>,
     /// `None` while a container is being created or removed: the id is taken.
     containers: Mutex<HashMap<String, Option<Arc<Container>>>>,
-    shares: Mutex<HashSet<String>>,
+    /// Shares in place, by tag: whether each is mounted read-only.
+    shares: Mutex<HashMap<String, bool>>,
     pub init_started_ns: AtomicU64,
     pub ready_ns: AtomicU64,
     /// Names console sockets: short whatever the ids, so they always fit a `sun_path`.
@@ -222,7 +223,7 @@ impl Agent {
         }
         for s in &req.shares {
             let target = self.cfg.shares_dir.join(&s.tag);
-            if lock(&self.shares).contains(&s.tag) {
+            if lock(&self.shares).contains_key(&s.tag) {
                 continue;
             }
             if self.cfg.guest {
@@ -234,7 +235,7 @@ impl Agent {
                     self.cfg.shares_dir.display()
                 )));
             }
-            lock(&self.shares).insert(s.tag.clone());
+            lock(&self.shares).insert(s.tag.clone(), s.read_only);
         }
         if self.cfg.guest {
             crate::network::configure(&ifaces, &routes).await?;
@@ -305,7 +306,7 @@ impl Agent {
     fn resolve_rootfs(&self, r: &husk_proto::Rootfs) -> Result<PathBuf, AgentError> {
         validate::name("share tag", &r.share_tag)?;
         validate::relative_path("rootfs path", &r.path)?;
-        if !lock(&self.shares).contains(&r.share_tag) {
+        if !lock(&self.shares).contains_key(&r.share_tag) {
             return Err(AgentError::NotFound(format!(
                 "share {:?} is not mounted (CreateSandbox first)",
                 r.share_tag
@@ -315,7 +316,7 @@ impl Agent {
     }
 
     fn share_roots(&self) -> Vec<PathBuf> {
-        lock(&self.shares).iter().filter_map(|t| self.cfg.shares_dir.join(t).canonicalize().ok()).collect()
+        lock(&self.shares).keys().filter_map(|t| self.cfg.shares_dir.join(t).canonicalize().ok()).collect()
     }
 
     pub async fn create_container(&self, req: husk_proto::CreateContainerRequest) -> Result<u32, AgentError> {
@@ -329,7 +330,13 @@ impl Agent {
 
         let read_only_root = spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
         let overlay_dir = self.cfg.state_dir.join("overlays").join(&id);
-        let overlay = if rootfs::needs_overlay(read_only_root, rootfs::is_read_only(&lower)) {
+        // In a VM the share's mount flag says it (a share is one mount there) without asking the
+        // host's filesystem over virtio-fs; on a host, the directory's own filesystem does.
+        let lower_read_only = match lock(&self.shares).get(&rootfs_req.share_tag) {
+            Some(&ro) if self.cfg.guest => ro,
+            _ => rootfs::is_read_only(&lower),
+        };
+        let overlay = if rootfs::needs_overlay(read_only_root, lower_read_only) {
             let merged = rootfs::mount_overlay(&lower, &overlay_dir)?;
             if let Some(root) = spec.root().clone().as_mut() {
                 root.set_path(merged);
