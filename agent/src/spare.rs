@@ -31,6 +31,11 @@ const REPLACE_DELAY: std::time::Duration = std::time::Duration::from_millis(200)
 /// Longest op a parked helper takes (a spec with a large seccomp profile is tens of KiB).
 const MAX_OP: usize = 8 << 20;
 
+/// Ops up to this size are handed over on the runtime's thread: with the header they fit an
+/// AF_UNIX socket's send buffer (208 KiB by default) with room to spare. Larger ones go to a
+/// blocking thread.
+const INLINE_OP: usize = 64 << 10;
+
 /// A parked helper: its launch and the agent's end of its control socket.
 struct Spare {
     helper: Launched,
@@ -65,20 +70,31 @@ impl Helpers {
     /// the PID it reports.
     pub async fn run(self: &Arc<Self>, op: Op, stdio: [OwnedFd; 3]) -> Result<Option<i32>, AgentError> {
         let json = op.encode()?;
+        let result = self.run_json(json, stdio).await;
+        // Replaced once the op is done: the thread that starts the next spare would otherwise
+        // take CPU time from the helper at work (all of it, in a one-vCPU VM).
+        self.replace();
+        result
+    }
+
+    async fn run_json(&self, json: String, stdio: [OwnedFd; 3]) -> Result<Option<i32>, AgentError> {
         let Some(spare) = self.slot().take() else {
-            self.replace();
             return oci::run_fresh(&self.reaper, &json, stdio).await;
         };
         let pid = spare.helper.pid;
-        // Blocking writes to a live process that reads them at once; a large op may not fit
-        // the socket buffer, so off the runtime's thread.
-        let handed = tokio::task::spawn_blocking(move || {
+        let handed = if json.len() <= INLINE_OP {
+            // Fits the fresh control socket's buffer, so the writes cannot block.
             let r = hand(&spare.control, pid, &json, &stdio);
             (r, spare, json, stdio)
-        })
-        .await
-        .map_err(|e| AgentError::Internal(format!("helper hand-off task: {e}")))?;
-        self.replace();
+        } else {
+            // Larger than the socket buffer: blocking writes, off the runtime's thread.
+            tokio::task::spawn_blocking(move || {
+                let r = hand(&spare.control, pid, &json, &stdio);
+                (r, spare, json, stdio)
+            })
+            .await
+            .map_err(|e| AgentError::Internal(format!("helper hand-off task: {e}")))?
+        };
         match handed {
             (Ok(()), spare, json, _stdio) => {
                 tracing::debug!("spare helper {pid} runs {json}");
