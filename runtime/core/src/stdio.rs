@@ -45,19 +45,21 @@ impl StdioStrategy {
     }
 }
 
-/// Opens a new process's guest streams and connects them as `strategy` says: to a detached
-/// relay (which waits for [`RelayChild::go`]), or back to the caller.
+/// Opens a new process's guest streams (its input only with `stdin`) and connects them as
+/// `strategy` says: to a detached relay (which waits for [`RelayChild::go`]), or back to the
+/// caller.
 pub async fn wire<A: Agent>(
     agent: &A,
     target: &Target,
     terminal: bool,
+    stdin: bool,
     strategy: &StdioStrategy,
 ) -> Result<(pb::Stdio, Option<RelayChild>, Option<GuestStreams>), RuntimeError> {
     let size = match strategy {
         StdioStrategy::Held { size } => *size,
         StdioStrategy::Relay { .. } => None,
     };
-    let (stdio, streams) = open_streams(agent, terminal, size).await?;
+    let (stdio, streams) = open_streams(agent, terminal, stdin, size).await?;
     match strategy {
         StdioStrategy::Relay { console_socket, .. } => {
             let pty = console_socket.as_deref().filter(|_| terminal).map(console_pty).transpose()?;
@@ -67,15 +69,25 @@ pub async fn wire<A: Agent>(
     }
 }
 
-/// Opens the guest streams a process needs: stdin and stdout, plus stderr without a terminal.
+/// Opens the guest streams a process needs: stdout, stdin when it takes input, and stderr
+/// without a terminal. A stream not opened is /dev/null to the process.
 pub async fn open_streams<A: Agent>(
     agent: &A,
     terminal: bool,
+    stdin: bool,
     size: Option<(u16, u16)>,
 ) -> Result<(pb::Stdio, GuestStreams), RuntimeError> {
     let open = |name: String| async move {
         let s = agent.open_stdio(&name).await?;
         Ok::<_, RuntimeError>((name, s))
+    };
+    let input = async {
+        if stdin {
+            let (n, s) = open(stream_name("in")).await?;
+            Ok((n, Some(s)))
+        } else {
+            Ok((String::new(), None))
+        }
     };
     let err = async {
         if terminal {
@@ -89,7 +101,7 @@ pub async fn open_streams<A: Agent>(
     // held by whatever stands for the process on the host: if it dies, the agent kills the
     // process.
     let ((in_name, stdin), (out_name, stdout), (err_name, stderr), (life_name, lifeline)) =
-        tokio::try_join!(open(stream_name("in")), open(stream_name("out")), err, open(stream_name("life")))?;
+        tokio::try_join!(input, open(stream_name("out")), err, open(stream_name("life")))?;
     let (rows, cols) = size.unwrap_or((0, 0));
     let stdio = pb::Stdio {
         stdin: in_name,
@@ -100,7 +112,7 @@ pub async fn open_streams<A: Agent>(
         cols: cols.into(),
         lifeline: life_name,
     };
-    Ok((stdio, GuestStreams { stdin: Some(stdin), stdout: Some(stdout), stderr, lifeline: Some(lifeline) }))
+    Ok((stdio, GuestStreams { stdin, stdout: Some(stdout), stderr, lifeline: Some(lifeline) }))
 }
 
 /// Checks a `--console-socket` argument before anything is created.

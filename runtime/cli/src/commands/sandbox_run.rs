@@ -264,9 +264,11 @@ async fn run_in(
     opts.rootfs_share = Some((ROOTFS_TAG.into(), String::new()));
     opts.memory_mib = a.memory;
     opts.vcpus = a.cpus;
+    // Without -i the process reads /dev/null, as under `docker run`.
+    opts.stdin = a.interactive;
     let created = rt.create(id, &bundle, opts).await;
     watch.abort();
-    let Some(mut held) = created? else {
+    let Some(held) = created? else {
         return Err(RuntimeError::Internal("a held create returned no streams".into()).into());
     };
     if interrupted.load(Ordering::SeqCst) {
@@ -276,10 +278,6 @@ async fn run_in(
     if let Err(e) = rt.start(id).await {
         rt.delete(id, true, held.vm).await?;
         return Err(e.into());
-    }
-    if !a.interactive {
-        // No input: the process sees EOF at once.
-        held.guest.stdin = None;
     }
     let (outcome, vm) = foreground::relay(rt, held, a.tty).await?;
     foreground::delete_after(rt, id, outcome, vm).await?;

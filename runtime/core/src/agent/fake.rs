@@ -41,6 +41,8 @@ pub struct World {
     pub signals: Vec<(String, i32)>,
     /// Container states asked for.
     pub status_reads: usize,
+    /// Stdio streams opened, by name.
+    pub streams: Vec<String>,
 }
 
 /// The key of a process in [`World::exits`].
@@ -218,6 +220,7 @@ impl Agent for Fake {
             source: std::io::ErrorKind::ConnectionRefused.into(),
         })?;
         let (a, _b) = UnixStream::pair().map_err(|source| AgentError::Stdio { name: name.into(), source })?;
+        self.world().streams.push(name.to_string());
         Ok(a)
     }
 }

@@ -200,7 +200,8 @@ impl<V: Vms> Runtime<V> {
         };
 
         let target = Target { vsock: srec.vsock.clone(), container_id: id.into(), exec_id: String::new() };
-        let (stdio, relay, streams) = stdio::wire(&agent, &target, bundle.terminal(), &opts.stdio).await?;
+        let (stdio, relay, streams) =
+            stdio::wire(&agent, &target, bundle.terminal(), opts.stdin, &opts.stdio).await?;
         crate::timeline::mark("create: stdio streams opened");
         let req = pb::CreateContainerRequest {
             container_id: id.into(),

@@ -44,7 +44,7 @@ impl<V: Vms> Runtime<V> {
             None => new_exec_id(),
         };
         let target = Target { vsock: srec.vsock.clone(), container_id: id.into(), exec_id: exec_id.clone() };
-        let (pstdio, relay, streams) = stdio::wire(&agent, &target, opts.terminal, &opts.stdio).await?;
+        let (pstdio, relay, streams) = stdio::wire(&agent, &target, opts.terminal, true, &opts.stdio).await?;
         let req = pb::ExecProcessRequest {
             container_id: id.into(),
             exec_id,

@@ -41,6 +41,9 @@ pub struct CreateOpts {
     /// The caller reports guest PIDs to its clients (a shim), so pod peers' namespace paths
     /// name those.
     pub clients_see_guest_pids: bool,
+    /// The process gets an input stream; without one its stdin is /dev/null in the guest, as
+    /// for `docker run` without `-i` (one guest connection fewer).
+    pub stdin: bool,
 }
 
 impl CreateOpts {
@@ -52,6 +55,7 @@ impl CreateOpts {
             memory_mib: None,
             vcpus: None,
             clients_see_guest_pids: false,
+            stdin: true,
         }
     }
 }

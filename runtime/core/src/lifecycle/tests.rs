@@ -124,6 +124,25 @@ async fn a_container_seen_to_exit_goes_without_a_status_read() {
 }
 
 #[tokio::test]
+async fn a_process_without_input_gets_no_input_stream() {
+    let f = Fixture::new("no-stdin");
+    let mut opts = Fixture::opts();
+    opts.stdin = false;
+    let held = f.rt.create("c1", &f.bundle(json!({})), opts).await.expect("create").expect("held");
+    assert!(held.guest.stdin.is_none());
+    assert!(held.guest.stdout.is_some() && held.guest.stderr.is_some());
+    let opened = f.fake.world().streams.clone();
+    assert_eq!(opened.len(), 3, "out, err and the lifeline: {opened:?}");
+    assert!(!opened.iter().any(|n| n.starts_with("in")), "{opened:?}");
+    f.rt.delete("c1", true, held.vm).await.expect("delete");
+    // With input (the default), four.
+    let held = f.rt.create("c2", &f.bundle(json!({})), Fixture::opts()).await.expect("create").expect("held");
+    assert!(held.guest.stdin.is_some());
+    assert_eq!(f.fake.world().streams.len(), 3 + 4);
+    f.rt.delete("c2", true, held.vm).await.expect("delete");
+}
+
+#[tokio::test]
 async fn create_rolls_back_at_each_failing_step() {
     for step in [Step::Boot, Step::OpenStdio, Step::CreateContainer] {
         let f = Fixture::new(&format!("rollback-{step:?}"));
