@@ -210,10 +210,13 @@ impl Agent {
                 "host mode does not configure the host's network".into(),
             ));
         }
+        let mut reseed = None;
         if self.cfg.guest {
             // First, so that nothing after it (nor any container) draws from an RNG state
-            // shared with every sandbox restored from the same snapshot.
-            crate::entropy::reseed(&req.entropy).await?;
+            // shared with every sandbox restored from the same snapshot. The virtio-rng part
+            // is read while the shares are mounted, and mixed in before the network and any
+            // container.
+            reseed = Some(crate::entropy::reseed(&req.entropy)?);
             if !req.hostname.is_empty() {
                 nix::unistd::sethostname(&req.hostname).map_err(AgentError::errno("sethostname"))?;
             }
@@ -236,6 +239,9 @@ impl Agent {
                 )));
             }
             lock(&self.shares).insert(s.tag.clone(), s.read_only);
+        }
+        if let Some(r) = reseed {
+            r.finish().await?;
         }
         if self.cfg.guest {
             crate::network::configure(&ifaces, &routes).await?;

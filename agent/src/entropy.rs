@@ -1,7 +1,9 @@
 //! Makes a sandbox's kernel RNG its own. Sandboxes restored from one snapshot start with the
-//! same pool and CRNG state, so CreateSandbox mixes in the host's bytes (credited) and fresh
-//! virtio-rng bytes, then forces a CRNG reseed: /dev/urandom and getrandom(2) diverge between
-//! siblings from that request on, not from the kernel's next scheduled reseed.
+//! same pool and CRNG state, so CreateSandbox mixes in the host's bytes (credited) and forces a
+//! CRNG reseed first: /dev/urandom and getrandom(2) diverge between siblings from that request
+//! on, not from the kernel's next scheduled reseed. Fresh virtio-rng bytes are read meanwhile
+//! (device round trips, overlapped with the share mounts) and mixed in, with a second reseed,
+//! before the request is answered, so no container ever draws from a CRNG without them.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read};
@@ -76,16 +78,37 @@ pub fn check(host: &[u8]) -> Result<(), EntropyError> {
     Ok(())
 }
 
-/// Mixes `host` (credited) and up to [`HWRNG_BYTES`] from /dev/hwrng (not credited: the
-/// driver's buffered bytes may be shared with siblings) into the kernel's pool, then reseeds
-/// the CRNG. Needs CAP_SYS_ADMIN; the agent as PID 1 has it.
-pub async fn reseed(host: &[u8]) -> Result<(), EntropyError> {
+/// Mixes `host` (credited) into the kernel's pool and reseeds the CRNG, then starts reading up
+/// to [`HWRNG_BYTES`] from /dev/hwrng; [`Reseed::finish`] mixes those in. Needs CAP_SYS_ADMIN;
+/// the agent as PID 1 has it.
+pub fn reseed(host: &[u8]) -> Result<Reseed, EntropyError> {
     check(host)?;
-    let hw = read_hwrng().await;
     let random = std::fs::OpenOptions::new().write(true).open(RANDOM).map_err(EntropyError::Open)?;
-    mix(&random, host, &hw)?;
-    tracing::debug!("kernel RNG reseeded ({} host bytes, {} hwrng bytes)", host.len(), hw.len());
-    Ok(())
+    mix(&random, host, &[])?;
+    Ok(Reseed { random, hwrng: start_hwrng(), host_bytes: host.len() })
+}
+
+/// A reseed whose virtio-rng bytes are still being read.
+pub struct Reseed {
+    random: File,
+    hwrng: Option<tokio::sync::oneshot::Receiver<std::io::Result<Vec<u8>>>>,
+    host_bytes: usize,
+}
+
+impl Reseed {
+    /// Waits for the virtio-rng bytes (at most [`HWRNG_WAIT`]), mixes them in (not credited:
+    /// the driver's buffered bytes may be shared with siblings) and reseeds the CRNG again.
+    pub async fn finish(self) -> Result<(), EntropyError> {
+        let hw = match self.hwrng {
+            Some(rx) => hwrng_bytes(rx).await,
+            None => Vec::new(),
+        };
+        if !hw.is_empty() {
+            mix(&self.random, &[], &hw)?;
+        }
+        tracing::debug!("kernel RNG reseeded ({} host bytes, {} hwrng bytes)", self.host_bytes, hw.len());
+        Ok(())
+    }
 }
 
 /// The two ioctls on an open /dev/random. A kernel without them (ENOTTY, EINVAL) is logged and
@@ -131,16 +154,16 @@ fn pool_info(credit_bits: i32, data: &[u8]) -> Vec<u32> {
     info
 }
 
-/// Up to [`HWRNG_BYTES`] from /dev/hwrng, read on a thread and waited for at most
-/// [`HWRNG_WAIT`]; nothing if the device is missing, fails or is slow.
-async fn read_hwrng() -> Vec<u8> {
+/// Starts reading up to [`HWRNG_BYTES`] from /dev/hwrng on a thread; None if the device is
+/// missing, an earlier read has not returned, or no thread could be started.
+fn start_hwrng() -> Option<tokio::sync::oneshot::Receiver<std::io::Result<Vec<u8>>>> {
     if !Path::new(HWRNG).exists() {
         tracing::debug!("{HWRNG}: none (no virtio-rng)");
-        return Vec::new();
+        return None;
     }
     if HWRNG_BUSY.swap(true, Ordering::SeqCst) {
         tracing::warn!("{HWRNG}: an earlier read has not returned; left out");
-        return Vec::new();
+        return None;
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new().name("hwrng".into()).spawn(move || {
@@ -151,8 +174,13 @@ async fn read_hwrng() -> Vec<u8> {
     if let Err(e) = spawned {
         HWRNG_BUSY.store(false, Ordering::SeqCst);
         tracing::warn!("{HWRNG}: starting the reader: {e}");
-        return Vec::new();
+        return None;
     }
+    Some(rx)
+}
+
+/// The started read's bytes, waited for at most [`HWRNG_WAIT`]; nothing if it failed or is slow.
+async fn hwrng_bytes(rx: tokio::sync::oneshot::Receiver<std::io::Result<Vec<u8>>>) -> Vec<u8> {
     match tokio::time::timeout(HWRNG_WAIT, rx).await {
         Ok(Ok(Ok(bytes))) => bytes,
         Ok(Ok(Err(e))) => {
