@@ -120,6 +120,14 @@ echo "@@TIMINGS-RESTORED-BEGIN"; cat /var/timings-restored; echo "@@TIMINGS-REST
 rnd='echo "rand=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n")"; dmesg | grep -c "virtual machine fork" | sed s/^/forks=/'
 for i in 1 2; do $H run --net none --rootfs /var/bb -- sh -c "$rnd"; done
 $H snapshot ls | tee /var/snap.ls
+# The first restored run of the shape recorded its working set, which later restores map in;
+# a damaged one is only a lost hint: that run goes on without it and records it again.
+for d in $S/*/; do [ -f $d/working-set ] && echo "@@WORKING-SET $(wc -c < $d/working-set)"; done
+grep -q "vmm: working set mapped" /var/timings-restored && echo "@@WS-MAPPED"
+for d in $S/*/; do [ -f $d/working-set ] && head -c 37 /dev/urandom > $d/working-set; done
+$H run --timings --net none --rootfs /var/bb -- echo ws-damaged 2>/var/timings-ws; echo "@@WS-DAMAGED-RC $?"
+grep -q "working set mapped" /var/timings-ws && echo "@@WS-DAMAGED-MAPPED"
+for d in $S/*/; do [ -f $d/working-set ] && echo "@@WORKING-SET-AGAIN $(wc -c < $d/working-set)"; done
 # A damaged snapshot: refused, the run boots cold and says so, and the next run makes a new one.
 for d in $S/*/; do [ -f $d/state ] && head -c 3000 $d/state > /var/s.cut && cp /var/s.cut $d/state; done
 $H run --net none --rootfs /var/bb -- echo after-truncation 2>&1; echo "@@TRUNCATED-RC $?"
@@ -441,8 +449,9 @@ fn check_timings(text: &str) {
 
 /// Sandboxes from snapshots: a restored run's phases (no guest boot in them) and how much
 /// sooner its agent answers than a cold one's; siblings' RNGs differ and each kernel was told
-/// it is a new generation; damaged and foreign snapshots are refused with a message, the run
-/// boots cold, and the next run makes a new snapshot.
+/// it is a new generation; the first restored run records the snapshot's working set, later
+/// ones map it in, and a damaged one is ignored; damaged and foreign snapshots are refused
+/// with a message, the run boots cold, and the next run makes a new snapshot.
 fn check_snapshots(s: &str, cold: &str) {
     expect(
         s,
@@ -455,8 +464,24 @@ fn check_snapshots(s: &str, cold: &str) {
             "@@FOREIGN-PLANTED",
             "after-foreign\n@@FOREIGN-RC 0",
             "@@SNAPSHOTS-LEFT 0",
+            "@@WS-MAPPED",
+            "ws-damaged\n@@WS-DAMAGED-RC 0",
         ],
         "snapshots",
+    );
+    // One shape's snapshot (`--rootfs`'s) recorded a working set: header and at least a run.
+    let sizes: Vec<u64> =
+        s.lines().filter_map(|l| l.strip_prefix("@@WORKING-SET ")?.trim().parse().ok()).collect();
+    assert!(
+        !sizes.is_empty() && sizes.iter().all(|&n| n > 16 && (n - 16) % 8 == 0),
+        "working sets {sizes:?}:\n{s}"
+    );
+    assert!(!s.contains("@@WS-DAMAGED-MAPPED"), "a damaged working set was mapped:\n{s}");
+    let again: Vec<u64> =
+        s.lines().filter_map(|l| l.strip_prefix("@@WORKING-SET-AGAIN ")?.trim().parse().ok()).collect();
+    assert!(
+        again.len() == sizes.len() && again.iter().all(|&n| n > 16 && (n - 16) % 8 == 0),
+        "the damaged working set was not recorded again: {again:?}:\n{s}"
     );
     assert!(!s.contains("@@SNAPDIR-LEFT"), "snapshot rm left entries:\n{s}");
     let restored = section(s, "@@TIMINGS-RESTORED-BEGIN", Some("@@TIMINGS-RESTORED-END"));

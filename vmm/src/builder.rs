@@ -143,6 +143,15 @@ fn load_snapshot(dir: &std::path::Path) -> Result<(Snapshot, std::fs::File), Sna
     Ok((snap, mem))
 }
 
+/// The snapshot's working set, if it has one that parses; a bad one is only a lost hint.
+fn load_working_set(dir: &std::path::Path) -> Option<crate::snapshot::working_set::WorkingSet> {
+    use crate::snapshot::working_set::{WorkingSet, WORKING_SET_FILE};
+    WorkingSet::load(&dir.join(WORKING_SET_FILE)).unwrap_or_else(|e| {
+        tracing::warn!("snapshot working set left out: {e}");
+        None
+    })
+}
+
 /// KVM_CREATE_VM on a thread of its own, while the VMM reads its input: on Linux 6.1 the
 /// ioctl waits for the VM's NX huge page recovery worker to join the VMM's cgroups, which
 /// takes an RCU grace period, time the VMM would otherwise spend asleep.
@@ -178,6 +187,7 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
     let creating = VmCreation::start(cfg.vcpus);
     // Snapshot input is checked before anything is set up for it.
     let restore = opts.restore.as_deref().map(load_snapshot).transpose()?;
+    let working_set = opts.restore.as_deref().and_then(load_working_set);
     let image_lens = (
         file_len("kernel", &cfg.kernel)?,
         cfg.initramfs.as_deref().map(|p| file_len("initramfs", p)).transpose()?,
@@ -200,7 +210,7 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
     let control = opts
         .control
         .as_deref()
-        .map(|p| ControlEndpoint::bind(p, opts.snapshot_dir.as_deref()))
+        .map(|p| ControlEndpoint::bind(p, opts.snapshot_dir.as_deref(), opts.restore.is_some()))
         .transpose()?;
     // Before the jail (namespaces can only be entered while the VMM has one thread); its
     // errors are reported where KVM was always first touched, after the input's.
@@ -228,7 +238,17 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
     let (mem, boot_images) = match &restore {
         Some((snap, file)) => {
             let file = file.try_clone().map_err(io_err("memory file"))?;
-            (crate::snapshot::memory::map(file, &snap.memory, cfg.memory_mib)?, None)
+            let mem = crate::snapshot::memory::map(file, &snap.memory, cfg.memory_mib)?;
+            if let Some(ws) = &working_set {
+                match ws.copy_written(&mem) {
+                    Ok(copied) => {
+                        tracing::debug!("working set: {copied} written pages copied ahead");
+                        crate::vmm::timing_point("working set mapped", crate::vmm::monotonic_ns());
+                    }
+                    Err(e) => tracing::warn!("snapshot working set left out: {e}"),
+                }
+            }
+            (mem, None)
         }
         None => {
             let mem = create_guest_memory(cfg.memory_mib)?;

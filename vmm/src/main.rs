@@ -72,10 +72,12 @@ struct Cli {
     /// Same as `--seccomp off`: for debugging only.
     #[arg(long, conflicts_with = "seccomp")]
     no_seccomp: bool,
-    /// Take control commands (`snapshot`, `ping`) on this Unix socket, one line each.
+    /// Take control commands (`snapshot`, `working-set`, `ping`) on this Unix socket, one line
+    /// each.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
-    /// Existing directory the `snapshot` command writes `state` and `memory` into.
+    /// Existing directory the `snapshot` command writes `state` and `memory` into (with
+    /// `--restore`, where `working-set` writes the VM's working set).
     #[arg(long, value_name = "DIR", requires = "control")]
     snapshot_dir: Option<PathBuf>,
     /// Start the VM from the snapshot in DIR instead of booting (same VM configuration).

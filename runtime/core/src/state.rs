@@ -81,6 +81,19 @@ pub struct SandboxRecord {
     /// The pod namespace's taps and redirects, undone when the VM goes.
     #[serde(default)]
     pub network: Option<crate::network::Wired>,
+    /// When this VM (restored from a snapshot that has no working set yet) records one once
+    /// its first container is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_set: Option<WorkingSetRecording>,
+}
+
+/// Where a restored VM records its snapshot's working set: it writes the file beside its
+/// control socket, in its own directory (a jailed VMM never writes to the shared snapshot),
+/// and husk checks it and puts it into the snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkingSetRecording {
+    pub control: PathBuf,
+    pub snapshot: PathBuf,
 }
 
 /// An exclusive lock on a container or sandbox, held until dropped.

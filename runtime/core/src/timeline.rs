@@ -138,7 +138,7 @@ pub fn parse(text: &str) -> Vec<(String, f64, f64)> {
 /// A point the VMM reports on its log (`husk-vmm --timings`): `husk-vmm-timing: NAME NS`.
 pub const VMM_PREFIX: &str = "husk-vmm-timing: ";
 
-/// The VMM's points in its log, validated: at most a few, names of a few plain words, times
+/// The VMM's points in its log, validated: at most twelve, names of a few plain words, times
 /// within `[after_ns, before_ns]` (the VMM cannot have stamped anything outside its own run).
 pub fn vmm_points(log: &str, after_ns: u64, before_ns: u64) -> Vec<(String, u64)> {
     log.lines()
@@ -151,7 +151,7 @@ pub fn vmm_points(log: &str, after_ns: u64, before_ns: u64) -> Vec<(String, u64)
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '-');
             (plain && (after_ns..=before_ns).contains(&ns)).then(|| (format!("vmm: {name}"), ns))
         })
-        .take(8)
+        .take(12)
         .collect()
 }
 
@@ -246,7 +246,7 @@ mod tests {
         let p = vmm_points(log, 50, 1000);
         assert_eq!(p, vec![("vmm: started".to_string(), 100), ("vmm: KVM set up".to_string(), 150)]);
         let flood = "husk-vmm-timing: x 100\n".repeat(100);
-        assert_eq!(vmm_points(&flood, 0, 1000).len(), 8);
+        assert_eq!(vmm_points(&flood, 0, 1000).len(), 12);
     }
 
     #[test]

@@ -191,6 +191,8 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
                 &[
                     libc::SYS_openat,
                     libc::SYS_pwrite64,
+                    // The working set: this process's pagemap, opened before the jail.
+                    libc::SYS_pread64,
                     libc::SYS_ftruncate,
                     libc::SYS_fsync,
                     libc::SYS_fdatasync,

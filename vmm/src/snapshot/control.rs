@@ -5,6 +5,11 @@
 //!   directory; the answer is `ok` and the VMM then exits with status 0 (the VM stays paused
 //!   for good: a base snapshot's VM has served its purpose), or `error: <why>` and the VM
 //!   runs on as before (for instance while a vsock stream is open or a share is mounted).
+//! - `working-set` (a restored VM only) records the guest pages the VM has touched so far
+//!   into a `working-set` file in the `--snapshot-dir` directory (see [`super::working_set`]),
+//!   which the caller checks and puts into the snapshot (the VMM never writes there); the
+//!   answer is `ok <pages> pages, <written> written`. A restored VM refuses `snapshot`: its
+//!   memory is a sandbox's, never a base for others.
 //! - `ping` answers `ok`.
 //!
 //! A dedicated thread serves it, confined like every other (its filter allows the snapshot's
@@ -20,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::state::Snapshot;
+use super::working_set::{WorkingSet, WORKING_SET_FILE};
 use super::{file, kvm_state, memory, Identity, SnapshotError, MEMORY_FILE, STATE_FILE};
 use crate::devices::legacy::SerialConsole;
 use crate::devices::virtio::MmioTransport;
@@ -42,6 +48,9 @@ pub struct ControlEndpoint {
     listener: UnixListener,
     path: PathBuf,
     dir: Option<File>,
+    /// This process's page table, for `working-set` (a restored VM's only).
+    pagemap: Option<File>,
+    restored: bool,
 }
 
 impl ControlEndpoint {
@@ -49,11 +58,14 @@ impl ControlEndpoint {
     pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
         let mut v = vec![self.listener.as_raw_fd()];
         v.extend(self.dir.as_ref().map(|d| d.as_raw_fd()));
+        v.extend(self.pagemap.as_ref().map(|d| d.as_raw_fd()));
         v
     }
 
     /// Binds `path` (replacing a stale socket) and opens `dir` if given.
-    pub fn bind(path: &Path, dir: Option<&Path>) -> Result<Self, SnapshotError> {
+    /// `restored`: the VM starts from the snapshot in `dir` (which then takes `working-set`,
+    /// not `snapshot`).
+    pub fn bind(path: &Path, dir: Option<&Path>, restored: bool) -> Result<Self, SnapshotError> {
         if path.exists() {
             std::fs::remove_file(path).map_err(io("remove stale control socket"))?;
         }
@@ -67,7 +79,11 @@ impl ControlEndpoint {
                     .map_err(io("open snapshot directory"))
             })
             .transpose()?;
-        Ok(Self { listener, path: path.to_path_buf(), dir })
+        let pagemap = match restored {
+            true => Some(File::open("/proc/self/pagemap").map_err(io("open /proc/self/pagemap"))?),
+            false => None,
+        };
+        Ok(Self { listener, path: path.to_path_buf(), dir, pagemap, restored })
     }
 }
 
@@ -126,6 +142,13 @@ fn handle(ep: &ControlEndpoint, src: &SnapshotSources, mut stream: UnixStream) -
     };
     let (reply, stop) = match read.as_ref().map(|_| line.trim()) {
         Ok("ping") => ("ok".to_string(), false),
+        Ok("snapshot") if ep.restored => {
+            ("error: a restored VM is not snapshotted (its memory is its sandbox's)".to_string(), false)
+        }
+        Ok("working-set") => match record_working_set(ep, src) {
+            Ok((all, written)) => (format!("ok {all} pages, {written} written"), false),
+            Err(e) => (format!("error: {e}"), false),
+        },
         Ok("snapshot") => {
             let started = Instant::now();
             match take_snapshot(ep, src) {
@@ -136,7 +159,9 @@ fn handle(ep: &ControlEndpoint, src: &SnapshotSources, mut stream: UnixStream) -
                 Err(e) => (format!("error: {e}"), false),
             }
         }
-        Ok(other) => (format!("error: unknown command {other:?} (expected snapshot or ping)"), false),
+        Ok(other) => {
+            (format!("error: unknown command {other:?} (expected snapshot, working-set or ping)"), false)
+        }
         Err(e) => (format!("error: reading the command: {e}"), false),
     };
     let _ = stream.write_all(format!("{reply}\n").as_bytes());
@@ -145,6 +170,20 @@ fn handle(ep: &ControlEndpoint, src: &SnapshotSources, mut stream: UnixStream) -
         src.exit.notify(ExitReason::Snapshotted);
     }
     stop
+}
+
+/// Records the restored VM's touched pages into a working set file in the control directory
+/// (replacing any, atomically).
+fn record_working_set(ep: &ControlEndpoint, src: &SnapshotSources) -> Result<(u64, u64), SnapshotError> {
+    let (Some(dir), Some(pagemap), true) = (&ep.dir, &ep.pagemap, ep.restored) else {
+        return Err(SnapshotError::Refused("working-set is for a restored VM with a --snapshot-dir".into()));
+    };
+    let ws = WorkingSet::record(&src.mem, pagemap)?;
+    let f = create_at(dir, "working-set.tmp")?;
+    std::os::unix::fs::FileExt::write_all_at(&f, &ws.encode(), 0).map_err(io("write working set"))?;
+    f.sync_all().map_err(io("sync working set"))?;
+    rename_at(dir, "working-set.tmp", WORKING_SET_FILE)?;
+    Ok(ws.pages())
 }
 
 fn take_snapshot(ep: &ControlEndpoint, src: &SnapshotSources) -> Result<(), SnapshotError> {

@@ -83,9 +83,14 @@ pub fn map(file: File, regions: &[MemRegion], memory_mib: u64) -> Result<GuestMe
     if found > total {
         return Err(SnapshotError::Mismatch(format!("memory file holds {found} bytes, the VM has {total}")));
     }
+    map_regions(file, &want)
+}
+
+/// Maps `regions` of the memory file private, as guest RAM (the layout already checked).
+pub(super) fn map_regions(file: File, regions: &[MemRegion]) -> Result<GuestMem, SnapshotError> {
     let file = Arc::new(file);
     let mut mapped = Vec::new();
-    for r in &want {
+    for r in regions {
         let len = usize::try_from(r.len).map_err(|_| SnapshotError::Invalid("region size".into()))?;
         let region = MmapRegionBuilder::new(len)
             .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))

@@ -16,6 +16,7 @@ pub mod file;
 pub mod kvm_state;
 pub mod memory;
 pub mod state;
+pub mod working_set;
 
 use std::path::PathBuf;
 

@@ -43,6 +43,8 @@ pub struct World {
     pub status_reads: usize,
     /// Stdio streams opened, by name.
     pub streams: Vec<String>,
+    /// `first_container_created` calls: the sandbox, and the guest's containers then.
+    pub first_created: Vec<(String, Vec<String>)>,
 }
 
 /// The key of a process in [`World::exits`].
@@ -244,6 +246,7 @@ impl Vms for Fake {
             memory_mib: shape.memory_mib,
             vcpus: shape.vcpus,
             network: shape.network.clone(),
+            working_set: None,
         };
         Ok(Booted { record, process: VmProcess::default(), agent: self.clone() })
     }
@@ -258,6 +261,13 @@ impl Vms for Fake {
         } else {
             Err(RuntimeError::Vm(format!("the VM of sandbox {} is not running", rec.id)))
         }
+    }
+
+    async fn first_container_created(&self, rec: &SandboxRecord) {
+        let mut w = self.world();
+        let mut in_guest: Vec<String> = w.containers.keys().cloned().collect();
+        in_guest.sort();
+        w.first_created.push((rec.id.clone(), in_guest));
     }
 
     async fn kill(&self, rec: &SandboxRecord) {

@@ -213,6 +213,9 @@ impl<V: Vms> Runtime<V> {
         let guest_pid = agent.create_container(req).await?;
         partial.created_in = Some(agent.clone());
         crate::fault::point("create-after-agent");
+        if role.starts_vm() {
+            self.vms.first_container_created(&srec).await;
+        }
 
         let (relay_pid, relay_start) = match &relay {
             Some(r) => (r.pid, r.start),

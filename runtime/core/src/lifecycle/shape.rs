@@ -201,6 +201,7 @@ mod tests {
             memory_mib,
             vcpus,
             network: None,
+            working_set: None,
         }
     }
 

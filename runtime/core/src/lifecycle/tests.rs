@@ -242,6 +242,23 @@ async fn a_pod_member_needs_its_sandbox() {
 }
 
 #[tokio::test]
+async fn the_vm_hears_once_of_its_first_container_before_it_starts() {
+    let f = Fixture::new("first-created");
+    let held =
+        f.rt.create("pod1", &f.bundle(sandbox_of("pod1")), Fixture::opts())
+            .await
+            .expect("sandbox")
+            .expect("held");
+    let seen = f.fake.world().first_created.clone();
+    assert_eq!(seen, [("pod1".to_string(), vec!["pod1".to_string()])], "after the guest created it");
+    assert_eq!(f.fake.world().containers.get("pod1"), Some(&Status::Created), "and before it started");
+    f.rt.create("m1", &f.bundle(member_of("pod1")), Fixture::opts()).await.expect("member");
+    assert_eq!(f.fake.world().first_created.len(), 1, "a pod's later containers are not the first");
+    f.rt.delete("m1", true, VmProcess::default()).await.expect("delete member");
+    f.rt.delete("pod1", true, held.vm).await.expect("delete sandbox");
+}
+
+#[tokio::test]
 async fn a_running_last_container_is_stopped_in_the_guest_before_its_vm_goes() {
     let f = Fixture::new("last-running");
     let held = f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create").expect("held");

@@ -23,7 +23,7 @@ use crate::agent::{Agent, GrpcAgent};
 use crate::config::Config;
 use crate::error::RuntimeError;
 use crate::share::{self, SHARE_TAG};
-use crate::state::{SandboxRecord, StateDir};
+use crate::state::{SandboxRecord, StateDir, WorkingSetRecording};
 use crate::{procinfo, uds};
 
 /// The fd husk-vmm inherits the vsock socket's directory at, when the socket's path is too
@@ -353,10 +353,30 @@ impl HuskVmm {
             .map_err(RuntimeError::io(format!("creating {}", log_path.display())))?;
         let log2 = log.try_clone().map_err(RuntimeError::io("dup vmm log"))?;
 
+        // A restored VM whose snapshot has no working set yet (or a damaged one) records it
+        // (see `first_container_created`) through a control socket beside the vsock one, into
+        // the same directory.
+        let recording = restore.filter(|d| snapshot::needs_working_set(d)).map(|d| WorkingSetRecording {
+            control: vsock_dir.join("control.sock"),
+            snapshot: d.to_path_buf(),
+        });
+        if let Some(r) = &recording {
+            let _ = std::fs::remove_file(&r.control);
+        }
+        let vsock_dir_path = vsock_dir.clone();
         // However long the state root makes the socket's path, husk-vmm binds it through its
         // directory, inherited as this fd.
         let (vsock_arg, vsock_dir) = uds::inherited_path(&vsock, VSOCK_DIR_FD)
             .map_err(RuntimeError::io(format!("vsock socket {}", vsock.display())))?;
+        // (control socket, directory) as the VMM names them: through the inherited directory
+        // fd when the state root makes the paths long.
+        let control_args = recording.as_ref().map(|r| match vsock_dir {
+            Some(_) => (
+                uds::via_fd(VSOCK_DIR_FD, OsStr::new("control.sock")),
+                PathBuf::from(format!("/proc/self/fd/{VSOCK_DIR_FD}")),
+            ),
+            None => (r.control.clone(), vsock_dir_path.clone()),
+        });
         let config_path = dir.join("vm.json");
         let nics = if restore.is_some() { Nics::Snapshot } else { Nics::Own };
         let json = serde_json::to_vec_pretty(&vm_config(cfg, &dir, shape, &vsock_arg, nics))
@@ -389,6 +409,10 @@ impl HuskVmm {
         let key = restore.and_then(|d| d.file_name());
         if let (Some(dir), Some(key)) = (restore, key) {
             args.extend([OsStr::new("--restore"), dir.as_os_str(), OsStr::new("--image-id"), key]);
+            if let Some((control, out)) = &control_args {
+                args.extend([OsStr::new("--control"), control.as_os_str()]);
+                args.extend([OsStr::new("--snapshot-dir"), out.as_os_str()]);
+            }
         }
         if crate::timeline::enabled() {
             args.push(OsStr::new("--timings"));
@@ -436,6 +460,7 @@ impl HuskVmm {
             memory_mib: shape.memory_mib,
             vcpus: shape.vcpus,
             network: shape.network.clone(),
+            working_set: recording,
         };
         let waited = self.wait_for_agent(&mut process, &record, shape, &log_path, spawn_ns, ready).await;
         let _ = std::fs::remove_file(&ready_path);
@@ -508,6 +533,18 @@ impl Vms for HuskVmm {
         let agent = GrpcAgent::connect(&rec.vsock, wait, call_timeout(calls)).await?;
         keep_shared(rec, &agent);
         Ok(agent)
+    }
+
+    async fn first_container_created(&self, rec: &SandboxRecord) {
+        let Some(recording) = &rec.working_set else { return };
+        match snapshot::record_working_set(recording).await {
+            Ok(a) if a.starts_with("ok") => {
+                tracing::info!("sandbox {}: snapshot working set recorded: {a}", rec.id)
+            }
+            Ok(a) => tracing::warn!("sandbox {}: snapshot working set not recorded: {a}", rec.id),
+            Err(e) => tracing::warn!("sandbox {}: snapshot working set not recorded: {e}", rec.id),
+        }
+        crate::timeline::mark("snapshot working set recorded");
     }
 
     async fn kill(&self, rec: &SandboxRecord) {

@@ -184,6 +184,12 @@ pub trait Vms: Send + Sync + 'static {
     /// lock; the sandbox's files are the caller's to remove.
     fn power_off(&self, rec: &SandboxRecord, process: VmProcess) -> impl Future<Output = ()> + Send;
 
+    /// Called once the sandbox's first container is created, before its process has run:
+    /// where the VM was asked to, it records its snapshot's working set now.
+    fn first_container_created(&self, _rec: &SandboxRecord) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
     /// Kills the VM at once, without a word to the guest, and waits (briefly) for it to go:
     /// for a VM whose controlling process died, where nothing in it is worth waiting for.
     fn kill(&self, rec: &SandboxRecord) -> impl Future<Output = ()> + Send;

@@ -44,6 +44,8 @@ const SNAPSHOT_WAIT: Duration = Duration::from_secs(120);
 const STREAM_DRAIN: Duration = Duration::from_secs(10);
 /// The fd a template VMM inherits its working directory at, for long paths.
 const WORK_DIR_FD: i32 = 3;
+/// How long recording a working set may take (a page table read and a small file written).
+const WORKING_SET_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -108,6 +110,11 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The most pod interfaces a snapshot is made for (the agent takes no more).
 pub const MAX_NICS: usize = 16;
+
+/// The pages a VM restored from a snapshot touches while its sandbox and first container are
+/// set up, which later restores map in before the guest runs (a file in the snapshot's
+/// directory, written by the VMM).
+pub use husk_vmm::snapshot::working_set::WORKING_SET_FILE;
 
 /// Whether a VM of `shape` can start from a snapshot at all.
 pub fn eligible(shape: &VmShape) -> bool {
@@ -510,10 +517,50 @@ async fn save_when_ready(
     .map_err(|e| SnapshotError::Template(format!("control task: {e}")))?
 }
 
+/// Whether the snapshot in `dir` lacks a working set that parses: its next restored VM then
+/// records one.
+pub fn needs_working_set(dir: &Path) -> bool {
+    !matches!(husk_vmm::snapshot::working_set::WorkingSet::load(&dir.join(WORKING_SET_FILE)), Ok(Some(_)))
+}
+
+/// Asks a restored VM to record its snapshot's working set (see [`WORKING_SET_FILE`]) and,
+/// once the file it wrote in its own directory parses, puts it into the snapshot; the VM's
+/// answer. Once per snapshot, so its cost (reading the VMM's page table) is paid once.
+pub async fn record_working_set(r: &crate::state::WorkingSetRecording) -> Result<String, SnapshotError> {
+    let r = r.clone();
+    tokio::task::spawn_blocking(move || {
+        let answer = command_within(&r.control, "working-set", WORKING_SET_WAIT)
+            .map_err(io("the VM's control socket"))?;
+        if !answer.starts_with("ok") {
+            return Ok(answer);
+        }
+        let written = r.control.with_file_name(WORKING_SET_FILE);
+        // What a VMM wrote is checked like any input: the format and its bounds.
+        let ws = husk_vmm::snapshot::working_set::WorkingSet::load(&written)
+            .map_err(|e| SnapshotError::Template(format!("the VM's working set: {e}")))?
+            .ok_or_else(|| SnapshotError::Template("the VM wrote no working set".into()))?;
+        let _ = std::fs::remove_file(&written);
+        let tmp = r.snapshot.join(format!("{WORKING_SET_FILE}.tmp-{}", std::process::id()));
+        std::fs::write(&tmp, ws.encode()).map_err(io(format!("writing {}", tmp.display())))?;
+        // Atomic: a restore reads the old file whole, or the new one.
+        std::fs::rename(&tmp, r.snapshot.join(WORKING_SET_FILE)).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io("placing the working set")(e)
+        })?;
+        Ok(answer)
+    })
+    .await
+    .map_err(|e| SnapshotError::Template(format!("control task: {e}")))?
+}
+
 /// One command on a husk-vmm control socket; its one-line answer.
 fn command(socket: &Path, cmd: &str) -> std::io::Result<String> {
+    command_within(socket, cmd, SNAPSHOT_WAIT)
+}
+
+fn command_within(socket: &Path, cmd: &str, wait: Duration) -> std::io::Result<String> {
     let mut s = uds::connect_std(socket)?;
-    s.set_read_timeout(Some(SNAPSHOT_WAIT))?;
+    s.set_read_timeout(Some(wait))?;
     s.write_all(format!("{cmd}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(s.take(4096)).read_line(&mut line)?;
