@@ -54,6 +54,9 @@ ipt() {
 # addresses and ports. Anything else added, and anything removed, is a leak.
 SHARED='^ip6?tables (nat|filter) (:(PREROUTING|INPUT|FORWARD|OUTPUT|POSTROUTING) ACCEPT|:CNI-(HOSTPORT-(DNAT|SETMARK|MASQ)|FORWARD|ADMIN) -|-A (PREROUTING|OUTPUT) -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT|-A POSTROUTING -m comment --comment "CNI portfwd requiring masquerade" -j CNI-HOSTPORT-MASQ|-A CNI-HOSTPORT-MASQ -m mark --mark 0x2000/0x2000 -j MASQUERADE|-A CNI-HOSTPORT-SETMARK -m comment --comment "CNI portfwd masquerade mark" -j MARK --set-xmark 0x2000/0x2000|-A FORWARD -m comment --comment "CNI firewall plugin rules" -j CNI-FORWARD|-A CNI-FORWARD -m comment --comment "CNI firewall plugin admin overrides" -j CNI-ADMIN)$'
 leftovers() {
+    # conmon exits on its own moments after `podman rm` returns: up to 10 s to go, then it is left.
+    k=0
+    while ps -o pid,args | grep -v grep | grep -qE 'husk-vmm|conmon' && [ $k -lt 20 ]; do sleep 0.5; k=$((k + 1)); done
     ps -o pid,args | grep -v grep | grep -qE 'husk-vmm|conmon' && { echo "@@LEFT-PROCESS $1"; ps -o pid,args | grep -E 'husk-vmm|conmon'; }
     ls /sys/class/net | grep -E '^(husk-tap|veth)' && { echo "@@LEFT-LINK $1"; ls /sys/class/net; }
     for d in /run/husk/netns /run/netns; do
