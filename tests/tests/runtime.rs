@@ -91,7 +91,7 @@ echo "@@TIMINGS-BEGIN"; cat /var/timings; echo "@@TIMINGS-END"
 echo piped-in | $H run --net none -i --rootfs /var/bb -- sh -c 'read x; echo got:$x'; echo "@@RUN-I-RC $?"
 $H run --net none --rootfs /var/bb -- sh -c 'echo scratch > /written && cat /written'
 [ -e /var/bb/written ] && echo "@@ROOTFS-CHANGED"
-$H run --net none --rootfs /var/bb -v /var/vol:/data:ro -e GREETING=hi -- sh -c 'echo $GREETING; cat /data/f; touch /data/g 2>/dev/null || echo ro-refused'
+$H run --net none --rootfs /var/bb -v /var/vol:/data:ro -e GREETING=hi -- sh -c 'echo $GREETING; cat /data/f; touch /data/g 2>/dev/null || echo ro-refused; echo home=$HOME'
 # Killed by a signal from outside (PID 1 of a PID namespace ignores its own SIGKILL).
 $H run --net none --rootfs /var/bb -- sleep 300 & p=$!
 until_ok 120 sh -c "$H list | grep -q 'run-.*running'"
@@ -583,7 +583,8 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
             "hello-from-vm\nhusk\n@@RUN-RC 7",
             "got:piped-in\n@@RUN-I-RC 0",
             "scratch",
-            "hi\nvol-data\nro-refused",
+            // HOME as runc sets it: root's from the rootfs's /etc/passwd.
+            "hi\nvol-data\nro-refused\nhome=/root\n",
             "@@RUN-KILLED-RC 137",
             "@@RUN-TERM-RC 42",
             "from-image\n@@IMAGE-RC 9",

@@ -44,4 +44,4 @@ pub use registry::{
 };
 pub use store::{GcReport, ImageRecord, Snapshot, Store};
 pub use unpack::{unpack, unpack_layers, unpack_with_limits, UnpackLimits, UnpackStats};
-pub use users::{resolve_user, MAX_USER_DB};
+pub use users::{home_dir, resolve_user, MAX_USER_DB};

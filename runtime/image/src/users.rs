@@ -80,6 +80,28 @@ pub fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32), ImageError>
     Ok((uid, gid))
 }
 
+/// The home directory runc gives a process of `uid` whose environment has no `HOME`: the
+/// first /etc/passwd entry for `uid`, or `/` when the rootfs has no /etc/passwd. None when
+/// there is an /etc/passwd without such an entry (or with one whose directory is empty, not
+/// absolute or not UTF-8), or one that cannot be read safely (a symlink, a FIFO, too large):
+/// the runtime in the guest then looks for itself, with the container's view of the rootfs.
+pub fn home_dir(rootfs: &Path, uid: u32) -> Option<String> {
+    let text = match read_etc(rootfs, Db::Passwd.file()) {
+        Ok(Some(text)) => text,
+        Ok(None) => return Some("/".into()),
+        Err(_) => return None,
+    };
+    for line in text.split(|&b| b == b'\n') {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b':').collect();
+        if line.starts_with(b"#") || fields.len() < 6 || parse_id(fields[2]) != Some(uid) {
+            continue;
+        }
+        let dir = std::str::from_utf8(fields[5]).ok()?;
+        return dir.starts_with('/').then(|| dir.to_owned());
+    }
+    None
+}
+
 /// A user or group as the `User` field names it.
 #[derive(Clone, Copy)]
 enum Key<'a> {
@@ -254,6 +276,24 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     use crate::testutil::TempDir;
+
+    #[test]
+    fn home_is_the_passwd_entrys_or_slash_without_a_passwd() {
+        let t = TempDir::new();
+        let root = t.0.as_path();
+        assert_eq!(home_dir(root, 0).as_deref(), Some("/"), "no /etc at all");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        assert_eq!(home_dir(root, 0).as_deref(), Some("/"), "no /etc/passwd");
+        fs::write(root.join("etc/passwd"), PASSWD).unwrap();
+        assert_eq!(home_dir(root, 0).as_deref(), Some("/root"));
+        assert_eq!(home_dir(root, 1).as_deref(), Some("/usr/sbin"));
+        assert_eq!(home_dir(root, 4242), None, "no entry: left to the runtime");
+        fs::write(root.join("etc/passwd"), "# c\nx:x:0:0::relative:/bin/sh\n").unwrap();
+        assert_eq!(home_dir(root, 0), None, "not absolute");
+        fs::remove_file(root.join("etc/passwd")).unwrap();
+        symlink("/etc/passwd", root.join("etc/passwd")).unwrap();
+        assert_eq!(home_dir(root, 0), None, "a symlink is never followed on the host");
+    }
 
     const PASSWD: &str = "\
 root:x:0:0:root:/root:/bin/sh

@@ -89,6 +89,15 @@ fn run_spec(a: &SandboxRun, rootfs: &Path, img: &ImageConfig) -> Result<Spec, Cl
         return Err(invalid(format!("working directory {cwd:?} is not absolute")).into());
     }
     let (uid, gid) = husk_image::resolve_user(rootfs, &img.user)?;
+    // As runc does for a process without one (and Docker's runs get): the user's home, or `/`
+    // for a rootfs without /etc/passwd. Read here, on the host, it saves the guest a passwd
+    // lookup over virtio-fs; where it cannot be told here, the guest's runtime looks.
+    if !env.iter().any(|e| e.strip_prefix("HOME=").is_some_and(|h| !h.is_empty())) {
+        if let Some(home) = husk_image::home_dir(rootfs, uid) {
+            env.retain(|e| e != "HOME=");
+            env.push(format!("HOME={home}"));
+        }
+    }
 
     let mut spec = Spec::default();
     let internal = |e: oci_spec::OciSpecError| RuntimeError::Internal(format!("run spec: {e}"));
@@ -344,6 +353,39 @@ mod tests {
         assert_eq!(net(&with), vec![Some(PathBuf::from("/run/husk/netns/run-1"))]);
         assert_eq!(nss(&with).len(), nss(&s).len());
         assert!(s.mounts().iter().flatten().any(|m| m.destination() == Path::new("/tmp")));
+
+        // HOME as runc sets it: `/` without an /etc/passwd, the entry's with one; one given stays.
+        let home = |rootfs: &Path, env: &[&str]| {
+            let a = SandboxRun {
+                rootfs: RootfsSource::Dir("/".into()),
+                interactive: false,
+                tty: false,
+                memory: None,
+                cpus: None,
+                env: env.iter().map(|e| e.to_string()).collect(),
+                volume: vec![],
+                workdir: None,
+                hostname: None,
+                net: None,
+                publish: vec![],
+                pull: PullPolicy::Missing,
+                platform: None,
+                command: vec![],
+            };
+            let s = run_spec(&a, rootfs, &img).expect("spec");
+            let env = s.process().as_ref().and_then(|p| p.env().clone()).unwrap_or_default();
+            env.into_iter().filter(|e| e.starts_with("HOME=")).collect::<Vec<_>>()
+        };
+        let r = d.join(format!("husk-home-{}", std::process::id()));
+        std::fs::create_dir_all(r.join("etc")).expect("mkdir");
+        assert_eq!(home(&r, &[]), ["HOME=/"]);
+        assert_eq!(home(&r, &["HOME="]), ["HOME=/"], "an empty one counts as none");
+        std::fs::write(r.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").expect("passwd");
+        assert_eq!(home(&r, &[]), ["HOME=/root"]);
+        assert_eq!(home(&r, &["HOME=/mine"]), ["HOME=/mine"]);
+        std::fs::write(r.join("etc/passwd"), "nobody:x:65534:65534::/nonexistent:/bin/sh\n").expect("passwd");
+        assert!(home(&r, &[]).is_empty(), "no entry for root: the guest looks");
+        let _ = std::fs::remove_dir_all(&r);
         assert!(run_spec(&SandboxRun { command: vec![], ..a }, &d, &ImageConfig::default()).is_err());
     }
 
