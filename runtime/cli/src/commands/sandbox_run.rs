@@ -308,15 +308,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_run_spec_is_runcs_default_with_the_images_process() {
-        let a = SandboxRun {
+    /// A `husk run --rootfs /` with these `-e` values and no command.
+    fn run_with_env(env: &[&str]) -> SandboxRun {
+        SandboxRun {
             rootfs: RootfsSource::Dir("/".into()),
             interactive: false,
             tty: false,
             memory: None,
             cpus: None,
-            env: vec!["A=b".into()],
+            env: env.iter().map(|e| e.to_string()).collect(),
             volume: vec![],
             workdir: None,
             hostname: None,
@@ -325,7 +325,12 @@ mod tests {
             pull: PullPolicy::Missing,
             platform: None,
             command: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn the_run_spec_is_runcs_default_with_the_images_process() {
+        let a = run_with_env(&["A=b"]);
         let img = ImageConfig { cmd: vec!["sh".into()], working_dir: "/w".into(), ..Default::default() };
         let d = std::env::temp_dir();
         let s = run_spec(&a, &d, &img).expect("spec");
@@ -356,23 +361,7 @@ mod tests {
 
         // HOME as runc sets it: `/` without an /etc/passwd, the entry's with one; one given stays.
         let home = |rootfs: &Path, env: &[&str]| {
-            let a = SandboxRun {
-                rootfs: RootfsSource::Dir("/".into()),
-                interactive: false,
-                tty: false,
-                memory: None,
-                cpus: None,
-                env: env.iter().map(|e| e.to_string()).collect(),
-                volume: vec![],
-                workdir: None,
-                hostname: None,
-                net: None,
-                publish: vec![],
-                pull: PullPolicy::Missing,
-                platform: None,
-                command: vec![],
-            };
-            let s = run_spec(&a, rootfs, &img).expect("spec");
+            let s = run_spec(&run_with_env(env), rootfs, &img).expect("spec");
             let env = s.process().as_ref().and_then(|p| p.env().clone()).unwrap_or_default();
             env.into_iter().filter(|e| e.starts_with("HOME=")).collect::<Vec<_>>()
         };
