@@ -79,10 +79,14 @@ impl ControlEndpoint {
                     .map_err(io("open snapshot directory"))
             })
             .transpose()?;
-        let pagemap = match restored {
-            true => Some(File::open("/proc/self/pagemap").map_err(io("open /proc/self/pagemap"))?),
-            false => None,
-        };
+        // Without it (a /proc that hides it) the VM runs as ever and `working-set` says why not.
+        let pagemap = restored
+            .then(|| {
+                File::open("/proc/self/pagemap")
+                    .map_err(|e| tracing::warn!("no working set can be recorded: /proc/self/pagemap: {e}"))
+                    .ok()
+            })
+            .flatten();
         Ok(Self { listener, path: path.to_path_buf(), dir, pagemap, restored })
     }
 }
@@ -175,8 +179,11 @@ fn handle(ep: &ControlEndpoint, src: &SnapshotSources, mut stream: UnixStream) -
 /// Records the restored VM's touched pages into a working set file in the control directory
 /// (replacing any, atomically).
 fn record_working_set(ep: &ControlEndpoint, src: &SnapshotSources) -> Result<(u64, u64), SnapshotError> {
-    let (Some(dir), Some(pagemap), true) = (&ep.dir, &ep.pagemap, ep.restored) else {
+    let (Some(dir), true) = (&ep.dir, ep.restored) else {
         return Err(SnapshotError::Refused("working-set is for a restored VM with a --snapshot-dir".into()));
+    };
+    let Some(pagemap) = &ep.pagemap else {
+        return Err(SnapshotError::Refused("/proc/self/pagemap could not be opened".into()));
     };
     let ws = WorkingSet::record(&src.mem, pagemap)?;
     let f = create_at(dir, "working-set.tmp")?;
