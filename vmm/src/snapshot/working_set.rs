@@ -69,6 +69,11 @@ impl WorkingSet {
     fn from_pages(pages: impl IntoIterator<Item = (u64, bool)>) -> Result<Self, SnapshotError> {
         let mut runs: Vec<Run> = Vec::new();
         for (frame, written) in pages {
+            if frame > u64::from(u32::MAX) {
+                return Err(SnapshotError::Invalid(format!(
+                    "working set page frame {frame:#x} is past the format"
+                )));
+            }
             match runs.last_mut() {
                 Some(r) if r.first + r.pages == frame && r.written == written => r.pages += 1,
                 Some(r) if frame < r.first + r.pages => {
@@ -100,7 +105,7 @@ impl WorkingSet {
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&(self.runs.len() as u32).to_le_bytes());
         for r in &self.runs {
-            // Bounded by check_bounds: frames of guest RAM below 2^32 pages, runs below 2^31.
+            // Bounded by from_pages and check_bounds: frames below 2^32, runs below 2^31 pages.
             out.extend_from_slice(&(r.first as u32).to_le_bytes());
             let len = r.pages as u32 | if r.written { WRITTEN } else { 0 };
             out.extend_from_slice(&len.to_le_bytes());
@@ -140,16 +145,26 @@ impl WorkingSet {
         Ok(set)
     }
 
-    /// Reads `path`, if there is one: None when it is missing; an error when it is malformed.
+    /// Reads `path`, if there is one: None when it is missing; an error when it is malformed or
+    /// not a regular file (never followed if a symlink, never waited on if a FIFO: a VMM writes
+    /// the file husk reads first).
     pub fn load(path: &std::path::Path) -> Result<Option<Self>, SnapshotError> {
-        let f = match File::open(path) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path);
+        let f = match opened {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(SnapshotError::Io { what: "open working set", source }),
         };
         let max = (HEADER + RUN * MAX_RUNS) as u64;
-        let len =
-            f.metadata().map_err(|source| SnapshotError::Io { what: "stat working set", source })?.len();
+        let meta = f.metadata().map_err(|source| SnapshotError::Io { what: "stat working set", source })?;
+        if !meta.is_file() {
+            return Err(SnapshotError::Corrupt("working set: not a regular file".into()));
+        }
+        let len = meta.len();
         if len > max {
             return Err(SnapshotError::Corrupt(format!("working set: {len} bytes, at most {max}")));
         }
@@ -308,6 +323,7 @@ mod tests {
         let many = (0..=MAX_WRITTEN).map(|f| (f, true));
         assert!(matches!(WorkingSet::from_pages(many), Err(SnapshotError::Refused(_))));
         assert!(WorkingSet::from_pages([(5, false), (4, false)]).is_err());
+        assert!(WorkingSet::from_pages([(1 << 32, false)]).is_err());
     }
 
     #[test]
@@ -319,6 +335,15 @@ mod tests {
         let f = File::create(&long).unwrap();
         f.set_len((HEADER + RUN * MAX_RUNS + 1) as u64).unwrap();
         assert!(WorkingSet::load(&long).is_err());
+        // What a VMM could leave instead of a file: a symlink to a host file, a FIFO.
+        let link = d.join("link");
+        std::os::unix::fs::symlink(&long, &link).unwrap();
+        assert!(WorkingSet::load(&link).is_err());
+        let fifo = d.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(WorkingSet::load(&fifo).is_err(), "refused at once, not waited on");
         let ok = d.join("ok");
         std::fs::write(&ok, set(&[(3, true)]).encode()).unwrap();
         assert_eq!(WorkingSet::load(&ok).unwrap(), Some(set(&[(3, true)])));

@@ -57,6 +57,8 @@ pub enum SnapshotError {
     },
     #[error("the template VM: {0}")]
     Template(String),
+    #[error("the snapshot's working set: {0}")]
+    WorkingSet(String),
     #[error("the template VM's agent: {0}")]
     Agent(String),
 }
@@ -537,8 +539,8 @@ pub async fn record_working_set(r: &crate::state::WorkingSetRecording) -> Result
         let written = r.control.with_file_name(WORKING_SET_FILE);
         // What a VMM wrote is checked like any input: the format and its bounds.
         let ws = husk_vmm::snapshot::working_set::WorkingSet::load(&written)
-            .map_err(|e| SnapshotError::Template(format!("the VM's working set: {e}")))?
-            .ok_or_else(|| SnapshotError::Template("the VM wrote no working set".into()))?;
+            .map_err(|e| SnapshotError::WorkingSet(format!("the VM's file: {e}")))?
+            .ok_or_else(|| SnapshotError::WorkingSet("the VM wrote none".into()))?;
         let _ = std::fs::remove_file(&written);
         let tmp = r.snapshot.join(format!("{WORKING_SET_FILE}.tmp-{}", std::process::id()));
         std::fs::write(&tmp, ws.encode()).map_err(io(format!("writing {}", tmp.display())))?;
@@ -550,7 +552,7 @@ pub async fn record_working_set(r: &crate::state::WorkingSetRecording) -> Result
         Ok(answer)
     })
     .await
-    .map_err(|e| SnapshotError::Template(format!("control task: {e}")))?
+    .map_err(|e| SnapshotError::WorkingSet(format!("control task: {e}")))?
 }
 
 /// One command on a husk-vmm control socket; its one-line answer.
