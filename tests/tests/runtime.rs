@@ -95,6 +95,10 @@ $H run --net none --rootfs /var/bb -v /var/vol:/data:ro -e GREETING=hi -- sh -c 
 # Killed by a signal from outside (PID 1 of a PID namespace ignores its own SIGKILL).
 $H run --net none --rootfs /var/bb -- sleep 300 & p=$!
 until_ok 120 sh -c "$H list | grep -q 'run-.*running'"
+# A VM restored once the shape's working set was recorded maps the read-only part of the
+# snapshot's memory (on tmpfs here) in 2 MiB pages.
+vmm=$(ps -o pid,args | grep -v grep | grep husk-vmm | awk '{print $1; exit}')
+echo "@@VMM-PMD-KB $(awk '/^ShmemPmdMapped:/ {print $2}' /proc/$vmm/smaps_rollup)"
 $H kill "$($H list -q | grep run-)" KILL; wait $p; echo "@@RUN-KILLED-RC $?"
 # A signal to husk run reaches the process (sh as PID 1 traps it and exits 42).
 $H run --net none --rootfs /var/bb -- sh -c 'trap "exit 42" TERM; echo trap-ready; while :; do sleep 1; done' > /var/trap.out &
@@ -597,6 +601,11 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
         "husk run",
     );
     assert!(!run.contains("@@ROOTFS-CHANGED"), "husk run wrote into its rootfs:\n{run}");
+    let pmd_kb: Option<u64> = run.lines().find_map(|l| l.strip_prefix("@@VMM-PMD-KB ")?.trim().parse().ok());
+    assert!(
+        pmd_kb.is_some_and(|kb| kb >= 2048),
+        "a restored VM mapped no 2 MiB page of the snapshot's memory (ShmemPmdMapped {pmd_kb:?} kB):\n{run}"
+    );
     check_timings(section(run, "@@TIMINGS-BEGIN", Some("@@TIMINGS-END")));
     check_snapshots(
         section(run, "--- snapshots", Some("--- missing pieces")),

@@ -87,17 +87,26 @@ pub fn map(file: File, regions: &[MemRegion], memory_mib: u64) -> Result<GuestMe
 }
 
 /// Maps `regions` of the memory file private, as guest RAM (the layout already checked).
+///
+/// Each region starts on a 2 MiB boundary of the VMM's address space, as it does in guest
+/// physical memory and in the file, so where the page cache holds a 2 MiB page (see
+/// [`super::huge_pages`]) the host maps it whole and KVM maps it with one nested entry.
+/// These mappings are never unmapped: guest RAM lives as long as the VMM process.
 pub(super) fn map_regions(file: File, regions: &[MemRegion]) -> Result<GuestMem, SnapshotError> {
     let file = Arc::new(file);
     let mut mapped = Vec::new();
     for r in regions {
         let len = usize::try_from(r.len).map_err(|_| SnapshotError::Invalid("region size".into()))?;
-        let region = MmapRegionBuilder::new(len)
+        // Private: the guest's writes never reach the file; NORESERVE: no swap accounted for
+        // pages that are never written.
+        let (prot, flags) = (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_NORESERVE);
+        let addr = map_aligned(&file, r.file_offset, len, prot, flags).map_err(io("map memory file"))?;
+        // SAFETY: `addr..addr + len` is a mapping made just above that is never unmapped, so
+        // it outlives the region.
+        let region = unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(addr) }
             .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            // Private: the guest's writes never reach the file; NORESERVE: no swap accounted
-            // for pages that are never written.
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_mmap_prot(prot)
+            .with_mmap_flags(flags)
             .build()
             .map_err(|e| SnapshotError::Io {
                 what: "map memory file",
@@ -108,6 +117,66 @@ pub(super) fn map_regions(file: File, regions: &[MemRegion]) -> Result<GuestMem,
         mapped.push(region);
     }
     GuestMem::from_regions(mapped).map_err(|e| SnapshotError::Invalid(format!("memory regions: {e}")))
+}
+
+/// The size of an x86 huge page, and the alignment guest RAM is mapped at.
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// Maps `len` bytes of `file` from `offset` at an address aligned to [`HUGE_PAGE`]: a
+/// reservation one huge page longer is made, the file mapped over its aligned part, and the
+/// slack on either side given back. The caller owns the returned mapping.
+pub(super) fn map_aligned(
+    file: &File,
+    offset: u64,
+    len: usize,
+    prot: libc::c_int,
+    flags: libc::c_int,
+) -> std::io::Result<*mut u8> {
+    use std::os::fd::AsRawFd;
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let reserve =
+        len.checked_add(HUGE_PAGE).ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a new anonymous mapping with no access, at an address the kernel picks; it
+    // touches no existing memory.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            reserve,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let start = base as usize;
+    let aligned = (start + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
+    // SAFETY: `aligned..aligned + len` lies inside the reservation just made, which nothing
+    // else uses, so MAP_FIXED replaces only it.
+    let addr = unsafe {
+        libc::mmap(aligned as *mut libc::c_void, len, prot, flags | libc::MAP_FIXED, file.as_raw_fd(), offset)
+    };
+    if addr == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: the reservation made above, not yet handed out.
+        unsafe { libc::munmap(base, reserve) };
+        return Err(e);
+    }
+    // SAFETY: the reservation's slack before and after the file mapping, still PROT_NONE and
+    // unused.
+    unsafe {
+        if aligned > start {
+            libc::munmap(base, aligned - start);
+        }
+        let end = aligned + len;
+        if start + reserve > end {
+            libc::munmap(end as *mut libc::c_void, start + reserve - end);
+        }
+    }
+    Ok(addr.cast())
 }
 
 #[cfg(test)]
@@ -130,6 +199,8 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         assert!(f.metadata().unwrap().blocks() * 512 < 1 << 20);
         let restored = map(File::open(&path).unwrap(), &layout, 16).unwrap();
+        let host = restored.iter().next().unwrap().as_ptr() as usize;
+        assert_eq!(host % HUGE_PAGE, 0, "guest RAM is mapped on a huge page boundary");
         let mut b = [0u8; 5];
         restored.read_slice(&mut b, GuestAddress(0x1234)).unwrap();
         assert_eq!(&b, b"hello");

@@ -13,6 +13,7 @@
 
 pub mod control;
 pub mod file;
+pub mod huge_pages;
 pub mod kvm_state;
 pub mod memory;
 pub mod state;

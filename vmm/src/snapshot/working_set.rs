@@ -11,6 +11,8 @@
 //! made anyway, so what siblings share stays the same. Read pages are recorded too but not
 //! mapped ahead: on Linux before 6.10 (no `KVM_PRE_FAULT_MEMORY`) their one exit each stays
 //! either way, and mapping them from the page cache beforehand measured the same as not.
+//! Chunks that were only read are instead held as 2 MiB pages ([`super::huge_pages`]), which
+//! takes most of their exits away.
 //!
 //! The record comes from the VMM's own page table (`/proc/self/pagemap`: present, and whether
 //! the page is still the file's or already private), taken when the host asks, before any
@@ -212,6 +214,34 @@ impl WorkingSet {
         Self::from_pages(pages)
     }
 
+    /// The guest addresses of the 2 MiB chunks where the guest read at least `min_read` pages
+    /// and wrote none, in order.
+    pub fn read_only_chunks(&self, min_read: u64) -> Vec<u64> {
+        const CHUNK_PAGES: u64 = (super::memory::HUGE_PAGE as u64) / PAGE;
+        // Per chunk: pages read, and whether any was written.
+        let mut chunks: std::collections::BTreeMap<u64, (u64, bool)> = Default::default();
+        for r in &self.runs {
+            let mut page = r.first;
+            let end = r.first + r.pages;
+            while page < end {
+                let chunk = page / CHUNK_PAGES;
+                let upto = end.min((chunk + 1) * CHUNK_PAGES);
+                let c = chunks.entry(chunk).or_default();
+                if r.written {
+                    c.1 = true;
+                } else {
+                    c.0 += upto - page;
+                }
+                page = upto;
+            }
+        }
+        chunks
+            .into_iter()
+            .filter(|(_, (read, written))| !written && *read >= min_read)
+            .map(|(chunk, _)| chunk * CHUNK_PAGES * PAGE)
+            .collect()
+    }
+
     /// Copies the set's written pages into `mem`'s private mapping ahead of the guest, and
     /// returns how many. Every run must lie in guest RAM (a set that does not fit this VM is
     /// refused whole, before anything is done). An error from the kernel (one without
@@ -275,6 +305,23 @@ mod tests {
         assert_eq!(s.pages(), (5, 2));
         assert_eq!(WorkingSet::decode(&s.encode()).unwrap(), s);
         assert_eq!(WorkingSet::decode(&WorkingSet::default().encode()).unwrap(), WorkingSet::default());
+    }
+
+    #[test]
+    fn read_only_chunks_are_those_read_enough_and_never_written() {
+        let mut pages = Vec::new();
+        // Chunk 0: 40 pages read. Chunk 1: 40 read and one written. Chunk 2: 3 read.
+        // Chunk 3 and 4: one run of reads across the boundary, 20 pages in 3 and 30 in 4.
+        pages.extend((0..40).map(|p| (p, false)));
+        pages.extend((512..552).map(|p| (p, false)));
+        pages.push((600, true));
+        pages.extend((1024..1027).map(|p| (p, false)));
+        pages.extend((2028..2078).map(|p| (p, false)));
+        let ws = set(&pages);
+        let chunk = 2 << 20;
+        assert_eq!(ws.read_only_chunks(1), vec![0, 2 * chunk, 3 * chunk, 4 * chunk]);
+        assert_eq!(ws.read_only_chunks(25), vec![0, 4 * chunk]);
+        assert!(WorkingSet::default().read_only_chunks(1).is_empty());
     }
 
     #[test]
