@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use husk_tests::artifacts::{bin, RuntimeTestKit};
-use husk_tests::{bench_values, run_job, Job};
+use husk_tests::{run_job, Job};
 
 const SCRIPT: &str = r##"
 mk_rootfs() {
@@ -26,14 +26,24 @@ mkdir -p /var/oci /var/oci-sleep
 # Both shapes' snapshots (OCI containers' and `husk run --rootfs`'s) made ahead, so no timed
 # run pays for making one.
 @PROBE@ time snapshot-prepare-ms 1 $H snapshot prepare || echo "FAIL husk snapshot prepare"
-for r in @RUNTIMES@; do
-    n=$(basename $r)
-    @PROBE@ time $n-run-true-ms @N@ $r --root /run/$n run --no-pivot --bundle /var/oci bench || echo "FAIL $n"
+# Each shape's first restored run records its working set: done here, untimed.
+$H --root /run/hb run --bundle /var/oci bench && $H run --net none --rootfs /var/bb -- true || echo "FAIL first restored runs"
+# Interleaved, one run of each per round, so that a slower spell of this shared machine falls
+# on every runtime alike; a pause after each round's cold runs lets the work they leave to
+# the kernel (freeing their memory) finish before the next round's first run.
+i=0
+while [ $i -lt @N@ ]; do
+    for r in @RUNTIMES@; do
+        n=$(basename $r)
+        @PROBE@ time $n-run-true-ms 1 $r --root /run/$n run --no-pivot --bundle /var/oci bench || echo "FAIL $n"
+    done
+    @PROBE@ time husk-bundle-restored-ms 1 $H --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (restored)"
+    @PROBE@ time husk-rootfs-restored-ms 1 $H run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (restored)"
+    @PROBE@ time husk-bundle-cold-ms 1 $H --no-snapshot --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (cold)"
+    @PROBE@ time husk-rootfs-cold-ms 1 $H --no-snapshot run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (cold)"
+    sleep 1
+    i=$((i+1))
 done
-@PROBE@ time husk-bundle-restored-ms @N@ $H --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (restored)"
-@PROBE@ time husk-bundle-cold-ms @N@ $H --no-snapshot --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (cold)"
-@PROBE@ time husk-rootfs-restored-ms @N@ $H run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (restored)"
-@PROBE@ time husk-rootfs-cold-ms @N@ $H --no-snapshot run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (cold)"
 for mode in restored cold; do
     flag=; [ $mode = cold ] && flag=--no-snapshot
     i=0
@@ -222,14 +232,28 @@ fn main() -> anyhow::Result<()> {
     if out.output.contains("FAIL") {
         anyhow::bail!("benchmark failed:\n{}", out.output);
     }
-    let v = bench_values(&out.output);
-    let get = |k: &str| v.get(k).copied().ok_or_else(|| anyhow::anyhow!("no {k} in output:\n{}", out.output));
+    // One value per round for the timed runs (their median), one in all for the rest.
+    let mut samples: HashMap<String, Vec<f64>> = HashMap::new();
+    for l in out.output.lines().filter_map(|l| l.strip_prefix("BENCH ")) {
+        let mut f = l.split_whitespace();
+        if let (Some(k), Some(Ok(v))) = (f.next(), f.next().map(str::parse::<f64>)) {
+            samples.entry(k.to_string()).or_default().push(v);
+        }
+    }
+    let get = |k: &str| {
+        samples
+            .get(k)
+            .map(|v| median(v.clone()))
+            .ok_or_else(|| anyhow::anyhow!("no {k} in output:\n{}", out.output))
+    };
     let place = if out.l1.is_some() {
         "husk VMs = L2 under KVM inside the nested test host (QEMU TCG, ~10x slower than native); runc/crun in L1"
     } else {
         "husk VMs under this host's KVM; runc/crun on this host"
     };
-    println!("Runtime benchmarks ({place}); medians of {N} runs, a new VM each");
+    println!(
+        "Runtime benchmarks ({place}); medians of {N} runs, a new VM each, runtimes interleaved run by run"
+    );
     println!("`husk snapshot prepare` (both shapes, 256 MiB, 1 vCPU): {:.0} ms", get("snapshot-prepare-ms")?);
     let peers: Vec<(String, f64)> = runtimes
         .iter()
