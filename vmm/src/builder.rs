@@ -185,6 +185,7 @@ impl VmCreation {
 pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, BuildError> {
     cfg.validate()?;
     let creating = VmCreation::start(cfg.vcpus);
+    crate::confine::narrow_bounding()?;
     // Snapshot input is checked before anything is set up for it.
     let restore = opts.restore.as_deref().map(load_snapshot).transpose()?;
     let working_set = opts.restore.as_deref().and_then(load_working_set);

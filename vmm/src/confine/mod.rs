@@ -146,6 +146,12 @@ pub fn enable(mode: SeccompMode) -> Result<(), ConfineError> {
     Ok(())
 }
 
+/// Drops, on the calling (main) thread, the bounding-set capabilities no thread keeps; threads
+/// started afterwards inherit that and each confine themselves with fewer syscalls.
+pub fn narrow_bounding() -> Result<(), ConfineError> {
+    caps::narrow_bounding().map_err(|source| ConfineError::Caps { kind: ThreadKind::Main.name(), source })
+}
+
 /// Confines the calling thread as `kind`: capabilities first (dropping them needs syscalls the
 /// filter then forbids), then the seccomp filter.
 pub fn confine_thread(kind: ThreadKind) -> Result<(), ConfineError> {
