@@ -78,3 +78,34 @@ pub fn restrict_thread(keep: CapsHashSet) -> std::io::Result<()> {
     caps::set(None, CapSet::Permitted, &kept).map_err(io)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_started_after_the_narrowing_inherit_it_and_drop_the_rest_themselves() {
+        // On a thread of its own: the bounding set is per thread, and the harness's stays.
+        std::thread::spawn(|| {
+            if !caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {
+                eprintln!("skipped: no CAP_SETPCAP, so the bounding set cannot change");
+                return;
+            }
+            narrow_bounding().expect("narrow");
+            let allowed: CapsHashSet = FS_SERVER.iter().copied().collect();
+            let narrowed = caps::read(None, CapSet::Bounding).expect("read");
+            assert!(narrowed.is_subset(&allowed), "left after narrowing: {narrowed:?}");
+            let (inherited, own) = std::thread::spawn(|| {
+                let inherited = caps::read(None, CapSet::Bounding).expect("read");
+                restrict_thread(CapsHashSet::new()).expect("restrict");
+                (inherited, caps::read(None, CapSet::Bounding).expect("read"))
+            })
+            .join()
+            .expect("thread");
+            assert_eq!(inherited, narrowed, "a thread starts with its creator's bounding set");
+            assert!(own.is_empty(), "a thread that keeps nothing holds nothing: {own:?}");
+        })
+        .join()
+        .expect("test thread");
+    }
+}
