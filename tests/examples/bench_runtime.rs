@@ -29,17 +29,24 @@ mkdir -p /var/oci /var/oci-sleep
 # Each shape's first restored run records its working set: done here, untimed.
 $H --root /run/hb run --bundle /var/oci bench && $H run --net none --rootfs /var/bb -- true || echo "FAIL first restored runs"
 # Interleaved, one run of each per round, so that a slower spell of this shared machine falls
-# on every runtime alike; a pause after each round's cold runs lets the work they leave to
-# the kernel (freeing their memory) finish before the next round's first run.
+# on every runtime alike. Every run is followed by a pause, so that the work it leaves to the
+# kernel (freeing memory; for husk, destroying its VM, which it does not wait for) is done
+# before the next run starts rather than counted in it; a longer one after each round's cold
+# runs.
+settle() { sleep 0.3; }
 i=0
 while [ $i -lt @N@ ]; do
     for r in @RUNTIMES@; do
         n=$(basename $r)
         @PROBE@ time $n-run-true-ms 1 $r --root /run/$n run --no-pivot --bundle /var/oci bench || echo "FAIL $n"
+        settle
     done
     @PROBE@ time husk-bundle-restored-ms 1 $H --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (restored)"
+    settle
     @PROBE@ time husk-rootfs-restored-ms 1 $H run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (restored)"
+    settle
     @PROBE@ time husk-bundle-cold-ms 1 $H --no-snapshot --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (cold)"
+    settle
     @PROBE@ time husk-rootfs-cold-ms 1 $H --no-snapshot run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (cold)"
     sleep 1
     i=$((i+1))
@@ -48,6 +55,7 @@ for mode in restored cold; do
     flag=; [ $mode = cold ] && flag=--no-snapshot
     i=0
     while [ $i -lt @N@ ]; do
+        settle
         $H $flag run --timings --net none --rootfs /var/bb -- true 2>/tmp/timings >/dev/null || echo "FAIL husk run --timings ($mode)"
         sed "s/^/TIMINGS $mode /" /tmp/timings
         echo "TIMINGS-END $mode"

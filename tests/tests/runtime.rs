@@ -52,7 +52,17 @@ leftovers() {
     for d in /run/husk /run/husk-oci /run/containerd/runc/default /run/husk/containerd/default; do
         find $d/containers $d/sandboxes $d/runs -mindepth 1 2>/dev/null | grep -q . && { echo "@@LEFT-STATE $1 $d"; find $d | head; }
     done
-    find /sys/fs/cgroup/husk -mindepth 1 -maxdepth 1 -type d 2>/dev/null | grep -q . && { echo "@@LEFT-CGROUP $1"; ls /sys/fs/cgroup/husk; }
+    # No process is left in a sandbox's cgroup when husk returns. The cgroup itself goes a
+    # moment later: KVM's kernel threads for the VM stay in it until the kernel has destroyed
+    # the VM, which husk leaves to a detached process that then removes the cgroup.
+    for c in /sys/fs/cgroup/husk/*/; do
+        [ -e "${c}cgroup.procs" ] || continue
+        for p in $(cat ${c}cgroup.procs); do
+            [ -s /proc/$p/cmdline ] && { echo "@@LEFT-CGROUP-PROCESS $1 $c $p"; cat /proc/$p/cmdline | tr '\0' ' '; echo; }
+        done
+    done
+    until_ok 10 sh -c '! find /sys/fs/cgroup/husk -mindepth 1 -maxdepth 1 -type d | grep -q .' \
+        || { echo "@@LEFT-CGROUP $1"; ls /sys/fs/cgroup/husk; }
     echo "@@CLEAN-CHECKED $1"
 }
 # confined PID: how the VMM with that pid is confined, as @@CF- lines.

@@ -216,6 +216,17 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
     // Before the jail (namespaces can only be entered while the VMM has one thread); its
     // errors are reported where KVM was always first touched, after the input's.
     let vm = creating.finish();
+    // Before the jail closes inherited descriptors; a bad one is reported and left alone.
+    if let Some(fd) = opts.vm_handover {
+        match crate::handover::socket(fd) {
+            Ok(sock) => {
+                if let Ok(v) = &vm {
+                    crate::handover::send(sock, v.fd());
+                }
+            }
+            Err(e) => tracing::warn!("--vm-handover {fd}: {e}"),
+        }
+    }
     crate::confine::enable(cfg.seccomp)?;
     let (jail, jailed);
     let cfg = match &cfg.jail {

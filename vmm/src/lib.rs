@@ -10,6 +10,7 @@ pub mod config;
 pub mod confine;
 pub mod devices;
 pub mod exit;
+pub mod handover;
 pub mod jail;
 pub mod loopback_forward;
 pub mod memory;

@@ -87,6 +87,11 @@ struct Cli {
     /// on restore.
     #[arg(long, value_name = "ID")]
     image_id: Option<String>,
+    /// An inherited Unix socket (descriptor FD) to send a duplicate of the KVM VM descriptor
+    /// over once the VM is made, so that the VM's kernel teardown waits on the holder's close
+    /// rather than on this process's exit.
+    #[arg(long, value_name = "FD")]
+    vm_handover: Option<i32>,
     /// Report when this process started, had the VM built and first entered the guest, as
     /// `husk-vmm-timing: NAME NS` lines on stderr (NS: CLOCK_MONOTONIC).
     #[arg(long)]
@@ -127,6 +132,7 @@ fn parse_config_form(args: &[OsString]) -> Option<Cli> {
         snapshot_dir: None,
         restore: None,
         image_id: None,
+        vm_handover: None,
         timings: false,
     };
     let mut seccomp_given = false;
@@ -163,6 +169,12 @@ fn parse_config_form(args: &[OsString]) -> Option<Cli> {
                 }
                 continue;
             }
+            "--vm-handover" => {
+                if cli.vm_handover.replace(value.parse().ok()?).is_some() {
+                    return None;
+                }
+                continue;
+            }
             "--seccomp" => {
                 if std::mem::replace(&mut seccomp_given, true) {
                     return None;
@@ -188,6 +200,7 @@ fn snapshot_options(cli: &mut Cli) -> SnapshotOptions {
         snapshot_dir: cli.snapshot_dir.take(),
         restore: cli.restore.take(),
         image_id: cli.image_id.take(),
+        vm_handover: cli.vm_handover.take(),
     }
 }
 
@@ -323,6 +336,8 @@ mod tests {
             &["--config", "/s/vm.json", "--seccomp", "log"],
             &["--config", "/s/vm.json", "--seccomp=off", "--image-id=x y"],
             &["--config", "/s/vm.json", "--no-seccomp"],
+            &["--config", "/s/vm.json", "--vm-handover", "4", "--restore", "/snap/k"],
+            &["--vm-handover=7", "--config", "/s/vm.json"],
         ];
         for f in forms {
             let a = argv(f);
@@ -351,6 +366,8 @@ mod tests {
             &["--config", "/a", "--seccomp", "log", "--no-seccomp"],
             &["--config", "/a", "--timings=yes"],
             &["--config", "/a", "extra"],
+            &["--config", "/a", "--vm-handover", "four"],
+            &["--config", "/a", "--vm-handover", "4", "--vm-handover", "5"],
         ];
         for f in others {
             assert!(parse_config_form(&argv(f)).is_none(), "{f:?} must go through clap");

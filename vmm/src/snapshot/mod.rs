@@ -64,8 +64,9 @@ pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> S
     move |source| SnapshotError::Kvm { what, source }
 }
 
-/// How a VMM takes part in snapshots; all off by default. Kept out of [`crate::VmConfig`] so
-/// the sandbox configuration stays what it is; the CLI sets these from its own flags.
+/// How a VMM takes part in snapshots, and whom it hands its VM to; all off by default. Kept
+/// out of [`crate::VmConfig`] so the sandbox configuration stays what it is; the CLI sets
+/// these from its own flags.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SnapshotOptions {
     /// Unix socket that takes control commands (`snapshot`), bound before the jail.
@@ -77,6 +78,9 @@ pub struct SnapshotOptions {
     /// The caller's identity of kernel, initramfs and command line, recorded in and checked
     /// against snapshots.
     pub image_id: Option<String>,
+    /// An inherited Unix socket the VMM sends a duplicate of its KVM VM descriptor over, once
+    /// the VM is made (see [`crate::handover`]).
+    pub vm_handover: Option<std::os::fd::RawFd>,
 }
 
 impl Identity {

@@ -417,6 +417,10 @@ impl HuskVmm {
         if crate::timeline::enabled() {
             args.push(OsStr::new("--timings"));
         }
+        // The VMM sends a duplicate of its VM descriptor here (see `VmProcess::release_vm`).
+        let (handover, vmm_handover) = std::os::unix::net::UnixStream::pair()
+            .map_err(RuntimeError::io("making the VM handover socket".to_string()))?;
+        args.extend([OsStr::new("--vm-handover"), OsStr::new("4")]);
         // A cold guest's agent announces itself here once it serves (a restored one is up at
         // once); bound before the VMM starts so the announcement cannot come first.
         let ready_path = ready_socket(&vsock);
@@ -437,6 +441,7 @@ impl HuskVmm {
             stderr: OwnedFd::from(log2),
             netns: netns.map(OwnedFd::from),
             fd3: vsock_dir,
+            fd4: Some(OwnedFd::from(vmm_handover)),
             cgroup,
             new_pid_ns: confined,
             die_with_parent: false,
@@ -450,7 +455,7 @@ impl HuskVmm {
         };
         crate::timeline::mark("vmm spawned");
         crate::fault::point("vmm-booting");
-        let mut process = VmProcess::new(pid);
+        let mut process = VmProcess::new(pid).with_handover(OwnedFd::from(handover));
         let record = SandboxRecord {
             id: sid.to_string(),
             vmm_pid: pid,
@@ -593,6 +598,9 @@ impl Vms for HuskVmm {
                 tracing::warn!("sandbox {}: husk-vmm did not exit after power-off; killed", rec.id);
             }
         }
+        let mut process = process;
+        let cgroup_path = cgroup::path(&rec.id);
+        let cgroup_handed = process.release_vm(cgroup_path.exists().then_some(cgroup_path.as_path()));
         let exit = process.reap().await;
         crate::timeline::mark("vmm exited");
         // A VMM that died on its own (or one whose end we saw) is reported with its reason.
@@ -609,8 +617,10 @@ impl Vms for HuskVmm {
                 tracing::warn!("sandbox {}: the VM had stopped: {why}", rec.id);
             }
         }
-        let id = rec.id.clone();
-        let _ = tokio::task::spawn_blocking(move || cgroup::remove(&id)).await;
+        if !cgroup_handed {
+            let id = rec.id.clone();
+            let _ = tokio::task::spawn_blocking(move || cgroup::remove(&id)).await;
+        }
         if let Some(w) = rec.network.clone() {
             let _ = tokio::task::spawn_blocking(move || crate::network::unwire(&w)).await;
         }

@@ -3,10 +3,12 @@
 
 pub mod cgroup;
 pub mod husk_vmm;
+pub mod release;
 pub mod snapshot;
 pub mod spawn;
 
 use std::future::Future;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use crate::agent::Agent;
@@ -39,6 +41,9 @@ pub struct VmProcess {
     pid: Option<i32>,
     /// The wait status, once reaped.
     status: Option<i32>,
+    /// Our end of the socket the VMM sends a duplicate of its KVM VM descriptor over
+    /// (`husk_vmm::handover`), so that the VM's slow kernel teardown is not part of its exit.
+    handover: Option<OwnedFd>,
 }
 
 /// How a VMM process ended.
@@ -60,7 +65,49 @@ impl VmExit {
 
 impl VmProcess {
     pub fn new(pid: i32) -> Self {
-        Self { pid: Some(pid), status: None }
+        Self { pid: Some(pid), status: None, handover: None }
+    }
+
+    /// With our end of the VMM's handover socket.
+    pub fn with_handover(mut self, socket: OwnedFd) -> Self {
+        self.handover = Some(socket);
+        self
+    }
+
+    /// Once the VMM is gone: takes the VM descriptor it handed over, if any, and closes it in
+    /// a detached process ([`release::close_detached`]), where the kernel's teardown of the VM
+    /// waits without holding anyone up; that process then removes `cgroup`, which KVM's
+    /// threads for the VM leave only then. Returns whether it took the cgroup over.
+    pub fn release_vm(&mut self, cgroup: Option<&std::path::Path>) -> bool {
+        let Some(socket) = self.handover.take() else { return false };
+        let stream = std::os::unix::net::UnixStream::from(socket);
+        let mut buf = [0u8; 1];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = nix::sys::socket::recvmsg::<()>(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            &mut iov,
+            Some(&mut space),
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+        );
+        let Ok(msg) = msg else { return false };
+        let mut fds = Vec::new();
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let nix::sys::socket::ControlMessageOwned::ScmRights(list) = c {
+                    fds.extend(list);
+                }
+            }
+        }
+        // SAFETY: SCM_RIGHTS gave this process new descriptors that nothing else owns.
+        let mut fds: Vec<OwnedFd> = fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+        let (Some(fd), true) = (fds.pop(), fds.is_empty()) else { return false };
+        // What a (possibly compromised) VMM sent is only worth a process if it is a VM.
+        let target = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)));
+        if !target.is_ok_and(|t| t.as_os_str() == "anon_inode:kvm-vm") {
+            return false;
+        }
+        release::close_detached(fd, cgroup)
     }
 
     /// How it ended, if it has (and is our child).

@@ -445,6 +445,7 @@ async fn run_template(
         stderr: OwnedFd::from(log2),
         netns: None,
         fd3: dir_fd,
+        fd4: None,
         cgroup: None,
         new_pid_ns: false,
         // A template outlives no one: if husk dies while making it, it goes too.

@@ -40,6 +40,8 @@ pub struct Spawn<'a> {
     pub netns: Option<OwnedFd>,
     /// A descriptor the process inherits as fd 3.
     pub fd3: Option<OwnedFd>,
+    /// A descriptor the process inherits as fd 4.
+    pub fd4: Option<OwnedFd>,
     /// A cgroup v2 directory to start in.
     pub cgroup: Option<OwnedFd>,
     pub new_pid_ns: bool,
@@ -89,6 +91,7 @@ pub fn spawn(s: Spawn<'_>) -> io::Result<i32> {
     let stderr = high(s.stderr)?;
     let netns = s.netns.map(high).transpose()?;
     let fd3 = s.fd3.map(high).transpose()?;
+    let fd4 = s.fd4.map(high).transpose()?;
     let mut pipe = [0; 2];
     // SAFETY: pipe2 writes two descriptors into `pipe`.
     if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -109,14 +112,9 @@ pub fn spawn(s: Spawn<'_>) -> io::Result<i32> {
     // SAFETY: getpid has no preconditions.
     let parent = if s.die_with_parent { unsafe { libc::getpid() } } else { 0 };
     let raw = |f: &Option<OwnedFd>| f.as_ref().map_or(-1, |f| f.as_raw_fd());
-    let (null_fd, out_fd, err_fd, netns_fd, fd3_fd, errpipe) = (
-        devnull.as_raw_fd(),
-        stdout.as_raw_fd(),
-        stderr.as_raw_fd(),
-        raw(&netns),
-        raw(&fd3),
-        err_w.as_raw_fd(),
-    );
+    let (null_fd, out_fd, err_fd, netns_fd, errpipe) =
+        (devnull.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd(), raw(&netns), err_w.as_raw_fd());
+    let inherit = [raw(&fd3), raw(&fd4)];
 
     // SAFETY: clone3 without CLONE_VM behaves as fork: the child gets a copy of this address
     // space with only the calling thread. The child below only makes raw syscalls on memory
@@ -130,7 +128,7 @@ pub fn spawn(s: Spawn<'_>) -> io::Result<i32> {
     if pid == 0 {
         // SAFETY: async-signal-safe syscalls on descriptors and strings that stay valid until
         // execve or _exit.
-        unsafe { child(null_fd, out_fd, err_fd, netns_fd, fd3_fd, errpipe, parent, &argv, &envp) }
+        unsafe { child(null_fd, out_fd, err_fd, netns_fd, inherit, errpipe, parent, &argv, &envp) }
     }
     drop(err_w);
     // The write end closes at exec; anything read first is the child's errno.
@@ -167,7 +165,7 @@ unsafe fn child(
     out_fd: RawFd,
     err_fd: RawFd,
     netns_fd: RawFd,
-    fd3: RawFd,
+    inherit: [RawFd; 2],
     errpipe: RawFd,
     die_with: libc::pid_t,
     argv: &[*const libc::c_char],
@@ -203,13 +201,19 @@ unsafe fn child(
                 fail(errno());
             }
         }
-        if fd3 >= 0 && libc::dup2(fd3, 3) != 3 {
-            fail(errno());
+        // fd 3 and 4 as given; a slot without one is closed at exec with everything else.
+        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+        for (from, to) in inherit.into_iter().zip(3..) {
+            if from >= 0 {
+                if libc::dup2(from, to) != to {
+                    fail(errno());
+                }
+            } else {
+                libc::syscall(libc::SYS_close_range, to, to, CLOSE_RANGE_CLOEXEC);
+            }
         }
         // Nothing else is inherited.
-        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-        let first: libc::c_uint = if fd3 >= 0 { 4 } else { 3 };
-        libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
+        libc::syscall(libc::SYS_close_range, 5, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
         // The error pipe must survive until exec (close_range marked it close-on-exec).
         libc::execve(argv[0], argv.as_ptr(), envp.as_ptr());
         fail(errno())
@@ -243,6 +247,7 @@ mod tests {
             stderr: w,
             netns: None,
             fd3,
+            fd4: None,
             cgroup: None,
             new_pid_ns: false,
             die_with_parent: die,
@@ -267,6 +272,23 @@ mod tests {
         let (_r, w) = pipe_fds();
         let e = spawn(plain("/nonexistent/husk-vmm", &[], w, None, false)).expect_err("no such program");
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn fd4_comes_without_fd3() {
+        let (r, w) = pipe_fds();
+        let mut s = plain("/bin/sh", &["-c", "ls /proc/self/fd; readlink /proc/self/fd/4"], w, None, false);
+        s.fd4 = Some(std::fs::File::open("/").expect("open /").into());
+        let pid = spawn(s).expect("spawn");
+        let mut status = 0;
+        // SAFETY: reaping our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let out = std::io::read_to_string(std::fs::File::from(r)).expect("read");
+        let fds: Vec<&str> = out.lines().collect();
+        // 0-2, 4, and the one ls opened (3, the lowest free); nothing else leaked in.
+        assert_eq!(fds[..5], ["0", "1", "2", "3", "4"], "{out}");
+        assert_eq!(fds.len(), 6, "{out}");
+        assert!(out.ends_with("/\n"), "{out}");
     }
 
     #[test]
