@@ -1,33 +1,19 @@
 //! Starting husk-vmm in namespaces of its own. std's `Command` cannot ask for a PID namespace
 //! (the new process must be made by clone with CLONE_NEWPID to be its init), so the VMM is
-//! started with clone3: in a new PID namespace, straight into its sandbox's cgroup
-//! (CLONE_INTO_CGROUP, so not one instruction runs outside the limits), in the pod's network
-//! namespace, in a session of its own, with only the descriptors listed here.
+//! started with clone: in a new PID namespace, in its sandbox's cgroup before its first
+//! instruction, in the pod's network namespace, in a session of its own, with only the
+//! descriptors listed here.
+//!
+//! The child shares this process's memory until it execs (CLONE_VM | CLONE_VFORK, as
+//! posix_spawn does): a fork would copy the page tables of a runtime with a tokio runtime and
+//! its heaps, and every page this process wrote afterwards would fault once more (a few
+//! hundred faults a VM start, in the test host each costing tens of microseconds).
 
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-
-/// `struct clone_args` (linux/sched.h), version 2 (with `cgroup`).
-#[repr(C)]
-#[derive(Debug, Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// What the new process gets.
 #[derive(Debug)]
@@ -101,34 +87,62 @@ pub fn spawn(s: Spawn<'_>) -> io::Result<i32> {
     let (err_r, err_w) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
     let err_w = high(err_w)?;
 
-    let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
-    if s.new_pid_ns {
-        args.flags |= libc::CLONE_NEWPID as u64;
-    }
-    if let Some(cg) = &s.cgroup {
-        args.flags |= CLONE_INTO_CGROUP;
-        args.cgroup = cg.as_raw_fd() as u64;
-    }
+    // The child joins the cgroup itself, before exec: clone3's CLONE_INTO_CGROUP would need a
+    // raw clone3 with a stack of its own, which no libc wrapper offers.
+    let procs = match &s.cgroup {
+        Some(cg) => {
+            // SAFETY: openat on a live directory descriptor with a NUL-terminated name.
+            let fd = unsafe {
+                libc::openat(cg.as_raw_fd(), c"cgroup.procs".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC)
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a fresh descriptor nothing else owns.
+            Some(high(unsafe { OwnedFd::from_raw_fd(fd) })?)
+        }
+        None => None,
+    };
     // SAFETY: getpid has no preconditions.
     let parent = if s.die_with_parent { unsafe { libc::getpid() } } else { 0 };
     let raw = |f: &Option<OwnedFd>| f.as_ref().map_or(-1, |f| f.as_raw_fd());
-    let (null_fd, out_fd, err_fd, netns_fd, errpipe) =
-        (devnull.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd(), raw(&netns), err_w.as_raw_fd());
-    let inherit = [raw(&fd3), raw(&fd4)];
-
-    // SAFETY: clone3 without CLONE_VM behaves as fork: the child gets a copy of this address
-    // space with only the calling thread. The child below only makes raw syscalls on memory
-    // prepared above (no allocation, no locks), then execs or exits.
-    let pid = unsafe {
-        libc::syscall(libc::SYS_clone3, &mut args as *mut CloneArgs, std::mem::size_of::<CloneArgs>())
+    let mut ctx = ChildCtx {
+        null_fd: devnull.as_raw_fd(),
+        out_fd: stdout.as_raw_fd(),
+        err_fd: stderr.as_raw_fd(),
+        netns_fd: raw(&netns),
+        procs_fd: raw(&procs),
+        inherit: [raw(&fd3), raw(&fd4)],
+        errpipe: err_w.as_raw_fd(),
+        die_with: parent,
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        // SAFETY: an all-zero sigset_t is a valid (empty) set; filled in below.
+        mask: unsafe { std::mem::zeroed() },
     };
+    let mut stack = vec![0u8; CHILD_STACK];
+    let mut flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    if s.new_pid_ns {
+        flags |= libc::CLONE_NEWPID;
+    }
+    // No signal handler of ours may run in the child, which shares our memory: all signals
+    // are blocked around the clone, and the child resets handlers before unblocking.
+    // SAFETY: an all-zero sigset_t is valid, then filled; the masks live across the calls.
+    let pid = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut ctx.mask);
+        // SAFETY: `child_entry` runs on `stack` (its top: stacks grow down) in a process that
+        // shares this memory while this thread waits (CLONE_VFORK) for it to exec or exit;
+        // it reads `ctx`, which outlives the call, and makes only syscalls.
+        let top = stack.as_mut_ptr().add(CHILD_STACK & !15);
+        let pid = libc::clone(child_entry, top.cast(), flags, (&mut ctx as *mut ChildCtx).cast());
+        libc::pthread_sigmask(libc::SIG_SETMASK, &ctx.mask, std::ptr::null_mut());
+        pid
+    };
+    drop(stack);
     if pid < 0 {
         return Err(io::Error::last_os_error());
-    }
-    if pid == 0 {
-        // SAFETY: async-signal-safe syscalls on descriptors and strings that stay valid until
-        // execve or _exit.
-        unsafe { child(null_fd, out_fd, err_fd, netns_fd, inherit, errpipe, parent, &argv, &envp) }
     }
     drop(err_w);
     // The write end closes at exec; anything read first is the child's errno.
@@ -154,56 +168,89 @@ pub fn spawn(s: Spawn<'_>) -> io::Result<i32> {
     Ok(pid as i32)
 }
 
-/// The child between clone3 and execve.
-///
-/// # Safety
-/// Must only run in the freshly cloned child; `argv` and `envp` are NULL-terminated arrays of
-/// valid C strings.
-#[allow(clippy::too_many_arguments)]
-unsafe fn child(
+/// Stack of the child between clone and exec: a few syscalls deep.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// What the child reads, prepared by the parent before the clone.
+struct ChildCtx {
     null_fd: RawFd,
     out_fd: RawFd,
     err_fd: RawFd,
     netns_fd: RawFd,
+    /// The cgroup's `cgroup.procs`, opened for writing.
+    procs_fd: RawFd,
     inherit: [RawFd; 2],
     errpipe: RawFd,
     die_with: libc::pid_t,
-    argv: &[*const libc::c_char],
-    envp: &[*const libc::c_char],
-) -> ! {
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    /// The parent thread's signal mask, restored in the child before exec.
+    mask: libc::sigset_t,
+}
+
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's ChildCtx, alive while the parent waits for this child.
+    unsafe { child(&*arg.cast::<ChildCtx>()) }
+}
+
+/// The child between clone and execve. It shares the parent's memory (CLONE_VM), so it only
+/// makes syscalls (errno aside: it is the waiting parent thread's) on what `c` points to.
+///
+/// # Safety
+/// Must only run in the freshly cloned child; `c.argv` and `c.envp` are NULL-terminated arrays
+/// of valid C strings.
+unsafe fn child(c: &ChildCtx) -> ! {
     let fail = |errno: i32| -> ! {
         let b = errno.to_ne_bytes();
         // SAFETY: writing 4 bytes from a live buffer, then leaving without running any
-        // destructor or atexit handler of the parent's copy.
+        // destructor or atexit handler of the parent's.
         unsafe {
-            libc::write(errpipe, b.as_ptr().cast(), 4);
+            libc::write(c.errpipe, b.as_ptr().cast(), 4);
             libc::_exit(127)
         }
     };
     let errno = || io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-    // SAFETY: plain syscalls on descriptors this child owns a copy of, and on the argument
-    // arrays the caller vouches for.
+    // SAFETY: plain syscalls on descriptors this child owns a copy of, on its own signal
+    // dispositions, and on the argument arrays the caller vouches for.
     unsafe {
+        // The parent's handlers must not run here: back to the defaults (ignored signals stay
+        // ignored, as across exec), then the parent's mask.
+        for sig in 1..libc::SIGRTMAX() {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction != libc::SIG_DFL
+                && old.sa_sigaction != libc::SIG_IGN
+            {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &c.mask, std::ptr::null_mut());
+        // Into the sandbox's cgroup before the program's first instruction ("0": this process).
+        if c.procs_fd >= 0 && libc::write(c.procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+            fail(errno());
+        }
         // Its own session: a caller's Ctrl-C or hang-up must not take the sandbox down.
         libc::setsid();
-        if die_with != 0 {
+        if c.die_with != 0 {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             // The parent may have gone before the request took effect.
-            if libc::getppid() != die_with {
+            if libc::getppid() != c.die_with {
                 libc::_exit(127);
             }
         }
-        if netns_fd >= 0 && libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+        if c.netns_fd >= 0 && libc::setns(c.netns_fd, libc::CLONE_NEWNET) != 0 {
             fail(errno());
         }
-        for (from, to) in [(null_fd, 0), (out_fd, 1), (err_fd, 2)] {
+        for (from, to) in [(c.null_fd, 0), (c.out_fd, 1), (c.err_fd, 2)] {
             if libc::dup2(from, to) != to {
                 fail(errno());
             }
         }
         // fd 3 and 4 as given; a slot without one is closed at exec with everything else.
         const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-        for (from, to) in inherit.into_iter().zip(3..) {
+        for (from, to) in c.inherit.into_iter().zip(3..) {
             if from >= 0 {
                 if libc::dup2(from, to) != to {
                     fail(errno());
@@ -215,7 +262,7 @@ unsafe fn child(
         // Nothing else is inherited.
         libc::syscall(libc::SYS_close_range, 5, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
         // The error pipe must survive until exec (close_range marked it close-on-exec).
-        libc::execve(argv[0], argv.as_ptr(), envp.as_ptr());
+        libc::execve(*c.argv, c.argv, c.envp);
         fail(errno())
     }
 }
@@ -289,6 +336,20 @@ mod tests {
         assert_eq!(fds[..5], ["0", "1", "2", "3", "4"], "{out}");
         assert_eq!(fds.len(), 6, "{out}");
         assert!(out.ends_with("/\n"), "{out}");
+    }
+
+    #[test]
+    fn the_child_gets_our_signal_mask_not_the_clone_time_one() {
+        let (r, w) = pipe_fds();
+        let pid =
+            spawn(plain("/bin/sh", &["-c", "grep -E '^Sig(Blk|Cgt)' /proc/self/status"], w, None, false))
+                .expect("spawn");
+        let mut status = 0;
+        // SAFETY: reaping our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let out = std::io::read_to_string(std::fs::File::from(r)).expect("read");
+        // The test thread blocks nothing; everything was blocked only around the clone.
+        assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
     }
 
     #[test]
