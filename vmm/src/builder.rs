@@ -213,40 +213,9 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
         .as_deref()
         .map(|p| ControlEndpoint::bind(p, opts.snapshot_dir.as_deref(), opts.restore.is_some()))
         .transpose()?;
-    // Before the jail (namespaces can only be entered while the VMM has one thread); its
-    // errors are reported where KVM was always first touched, after the input's.
-    let vm = creating.finish();
-    // Before the jail closes inherited descriptors; a bad one is reported and left alone.
-    if let Some(fd) = opts.vm_handover {
-        match crate::handover::socket(fd) {
-            Ok(sock) => {
-                if let Ok(v) = &vm {
-                    crate::handover::send(sock, v.fd());
-                }
-            }
-            Err(e) => tracing::warn!("--vm-handover {fd}: {e}"),
-        }
-    }
-    crate::confine::enable(cfg.seccomp)?;
-    let (jail, jailed);
-    let cfg = match &cfg.jail {
-        Some(j) => {
-            // What was opened for the snapshot before the jail stays open through it.
-            let mut keep: Vec<std::os::fd::RawFd> =
-                restore.as_ref().map(|(_, f)| std::os::fd::AsRawFd::as_raw_fd(f)).into_iter().collect();
-            keep.extend(control.as_ref().map(|c| c.fds()).unwrap_or_default());
-            keep.extend(vm.as_ref().map(|v| v.raw_fds()).into_iter().flatten());
-            let (built, c) = crate::jail::prepare(j, cfg, &keep)?;
-            crate::vmm::timing_point("jail prepared", crate::vmm::monotonic_ns());
-            (jail, jailed) = (Some(built), c);
-            &jailed
-        }
-        None => {
-            jail = None;
-            cfg
-        }
-    };
-    // Images are loaded before KVM is touched so that bad input is reported as such on any host.
+    // Guest memory is mapped and filled while KVM_CREATE_VM waits on its thread (that wait is
+    // idle, see VmCreation), and before KVM is touched, so bad input is reported as such on
+    // any host. The mapping and the images need nothing of the jail.
     let (mem, boot_images) = match &restore {
         Some((snap, file)) => {
             let file = file.try_clone().map_err(io_err("memory file"))?;
@@ -282,6 +251,39 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
         }
     };
 
+    // Before the jail (namespaces can only be entered while the VMM has one thread); its
+    // errors are reported where KVM was always first touched, after the input's.
+    let vm = creating.finish();
+    // Before the jail closes inherited descriptors; a bad one is reported and left alone.
+    if let Some(fd) = opts.vm_handover {
+        match crate::handover::socket(fd) {
+            Ok(sock) => {
+                if let Ok(v) = &vm {
+                    crate::handover::send(sock, v.fd());
+                }
+            }
+            Err(e) => tracing::warn!("--vm-handover {fd}: {e}"),
+        }
+    }
+    crate::confine::enable(cfg.seccomp)?;
+    let (jail, jailed);
+    let cfg = match &cfg.jail {
+        Some(j) => {
+            // What was opened for the snapshot before the jail stays open through it.
+            let mut keep: Vec<std::os::fd::RawFd> =
+                restore.as_ref().map(|(_, f)| std::os::fd::AsRawFd::as_raw_fd(f)).into_iter().collect();
+            keep.extend(control.as_ref().map(|c| c.fds()).unwrap_or_default());
+            keep.extend(vm.as_ref().map(|v| v.raw_fds()).into_iter().flatten());
+            let (built, c) = crate::jail::prepare(j, cfg, &keep)?;
+            crate::vmm::timing_point("jail prepared", crate::vmm::monotonic_ns());
+            (jail, jailed) = (Some(built), c);
+            &jailed
+        }
+        None => {
+            jail = None;
+            cfg
+        }
+    };
     let vm = vm?;
     vm.register_memory(&mem)?;
     vm.setup_irqchip()?;
