@@ -14,6 +14,9 @@ pub const VMM_OVERHEAD_MIB: u64 = 256;
 pub const VMM_BASE_PIDS: u64 = 160;
 
 const ROOT: &str = "/sys/fs/cgroup";
+/// How long a new sandbox waits for a same-id predecessor's cgroup to be removed by the
+/// process destroying its VM: longer than that process tries (about a second).
+const HANDED_OVER_WAIT: Duration = Duration::from_millis(1500);
 const PARENT: &str = "husk";
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
@@ -58,8 +61,22 @@ pub fn create(sid: &str, guest_mib: u64, vcpus: u32) -> io::Result<OwnedFd> {
     let dir = parent.join(sid);
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
-        // Left by a VMM that died with its husk: empty, or it would still be running.
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            // A sandbox of the same id that just ended: the process that destroys its VM
+            // removes this directory once KVM's threads have left it (vm/release.rs), and
+            // would remove ours if we took it over now. It gives up within a second.
+            let deadline = std::time::Instant::now() + HANDED_OVER_WAIT;
+            while dir.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // Still there: left by a VMM that died with its husk (empty, or it would still
+            // be running), taken over as it is.
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
         Err(e) => return Err(e),
     }
     let mem = (guest_mib + VMM_OVERHEAD_MIB) << 20;
