@@ -8,6 +8,13 @@
 //! posix_spawn does): a fork would copy the page tables of a runtime with a tokio runtime and
 //! its heaps, and every page this process wrote afterwards would fault once more (a few
 //! hundred faults a VM start, in the test host each costing tens of microseconds).
+//!
+//! The cgroup is joined by clone3's CLONE_INTO_CGROUP, not by writing `cgroup.procs`: such a
+//! write takes the cgroup core's thread-group lock for writing, which waits for an RCU grace
+//! period (about 10 ms in the test host, often more on a busy host with many CPUs), while a
+//! clone into the cgroup only reads it. No libc wraps clone3 with a stack of the caller's, so
+//! that call is made here ([`clone3_on_stack`]). Where clone3 or the flag is missing (Linux
+//! before 5.7, or a seccomp profile that refuses clone3), the child writes `cgroup.procs`.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -53,6 +60,11 @@ fn high(fd: OwnedFd) -> io::Result<OwnedFd> {
 
 /// Starts the process and returns its pid (in our PID namespace) once it has exec'd.
 pub fn spawn(s: Spawn<'_>) -> io::Result<i32> {
+    spawn_with(s, true)
+}
+
+/// [`spawn`], where `into_cgroup` false takes the path of hosts without CLONE_INTO_CGROUP.
+fn spawn_with(s: Spawn<'_>, into_cgroup: bool) -> io::Result<i32> {
     // Everything the child touches is prepared here: after clone it may only make syscalls.
     let program = cstring(s.program.as_os_str().as_bytes())?;
     let mut argv_c = vec![program.clone()];
@@ -87,22 +99,6 @@ pub fn spawn(s: Spawn<'_>) -> io::Result<i32> {
     let (err_r, err_w) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
     let err_w = high(err_w)?;
 
-    // The child joins the cgroup itself, before exec: clone3's CLONE_INTO_CGROUP would need a
-    // raw clone3 with a stack of its own, which no libc wrapper offers.
-    let procs = match &s.cgroup {
-        Some(cg) => {
-            // SAFETY: openat on a live directory descriptor with a NUL-terminated name.
-            let fd = unsafe {
-                libc::openat(cg.as_raw_fd(), c"cgroup.procs".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC)
-            };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: a fresh descriptor nothing else owns.
-            Some(high(unsafe { OwnedFd::from_raw_fd(fd) })?)
-        }
-        None => None,
-    };
     // SAFETY: getpid has no preconditions.
     let parent = if s.die_with_parent { unsafe { libc::getpid() } } else { 0 };
     let raw = |f: &Option<OwnedFd>| f.as_ref().map_or(-1, |f| f.as_raw_fd());
@@ -111,7 +107,7 @@ pub fn spawn(s: Spawn<'_>) -> io::Result<i32> {
         out_fd: stdout.as_raw_fd(),
         err_fd: stderr.as_raw_fd(),
         netns_fd: raw(&netns),
-        procs_fd: raw(&procs),
+        procs_fd: -1,
         inherit: [raw(&fd3), raw(&fd4)],
         errpipe: err_w.as_raw_fd(),
         die_with: parent,
@@ -121,29 +117,36 @@ pub fn spawn(s: Spawn<'_>) -> io::Result<i32> {
         mask: unsafe { std::mem::zeroed() },
     };
     let mut stack = vec![0u8; CHILD_STACK];
-    let mut flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    let mut flags = libc::CLONE_VM | libc::CLONE_VFORK;
     if s.new_pid_ns {
         flags |= libc::CLONE_NEWPID;
     }
-    // No signal handler of ours may run in the child, which shares our memory: all signals
-    // are blocked around the clone, and the child resets handlers before unblocking.
-    // SAFETY: an all-zero sigset_t is valid, then filled; the masks live across the calls.
-    let pid = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut ctx.mask);
-        // SAFETY: `child_entry` runs on `stack` (its top: stacks grow down) in a process that
-        // shares this memory while this thread waits (CLONE_VFORK) for it to exec or exit;
-        // it reads `ctx`, which outlives the call, and makes only syscalls.
-        let top = stack.as_mut_ptr().add(CHILD_STACK & !15);
-        let pid = libc::clone(child_entry, top.cast(), flags, (&mut ctx as *mut ChildCtx).cast());
-        libc::pthread_sigmask(libc::SIG_SETMASK, &ctx.mask, std::ptr::null_mut());
-        pid
+    let mut pid = match &s.cgroup {
+        Some(cg) if into_cgroup => clone_child(flags, Some(cg.as_raw_fd()), &mut stack, &mut ctx),
+        _ => Err(io::Error::from_raw_os_error(libc::ENOSYS)),
     };
-    drop(stack);
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
+    // Without clone3 (or a cgroup to start in): glibc's clone, and the child joins the cgroup
+    // itself before exec.
+    let mut procs = None;
+    if matches!(&pid, Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL | libc::E2BIG))) {
+        if let Some(cg) = &s.cgroup {
+            // SAFETY: openat on a live directory descriptor with a NUL-terminated name.
+            let fd = unsafe {
+                libc::openat(cg.as_raw_fd(), c"cgroup.procs".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC)
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a fresh descriptor nothing else owns.
+            let fd = high(unsafe { OwnedFd::from_raw_fd(fd) })?;
+            ctx.procs_fd = fd.as_raw_fd();
+            procs = Some(fd);
+        }
+        pid = clone_child(flags, None, &mut stack, &mut ctx);
     }
+    drop(stack);
+    drop(procs);
+    let pid = pid?;
     drop(err_w);
     // The write end closes at exec; anything read first is the child's errno.
     let mut buf = [0u8; 4];
@@ -171,13 +174,137 @@ pub fn spawn(s: Spawn<'_>) -> io::Result<i32> {
 /// Stack of the child between clone and exec: a few syscalls deep.
 const CHILD_STACK: usize = 64 * 1024;
 
+/// clone3's flag to start the child in the cgroup whose directory `CloneArgs::cgroup` names.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args` as of Linux 5.7 (CLONE_ARGS_SIZE_VER2).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Starts [`child_entry`] with `ctx` on `stack` in a new process that shares our memory,
+/// with all our signals blocked meanwhile; this thread waits (CLONE_VFORK) until the child
+/// has exec'd or exited. With `cgroup`, the child starts in that cgroup (clone3, x86-64).
+fn clone_child(
+    flags: libc::c_int,
+    cgroup: Option<RawFd>,
+    stack: &mut [u8],
+    ctx: &mut ChildCtx,
+) -> io::Result<libc::pid_t> {
+    let base = stack.as_mut_ptr();
+    // The top, 16-byte aligned as the ABI wants it at a call; stacks grow down.
+    let size = (base as usize + stack.len()) & !15usize;
+    let size = size - base as usize;
+    // No signal handler of ours may run in the child, which shares our memory: all signals
+    // are blocked around the clone, and the child resets handlers before unblocking.
+    // SAFETY: an all-zero sigset_t is valid, then filled; the masks live across the calls.
+    // `child_entry` runs on `stack` in a process that shares this memory while this thread
+    // waits for it to exec or exit; it reads `ctx`, which outlives the call, and makes only
+    // syscalls.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut ctx.mask);
+        let arg: *mut libc::c_void = (ctx as *mut ChildCtx).cast();
+        let pid = match cgroup {
+            #[cfg(target_arch = "x86_64")]
+            Some(cg) => {
+                let args = CloneArgs {
+                    flags: flags as u64 | CLONE_INTO_CGROUP,
+                    exit_signal: libc::SIGCHLD as u64,
+                    stack: base as u64,
+                    stack_size: size as u64,
+                    cgroup: cg as u64,
+                    ..CloneArgs::default()
+                };
+                let r = clone3_on_stack(&args, child_entry, arg);
+                if r < 0 {
+                    Err(io::Error::from_raw_os_error(-r as i32))
+                } else {
+                    Ok(r as libc::pid_t)
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Some(_) => Err(io::Error::from_raw_os_error(libc::ENOSYS)),
+            None => {
+                let pid = libc::clone(child_entry, base.add(size).cast(), flags | libc::SIGCHLD, arg);
+                if pid < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(pid)
+                }
+            }
+        };
+        libc::pthread_sigmask(libc::SIG_SETMASK, &ctx.mask, std::ptr::null_mut());
+        pid
+    }
+}
+
+/// clone3 with the child running `entry(arg)` on the stack `args` names, then exiting with
+/// its value (glibc's clone does this for clone; it has no public clone3 counterpart).
+/// Returns the child's pid or a negative errno.
+///
+/// # Safety
+/// `args.stack` .. `+ stack_size` must be memory the child may use as its stack, with a
+/// 16-byte aligned top, and `args.flags` must include CLONE_VFORK when it has CLONE_VM: the
+/// child must not run alongside this thread's use of that memory. `entry` must be sound to
+/// run in such a child with `arg`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3_on_stack(
+    args: &CloneArgs,
+    entry: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> libc::c_long {
+    let ret: libc::c_long;
+    // SAFETY: the caller vouches for the stack and the entry. In the child the kernel has set
+    // the stack pointer to the stack's top and kept every register but rax, rcx and r11, so
+    // r12 and r13 still hold the entry and its argument; the child never returns here.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r13",
+            "call r12",
+            "mov edi, eax",
+            "mov eax, {exit}",
+            "syscall",
+            "ud2",
+            "2:",
+            exit = const libc::SYS_exit,
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") args as *const CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") entry,
+            in("r13") arg,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    ret
+}
+
 /// What the child reads, prepared by the parent before the clone.
 struct ChildCtx {
     null_fd: RawFd,
     out_fd: RawFd,
     err_fd: RawFd,
     netns_fd: RawFd,
-    /// The cgroup's `cgroup.procs`, opened for writing.
+    /// The cgroup's `cgroup.procs`, opened for writing, when clone could not start the child
+    /// in the cgroup; -1 otherwise.
     procs_fd: RawFd,
     inherit: [RawFd; 2],
     errpipe: RawFd,
@@ -350,6 +477,55 @@ mod tests {
         let out = std::io::read_to_string(std::fs::File::from(r)).expect("read");
         // The test thread blocks nothing; everything was blocked only around the clone.
         assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
+    }
+
+    /// A cgroup v2 mount of this host, from our mountinfo.
+    fn cgroup2_mount() -> Option<std::path::PathBuf> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        info.lines().find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split(' ').next() == Some("cgroup2")).then(|| pre.split(' ').nth(4).map(Into::into))?
+        })
+    }
+
+    #[test]
+    fn starts_in_the_cgroup_it_is_given() {
+        starts_in_cgroup(true);
+    }
+
+    #[test]
+    fn starts_in_the_cgroup_it_is_given_without_clone3() {
+        starts_in_cgroup(false);
+    }
+
+    fn starts_in_cgroup(into_cgroup: bool) {
+        let Some(mount) = cgroup2_mount() else {
+            eprintln!("skipped: no cgroup v2 mount on this host");
+            return;
+        };
+        let dir = mount.join(format!("husk-spawn-test-{}-{into_cgroup}", std::process::id()));
+        if let Err(e) = std::fs::create_dir(&dir) {
+            eprintln!("skipped: cannot make a cgroup under {}: {e}", mount.display());
+            return;
+        }
+        let ours = std::fs::read_to_string("/proc/self/cgroup").expect("our cgroup");
+        let (r, w) = pipe_fds();
+        let mut s = plain("/bin/cat", &["/proc/self/cgroup"], w, None, false);
+        s.cgroup = Some(std::fs::File::open(&dir).expect("open cgroup").into());
+        let pid = spawn_with(s, into_cgroup);
+        let out = pid.as_ref().ok().map(|&pid| {
+            let mut status = 0;
+            // SAFETY: reaping our child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            std::io::read_to_string(std::fs::File::from(r)).expect("read")
+        });
+        let removed = std::fs::remove_dir(&dir);
+        let out = out.expect("spawn");
+        let name = dir.file_name().and_then(|n| n.to_str()).expect("name");
+        assert!(out.lines().any(|l| l.starts_with("0::/") && l.ends_with(name)), "{out}");
+        // Only the child moved.
+        assert_eq!(std::fs::read_to_string("/proc/self/cgroup").expect("our cgroup"), ours);
+        removed.expect("the cgroup empties when the child is gone");
     }
 
     #[test]
