@@ -29,22 +29,27 @@ mkdir -p /var/oci /var/oci-sleep
 # Each shape's first restored run records its working set: done here, untimed.
 $H --root /run/hb run --bundle /var/oci bench && $H run --net none --rootfs /var/bb -- true || echo "FAIL first restored runs"
 # Interleaved, one run of each per round, so that a slower spell of this shared machine falls
-# on every runtime alike. Every run is followed by a pause, so that the work it leaves to the
+# on every runtime alike; the order of the quick runs turns by one each round, so that none
+# always follows the same one (a run after another program finds less of its code in the
+# test host's caches). Every run is followed by a pause, so that the work it leaves to the
 # kernel (freeing memory; for husk, destroying its VM, which it does not wait for) is done
 # before the next run starts rather than counted in it; a longer one after each round's cold
 # runs.
 settle() { sleep 0.3; }
+quick() {
+    case $1 in
+    husk-bundle) @PROBE@ time husk-bundle-restored-ms 1 $H --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (restored)" ;;
+    husk-rootfs) @PROBE@ time husk-rootfs-restored-ms 1 $H run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (restored)" ;;
+    *) @PROBE@ time $(basename $1)-run-true-ms 1 $1 --root /run/$(basename $1) run --no-pivot --bundle /var/oci bench || echo "FAIL $1" ;;
+    esac
+    settle
+}
+order="@RUNTIMES@ husk-bundle husk-rootfs"
 i=0
 while [ $i -lt @N@ ]; do
-    for r in @RUNTIMES@; do
-        n=$(basename $r)
-        @PROBE@ time $n-run-true-ms 1 $r --root /run/$n run --no-pivot --bundle /var/oci bench || echo "FAIL $n"
-        settle
-    done
-    @PROBE@ time husk-bundle-restored-ms 1 $H --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (restored)"
-    settle
-    @PROBE@ time husk-rootfs-restored-ms 1 $H run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (restored)"
-    settle
+    for q in $order; do quick $q; done
+    # Turned by one: the first goes last.
+    set -- $order; first=$1; shift; order="$* $first"
     @PROBE@ time husk-bundle-cold-ms 1 $H --no-snapshot --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (cold)"
     settle
     @PROBE@ time husk-rootfs-cold-ms 1 $H --no-snapshot run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (cold)"
@@ -291,6 +296,14 @@ fn main() -> anyhow::Result<()> {
                 cold / t
             );
         }
+    }
+    // Every timed run in round order, to tell a slow spell from a slow runtime.
+    let mut keys: Vec<&String> =
+        samples.keys().filter(|k| k.ends_with("-ms") && samples[*k].len() > 1).collect();
+    keys.sort();
+    for k in keys {
+        let v: Vec<String> = samples[k].iter().map(|x| format!("{x:.0}")).collect();
+        println!("  runs of {k}: {}", v.join(" "));
     }
     let (restored_runs, cold_runs) = (timing_runs(&out.output, "restored"), timing_runs(&out.output, "cold"));
     let booted = restored_runs.iter().filter(|p| p.iter().any(|(n, _, _)| n.starts_with("guest:"))).count();
