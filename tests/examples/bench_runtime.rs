@@ -297,6 +297,25 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    // Per round, then the median: runs of one round are next to each other in time, so a
+    // slow spell of the machine cancels out of their ratio.
+    let paired = |a: &str, b: &str| -> Option<f64> {
+        let (x, y) = (samples.get(a)?, samples.get(b)?);
+        (x.len() == y.len() && !x.is_empty()).then(|| median(x.iter().zip(y).map(|(p, q)| p / q).collect()))
+    };
+    for shape in ["rootfs", "bundle"] {
+        let restored = format!("husk-{shape}-restored-ms");
+        let mut line = format!("  paired per round ({shape}, median of the rounds' ratios):");
+        if let Some(r) = paired(&restored, &format!("husk-{shape}-cold-ms")) {
+            line.push_str(&format!(" restored/cold {r:.2}x"));
+        }
+        for (n, _) in &peers {
+            if let Some(r) = paired(&restored, &format!("{n}-run-true-ms")) {
+                line.push_str(&format!(", restored/{n} {r:.2}x"));
+            }
+        }
+        println!("{line}");
+    }
     // Every timed run in round order, to tell a slow spell from a slow runtime.
     let mut keys: Vec<&String> =
         samples.keys().filter(|k| k.ends_with("-ms") && samples[*k].len() > 1).collect();
