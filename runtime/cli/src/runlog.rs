@@ -100,7 +100,11 @@ pub fn init(path: Option<&Path>, format: LogFormat, debug: bool) {
     };
     let max = if debug { Level::DEBUG } else { Level::WARN };
     let layer = RuncLayer { out: Mutex::new(out), format, max };
-    let _ = tracing_subscriber::registry().with(layer).try_init();
+    // The same choice as `on_event`'s, made once per callsite: the gRPC stack's spans and
+    // trace events are then never built (they were, for every frame, only to be dropped).
+    let wanted =
+        tracing_subscriber::filter::Targets::new().with_target("husk", max).with_default(Level::WARN);
+    let _ = tracing_subscriber::registry().with(layer.with_filter(wanted)).try_init();
 }
 
 /// Whether errors already reach stderr through the log (then they are not printed twice).
