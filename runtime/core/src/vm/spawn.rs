@@ -121,31 +121,39 @@ fn spawn_with(s: Spawn<'_>, into_cgroup: bool) -> io::Result<i32> {
     if s.new_pid_ns {
         flags |= libc::CLONE_NEWPID;
     }
-    let mut pid = match &s.cgroup {
-        Some(cg) if into_cgroup => clone_child(flags, Some(cg.as_raw_fd()), &mut stack, &mut ctx),
-        _ => Err(io::Error::from_raw_os_error(libc::ENOSYS)),
+    let into = match &s.cgroup {
+        Some(cg) if into_cgroup => Some(clone_child(flags, Some(cg.as_raw_fd()), &mut stack, &mut ctx)),
+        _ => None,
     };
-    // Without clone3 (or a cgroup to start in): glibc's clone, and the child joins the cgroup
-    // itself before exec.
-    let mut procs = None;
-    if matches!(&pid, Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL | libc::E2BIG))) {
-        if let Some(cg) = &s.cgroup {
-            // SAFETY: openat on a live directory descriptor with a NUL-terminated name.
-            let fd = unsafe {
-                libc::openat(cg.as_raw_fd(), c"cgroup.procs".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC)
+    // clone3 or its flag refused: Linux before 5.7, or a seccomp profile without clone3.
+    let refused = |e: &io::Error| matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL | libc::E2BIG));
+    let pid = match into {
+        Some(r) if !matches!(&r, Err(e) if refused(e)) => r,
+        // glibc's clone; the child joins the cgroup (if any) itself before exec.
+        _ => {
+            let procs = match &s.cgroup {
+                Some(cg) => {
+                    // SAFETY: openat on a live directory descriptor with a NUL-terminated name.
+                    let fd = unsafe {
+                        libc::openat(
+                            cg.as_raw_fd(),
+                            c"cgroup.procs".as_ptr(),
+                            libc::O_WRONLY | libc::O_CLOEXEC,
+                        )
+                    };
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // SAFETY: a fresh descriptor nothing else owns.
+                    Some(high(unsafe { OwnedFd::from_raw_fd(fd) })?)
+                }
+                None => None,
             };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: a fresh descriptor nothing else owns.
-            let fd = high(unsafe { OwnedFd::from_raw_fd(fd) })?;
-            ctx.procs_fd = fd.as_raw_fd();
-            procs = Some(fd);
+            ctx.procs_fd = procs.as_ref().map_or(-1, |f| f.as_raw_fd());
+            clone_child(flags, None, &mut stack, &mut ctx)
         }
-        pid = clone_child(flags, None, &mut stack, &mut ctx);
-    }
+    };
     drop(stack);
-    drop(procs);
     let pid = pid?;
     drop(err_w);
     // The write end closes at exec; anything read first is the child's errno.
