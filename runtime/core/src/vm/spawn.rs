@@ -99,8 +99,10 @@ fn spawn_with(s: Spawn<'_>, into_cgroup: bool) -> io::Result<i32> {
     let (err_r, err_w) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
     let err_w = high(err_w)?;
 
+    // The parent the child should see once it has asked to die with it. In a new PID namespace
+    // getppid reads 0 (the parent is outside it), whether the parent lives or not.
     // SAFETY: getpid has no preconditions.
-    let parent = if s.die_with_parent { unsafe { libc::getpid() } } else { 0 };
+    let parent = if s.new_pid_ns { 0 } else { unsafe { libc::getpid() } };
     let raw = |f: &Option<OwnedFd>| f.as_ref().map_or(-1, |f| f.as_raw_fd());
     let mut ctx = ChildCtx {
         null_fd: devnull.as_raw_fd(),
@@ -110,7 +112,8 @@ fn spawn_with(s: Spawn<'_>, into_cgroup: bool) -> io::Result<i32> {
         procs_fd: -1,
         inherit: [raw(&fd3), raw(&fd4)],
         errpipe: err_w.as_raw_fd(),
-        die_with: parent,
+        die_with_parent: s.die_with_parent,
+        parent,
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         // SAFETY: an all-zero sigset_t is a valid (empty) set; filled in below.
@@ -173,10 +176,10 @@ fn spawn_with(s: Spawn<'_>, into_cgroup: bool) -> io::Result<i32> {
     if got == 4 {
         let mut status = 0;
         // SAFETY: reaping the child that failed to exec.
-        unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+        unsafe { libc::waitpid(pid, &mut status, 0) };
         return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)));
     }
-    Ok(pid as i32)
+    Ok(pid)
 }
 
 /// Stack of the child between clone and exec: a few syscalls deep.
@@ -316,7 +319,9 @@ struct ChildCtx {
     procs_fd: RawFd,
     inherit: [RawFd; 2],
     errpipe: RawFd,
-    die_with: libc::pid_t,
+    die_with_parent: bool,
+    /// What getppid must read in the child while the parent lives.
+    parent: libc::pid_t,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     /// The parent thread's signal mask, restored in the child before exec.
@@ -368,10 +373,11 @@ unsafe fn child(c: &ChildCtx) -> ! {
         }
         // Its own session: a caller's Ctrl-C or hang-up must not take the sandbox down.
         libc::setsid();
-        if c.die_with != 0 {
+        if c.die_with_parent {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            // The parent may have gone before the request took effect.
-            if libc::getppid() != c.die_with {
+            // The parent may have gone before the request took effect (not seen from a new
+            // PID namespace, where the parent always reads as 0).
+            if libc::getppid() != c.parent {
                 libc::_exit(127);
             }
         }
@@ -534,6 +540,29 @@ mod tests {
         // Only the child moved.
         assert_eq!(std::fs::read_to_string("/proc/self/cgroup").expect("our cgroup"), ours);
         removed.expect("the cgroup empties when the child is gone");
+    }
+
+    #[test]
+    fn a_helper_in_a_pid_namespace_of_its_own_runs() {
+        // getppid reads 0 there: the check that the parent still lives must not take that
+        // for a dead parent.
+        let (r, w) = pipe_fds();
+        let mut s = plain("/bin/sh", &["-c", "echo $$"], w, None, true);
+        s.new_pid_ns = true;
+        let pid = match spawn(s) {
+            Ok(pid) => pid,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("skipped: no CAP_SYS_ADMIN for a PID namespace: {e}");
+                return;
+            }
+            Err(e) => panic!("spawn: {e}"),
+        };
+        let mut status = 0;
+        // SAFETY: reaping our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let out = std::io::read_to_string(std::fs::File::from(r)).expect("read");
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
+        assert_eq!(out, "1\n", "the helper is its namespace's init");
     }
 
     #[test]
