@@ -15,6 +15,7 @@ mod lifeline;
 mod listener;
 mod oci;
 mod oom;
+mod page_cache;
 mod pipes;
 mod procfs;
 mod reaper;

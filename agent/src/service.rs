@@ -42,6 +42,10 @@ impl pb::sandbox_server::Sandbox for Service {
         self.0.set_time(r.into_inner().unix_time_ns)?;
         ok(pb::Empty {})
     }
+    async fn prepare_snapshot(&self, _: Request<pb::Empty>) -> Reply<pb::PrepareSnapshotResponse> {
+        tracing::debug!("rpc prepare_snapshot");
+        ok(self.0.prepare_snapshot().await?)
+    }
 }
 
 #[tonic::async_trait]

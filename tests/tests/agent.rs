@@ -47,7 +47,7 @@ vm=$!
     for t in /proc/$vm/task/*; do echo "  $(cat $t/comm) $(cut -d' ' -f14,15 $t/stat)"; done
   done ) &
 mon=$!
-timeout 600 @PROBE@ checks /var/vm/vsock.sock bb rootfs --read-only-share --destroy; echo "@@VM-PROBE-RC $?"
+timeout 600 @PROBE@ checks /var/vm/vsock.sock bb rootfs --read-only-share --destroy --vm; echo "@@VM-PROBE-RC $?"
 timeout 60 sh -c "while kill -0 $vm 2>/dev/null; do sleep 0.2; done"
 kill -0 $vm 2>/dev/null && { echo "@@VM-STILL-RUNNING"; kill -9 $vm; }
 wait $vm; echo "@@VM-RC $?"
@@ -57,7 +57,8 @@ ls /var/vm/vsock.sock 2>/dev/null && echo "@@SOCKET-LEFT"
 "#;
 
 /// Every check the probe runs; each must report ok in both modes.
-const CHECKS: [&str; 15] = [
+const CHECKS: [&str; 16] = [
+    "prepare-snapshot",
     "echo",
     "exit-code-3",
     "killed-by-signal-9",

@@ -251,6 +251,12 @@ impl GrpcAgent {
         r.map_err(AgentError::rpc(name))
     }
 
+    /// Readies a template VM's guest to be snapshotted (see the agent's `PrepareSnapshot`).
+    pub async fn prepare_snapshot(&self) -> AgentResult<pb::PrepareSnapshotResponse> {
+        let r = self.call("PrepareSnapshot", self.sandbox.clone().prepare_snapshot(pb::Empty {})).await?;
+        Ok(r.into_inner())
+    }
+
     /// The guest's clock as this connection's health answer gave it (timings on only).
     pub fn guest_clock(&self) -> Option<crate::timeline::GuestClock> {
         self.guest_clock

@@ -500,6 +500,16 @@ async fn save_when_ready(
             }
         }
     };
+    // Only a lost speed-up for restored VMs if the guest cannot (an agent without the call,
+    // a kernel without 2 MiB pages).
+    match agent.prepare_snapshot().await {
+        Ok(r) => tracing::debug!(
+            "template guest: {} 2 MiB chunks of the agent binary joined, {} not",
+            r.joined_chunks,
+            r.failed_chunks
+        ),
+        Err(e) => tracing::warn!("template guest not prepared for the snapshot: {e}"),
+    }
     // The connection's close travels to the guest; until it has, the VMM refuses to save.
     drop(agent);
     let control = control.to_path_buf();
