@@ -72,7 +72,8 @@ struct AlignedMap {
 
 impl AlignedMap {
     fn new(file: &File, len: usize) -> std::io::Result<Self> {
-        let reserved = len + HUGE;
+        let reserved =
+            len.checked_add(HUGE).ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: a new inaccessible anonymous mapping where the kernel picks; touches nothing.
         let base = unsafe {
             libc::mmap(
