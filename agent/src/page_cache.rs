@@ -131,7 +131,13 @@ mod tests {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let start = format!("{:x}-", map.addr as usize);
         let vma = smaps.split_once(&start).map(|(_, rest)| rest).unwrap_or("");
-        let vma = vma.lines().take_while(|l| !l.contains('-') || l.contains(':')).collect::<Vec<_>>();
+        // Its field lines ("Name: value"), up to the next mapping's header ("start-end perms ...",
+        // which can hold a ':' of its own, in the device number).
+        let vma = vma
+            .lines()
+            .skip(1)
+            .take_while(|l| l.split_whitespace().next().is_some_and(|t| t.ends_with(':')))
+            .collect::<Vec<_>>();
         vma.iter()
             .filter_map(|l| l.strip_prefix("ShmemPmdMapped:").or_else(|| l.strip_prefix("FilePmdMapped:")))
             .filter_map(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
