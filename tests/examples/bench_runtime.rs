@@ -83,8 +83,12 @@ for mode in cold restored; do
         vmm=$(sed -n 's/.*"vmm_pid": \([0-9]*\).*/\1/p' $root/sandboxes/s$i/sandbox.json)
         relay=$(sed -n 's/.*"relay_pid": \([0-9]*\).*/\1/p' $root/containers/s$i/state.json)
         [ -n "$vmm" ] && [ -n "$relay" ] && [ -d /proc/$vmm ] && [ -d /proc/$relay ] || echo "FAIL no husk-vmm or relay for $mode s$i"
-        # Guest RAM the VMM touched: the RSS of its largest mapping (the guest memory).
-        guest=$(awk '/^Size:/{size=$2} /^Rss:/{ if (size >= 131072 && $2 > g) g=$2 } END {print g+0}' /proc/$vmm/smaps)
+        # Guest RAM the VMM touched: the RSS of its guest memory mappings (a cold VM's one
+        # anonymous mapping; a restored VM's pieces of the snapshot's memory file and the
+        # busy chunks it copied into 2 MiB pages of their own).
+        guest=$(awk '/^[0-9a-f]+-[0-9a-f]+ /{path=$6} /^Size:/{size=$2} /^Rss:/{rss=$2} /^AnonHugePages:/{ah=$2}
+            /^VmFlags:/{ if (size >= 131072 || path ~ /\/memory$/ || (size == 2048 && ah == 2048)) g+=rss }
+            END {print g+0}' /proc/$vmm/smaps)
         r=/proc/$vmm/smaps_rollup
         echo "DENSITY $mode s$i $(kib Pss $r) $(kib Pss_Anon $r) $(kib Rss $r) $guest $(kib VmRSS /proc/$relay/status)"
         i=$((i+1))

@@ -109,6 +109,9 @@ until_ok 120 sh -c "$H list | grep -q 'run-.*running'"
 # snapshot's memory (on tmpfs here) in 2 MiB pages.
 vmm=$(ps -o pid,args | grep -v grep | grep husk-vmm | awk '{print $1; exit}')
 echo "@@VMM-PMD-KB $(awk '/^ShmemPmdMapped:/ {print $2}' /proc/$vmm/smaps_rollup)"
+# ... and has copied the chunks the guest touches most into private 2 MiB pages (each its own
+# 2 MiB mapping, all of it one anonymous 2 MiB page).
+echo "@@VMM-PRIVATE-CHUNKS $(awk '/^Size:/ {s=$2} /^AnonHugePages:/ {if (s == 2048 && $2 == 2048) n++} END {print n+0}' /proc/$vmm/smaps)"
 $H kill "$($H list -q | grep run-)" KILL; wait $p; echo "@@RUN-KILLED-RC $?"
 # A signal to husk run reaches the process (sh as PID 1 traps it and exits 42).
 $H run --net none --rootfs /var/bb -- sh -c 'trap "exit 42" TERM; echo trap-ready; while :; do sleep 1; done' > /var/trap.out &
@@ -615,6 +618,12 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
     assert!(
         pmd_kb.is_some_and(|kb| kb >= 2048),
         "a restored VM mapped no 2 MiB page of the snapshot's memory (ShmemPmdMapped {pmd_kb:?} kB):\n{run}"
+    );
+    let chunks: Option<u64> =
+        run.lines().find_map(|l| l.strip_prefix("@@VMM-PRIVATE-CHUNKS ")?.trim().parse().ok());
+    assert!(
+        chunks.is_some_and(|n| n >= 1),
+        "a restored VM copied no busy chunk of guest memory into a 2 MiB page ({chunks:?}):\n{run}"
     );
     check_timings(section(run, "@@TIMINGS-BEGIN", Some("@@TIMINGS-END")));
     check_snapshots(

@@ -18,6 +18,7 @@ use crate::devices::vmgenid::{self, VmGenId};
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitNotifier;
 use crate::memory::{create_guest_memory, GuestMem, MemoryError};
+use crate::snapshot::busy_chunks;
 use crate::snapshot::control::ControlEndpoint;
 use crate::snapshot::{Identity, Snapshot, SnapshotError, SnapshotOptions, TransportState};
 use crate::vmm::{SnapshotSetup, Vmm};
@@ -144,6 +145,24 @@ fn load_snapshot(dir: &std::path::Path) -> Result<(Snapshot, std::fs::File), Sna
 }
 
 /// The snapshot's working set, if it has one that parses; a bad one is only a lost hint.
+/// Copies the (at most `max`) chunks `ws` shows busiest into private 2 MiB pages, where the
+/// host has them, and returns their addresses.
+fn copy_busy_chunks(
+    mem: &crate::memory::GuestMem,
+    file: &std::fs::File,
+    regions: &[crate::snapshot::state::MemRegion],
+    ws: &crate::snapshot::working_set::WorkingSet,
+    max: usize,
+) -> Result<Vec<u64>, BuildError> {
+    if max == 0 || !busy_chunks::host_has_huge_pages() {
+        return Ok(Vec::new());
+    }
+    let chunks = ws.busy_written_chunks(busy_chunks::MIN_SCORE, max.min(busy_chunks::MAX_CHUNKS));
+    let copied = busy_chunks::copy_in(mem, file, regions, &chunks)?;
+    tracing::debug!("working set: {} of {} busy chunks copied into 2 MiB pages", copied.len(), chunks.len());
+    Ok(copied)
+}
+
 fn load_working_set(dir: &std::path::Path) -> Option<crate::snapshot::working_set::WorkingSet> {
     use crate::snapshot::working_set::{WorkingSet, WORKING_SET_FILE};
     WorkingSet::load(&dir.join(WORKING_SET_FILE)).unwrap_or_else(|e| {
@@ -219,9 +238,15 @@ pub fn build_vmm_with(cfg: &VmConfig, opts: &SnapshotOptions) -> Result<Vmm, Bui
     let (mem, boot_images) = match &restore {
         Some((snap, file)) => {
             let file = file.try_clone().map_err(io_err("memory file"))?;
-            let mem = crate::snapshot::memory::map(file, &snap.memory, cfg.memory_mib)?;
+            let mem = crate::snapshot::memory::map(
+                file.try_clone().map_err(io_err("memory file"))?,
+                &snap.memory,
+                cfg.memory_mib,
+            )?;
             if let Some(ws) = &working_set {
-                match ws.copy_written(&mem) {
+                let max = opts.private_chunks.unwrap_or(busy_chunks::DEFAULT_CHUNKS);
+                let busy = copy_busy_chunks(&mem, &file, &snap.memory, ws, max)?;
+                match ws.copy_written(&mem, &busy) {
                     Ok(copied) => {
                         tracing::debug!("working set: {copied} written pages copied ahead");
                         crate::vmm::timing_point("working set mapped", crate::vmm::monotonic_ns());

@@ -85,7 +85,7 @@ fn on_tmpfs(file: &File) -> bool {
 }
 
 /// Where guest address `chunk` lies in the file, when its whole 2 MiB does so aligned.
-fn file_offset(regions: &[MemRegion], chunk: u64) -> Option<u64> {
+pub(super) fn file_offset(regions: &[MemRegion], chunk: u64) -> Option<u64> {
     let huge = HUGE_PAGE as u64;
     let r = regions.iter().find(|r| chunk >= r.guest_addr && chunk - r.guest_addr < r.len)?;
     let within = chunk - r.guest_addr;
@@ -95,7 +95,7 @@ fn file_offset(regions: &[MemRegion], chunk: u64) -> Option<u64> {
 
 /// Joins the 2 MiB of `file` at `offset` in the page cache.
 fn join(file: &File, offset: u64) -> std::io::Result<()> {
-    let addr = map_aligned(file, offset, HUGE_PAGE, libc::PROT_READ, libc::MAP_SHARED)?;
+    let addr = map_aligned(Some(file), offset, HUGE_PAGE, libc::PROT_READ, libc::MAP_SHARED)?;
     // SAFETY: `addr` is the 2 MiB read-only mapping of file data made just above. Reading a
     // byte first gives the mapping a page table: Linux 6.1 joins an untouched chunk but then
     // reports EINVAL for it. The advice reads and rearranges the page cache behind the
@@ -186,7 +186,7 @@ mod tests {
             // The two whole chunks inside the file; the unaligned one and the one past RAM
             // are passed by.
             assert_eq!((joined.chunks, joined.failed), (2, 0));
-            let addr = map_aligned(&file, 0, HUGE_PAGE, libc::PROT_READ, libc::MAP_SHARED).unwrap();
+            let addr = map_aligned(Some(&file), 0, HUGE_PAGE, libc::PROT_READ, libc::MAP_SHARED).unwrap();
             // SAFETY: the 2 MiB read-only mapping just made; a volatile read faults it in.
             unsafe { std::ptr::read_volatile(addr.add(7 * 4096)) };
             assert!(pmd_mapped(addr as usize), "the joined chunk maps as one 2 MiB page");

@@ -100,7 +100,8 @@ pub(super) fn map_regions(file: File, regions: &[MemRegion]) -> Result<GuestMem,
         // Private: the guest's writes never reach the file; NORESERVE: no swap accounted for
         // pages that are never written.
         let (prot, flags) = (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_NORESERVE);
-        let addr = map_aligned(&file, r.file_offset, len, prot, flags).map_err(io("map memory file"))?;
+        let addr =
+            map_aligned(Some(&file), r.file_offset, len, prot, flags).map_err(io("map memory file"))?;
         // SAFETY: `addr..addr + len` is a mapping made just above that is never unmapped, so
         // it outlives the region.
         let region = unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(addr) }
@@ -122,17 +123,22 @@ pub(super) fn map_regions(file: File, regions: &[MemRegion]) -> Result<GuestMem,
 /// The size of an x86 huge page, and the alignment guest RAM is mapped at.
 pub const HUGE_PAGE: usize = 2 << 20;
 
-/// Maps `len` bytes of `file` from `offset` at an address aligned to [`HUGE_PAGE`]: a
-/// reservation one huge page longer is made, the file mapped over its aligned part, and the
-/// slack on either side given back. The caller owns the returned mapping.
+/// Maps `len` bytes of `file` from `offset` (or anonymous memory, with no file) at an address
+/// aligned to [`HUGE_PAGE`]: a reservation one huge page longer is made, the file mapped over
+/// its aligned part, and the slack on either side given back. The caller owns the returned
+/// mapping.
 pub(super) fn map_aligned(
-    file: &File,
+    file: Option<&File>,
     offset: u64,
     len: usize,
     prot: libc::c_int,
     flags: libc::c_int,
 ) -> std::io::Result<*mut u8> {
     use std::os::fd::AsRawFd;
+    let (fd, flags) = match file {
+        Some(f) => (f.as_raw_fd(), flags),
+        None => (-1, flags | libc::MAP_ANONYMOUS),
+    };
     let offset =
         libc::off_t::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     let reserve =
@@ -156,9 +162,8 @@ pub(super) fn map_aligned(
     let aligned = (start + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
     // SAFETY: `aligned..aligned + len` lies inside the reservation just made, which nothing
     // else uses, so MAP_FIXED replaces only it.
-    let addr = unsafe {
-        libc::mmap(aligned as *mut libc::c_void, len, prot, flags | libc::MAP_FIXED, file.as_raw_fd(), offset)
-    };
+    let addr =
+        unsafe { libc::mmap(aligned as *mut libc::c_void, len, prot, flags | libc::MAP_FIXED, fd, offset) };
     if addr == libc::MAP_FAILED {
         let e = std::io::Error::last_os_error();
         // SAFETY: the reservation made above, not yet handed out.

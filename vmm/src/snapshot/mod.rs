@@ -11,6 +11,7 @@
 //! shape against the configuration, then every device and queue value against what the
 //! device offers and the guest memory holds; KVM checks the CPU state it is given.
 
+pub mod busy_chunks;
 pub mod control;
 pub mod file;
 pub mod huge_pages;
@@ -78,6 +79,9 @@ pub struct SnapshotOptions {
     /// The caller's identity of kernel, initramfs and command line, recorded in and checked
     /// against snapshots.
     pub image_id: Option<String>,
+    /// On restore, how many of the busiest 2 MiB chunks of guest memory to copy into private
+    /// 2 MiB pages (see [`busy_chunks`]); None is the default, [`busy_chunks::DEFAULT_CHUNKS`].
+    pub private_chunks: Option<usize>,
     /// An inherited Unix socket the VMM sends a duplicate of its KVM VM descriptor over, once
     /// the VM is made (see [`crate::handover`]).
     pub vm_handover: Option<std::os::fd::RawFd>,

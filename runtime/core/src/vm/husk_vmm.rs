@@ -404,11 +404,15 @@ impl HuskVmm {
         } else {
             None
         };
+        let private_chunks = cfg.snapshots.private_chunks.map(|n| std::ffi::OsString::from(n.to_string()));
         let mut args = vec![OsStr::new("--config"), config_path.as_os_str()];
         // The snapshot's directory name is its key, which the VMM checks against its own.
         let key = restore.and_then(|d| d.file_name());
         if let (Some(dir), Some(key)) = (restore, key) {
             args.extend([OsStr::new("--restore"), dir.as_os_str(), OsStr::new("--image-id"), key]);
+            if let Some(n) = &private_chunks {
+                args.extend([OsStr::new("--private-chunks"), n.as_os_str()]);
+            }
             if let Some((control, out)) = &control_args {
                 args.extend([OsStr::new("--control"), control.as_os_str()]);
                 args.extend([OsStr::new("--snapshot-dir"), out.as_os_str()]);
