@@ -100,6 +100,9 @@ $H run --no-snapshot --timings --net none --rootfs /var/bb -- sh -c 'echo hello-
 echo "@@TIMINGS-BEGIN"; cat /var/timings; echo "@@TIMINGS-END"
 echo piped-in | $H run --net none -i --rootfs /var/bb -- sh -c 'read x; echo got:$x'; echo "@@RUN-I-RC $?"
 $H run --net none --rootfs /var/bb -- sh -c 'echo scratch > /written && cat /written'
+# The guest's virtio-fs mounts (the sandbox's share and the rootfs; its only backing devices)
+# read ahead a request's worth, 1 MiB, not the kernel's 128 KiB.
+$H run --net none --rootfs /var/bb -- sh -c 'echo "bdis=$(ls /sys/class/bdi | wc -l) read-ahead=$(cat /sys/class/bdi/*/read_ahead_kb | sort -u | xargs)"'
 [ -e /var/bb/written ] && echo "@@ROOTFS-CHANGED"
 $H run --net none --rootfs /var/bb -v /var/vol:/data:ro -e GREETING=hi -- sh -c 'echo $GREETING; cat /data/f; touch /data/g 2>/dev/null || echo ro-refused; echo home=$HOME'
 # Killed by a signal from outside (PID 1 of a PID namespace ignores its own SIGKILL).
@@ -602,6 +605,7 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
             "scratch",
             // HOME as runc sets it: root's from the rootfs's /etc/passwd.
             "hi\nvol-data\nro-refused\nhome=/root\n",
+            "bdis=2 read-ahead=1024\n",
             "@@RUN-KILLED-RC 137",
             "@@RUN-TERM-RC 42",
             "from-image\n@@IMAGE-RC 9",

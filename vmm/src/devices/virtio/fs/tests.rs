@@ -859,3 +859,18 @@ fn umask_zero_is_the_server_threads_alone() {
     let mode = |name: &str| host_mode(&dir.as_path().join(name));
     assert_eq!((mode("open"), mode("masked"), mode("d")), (0o666, 0o640, 0o777));
 }
+
+/// Requests of up to 1 MiB when the guest kernel offers them (FUSE_MAX_PAGES), none when not.
+#[test]
+fn max_pages_is_negotiated_when_offered() {
+    const MAX_PAGES: u32 = FsOptions::MAX_PAGES.bits() as u32;
+    let (_dir, dev) = share(true);
+    let mut c = Client { dev, unique: 0 };
+    let out = c.init_with(MAX_PAGES);
+    assert_ne!(out.flags & MAX_PAGES, 0, "MAX_PAGES not negotiated");
+    assert_eq!((out.max_pages, out.max_write), (256, 1 << 20));
+    let (_dir, dev) = share(true);
+    let mut c = Client { dev, unique: 0 };
+    let out = c.init_with(0);
+    assert_eq!((out.flags & MAX_PAGES, out.max_pages), (0, 0));
+}
