@@ -159,6 +159,9 @@ fn copy_busy_chunks(
     }
     let chunks = ws.busy_written_chunks(busy_chunks::MIN_SCORE, max.min(busy_chunks::MAX_CHUNKS));
     let copied = busy_chunks::copy_in(mem, file, regions, &chunks)?;
+    if !copied.is_empty() {
+        crate::vmm::timing_point("busy chunks in 2 MiB pages", crate::vmm::monotonic_ns());
+    }
     tracing::debug!("working set: {} of {} busy chunks copied into 2 MiB pages", copied.len(), chunks.len());
     Ok(copied)
 }
