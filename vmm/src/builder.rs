@@ -144,7 +144,6 @@ fn load_snapshot(dir: &std::path::Path) -> Result<(Snapshot, std::fs::File), Sna
     Ok((snap, mem))
 }
 
-/// The snapshot's working set, if it has one that parses; a bad one is only a lost hint.
 /// Copies the (at most `max`) chunks `ws` shows busiest into private 2 MiB pages, where the
 /// host has them, and returns their addresses.
 fn copy_busy_chunks(
@@ -166,6 +165,7 @@ fn copy_busy_chunks(
     Ok(copied)
 }
 
+/// The snapshot's working set, if it has one that parses; a bad one is only a lost hint.
 fn load_working_set(dir: &std::path::Path) -> Option<crate::snapshot::working_set::WorkingSet> {
     use crate::snapshot::working_set::{WorkingSet, WORKING_SET_FILE};
     WorkingSet::load(&dir.join(WORKING_SET_FILE)).unwrap_or_else(|e| {

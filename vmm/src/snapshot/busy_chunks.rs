@@ -11,8 +11,8 @@
 //! The price is memory: each chunk is 2 MiB private to the VM, where only its written pages
 //! were before. So only chunks the guest wrote in and touched much are copied, by default
 //! [`DEFAULT_CHUNKS`] of them at most (the VMM's `--private-chunks` sets the number, up to
-//! [`MAX_CHUNKS`]; 0 copies none). A chunk that cannot be copied (no 2 MiB page free, a short read)
-//! stays mapped from the file as it was.
+//! [`MAX_CHUNKS`]; 0 copies none). A chunk that cannot be copied (no 2 MiB page free, a
+//! short read) stays mapped from the file as it was.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -28,7 +28,8 @@ use crate::memory::GuestMem;
 /// Lowest score ([`super::working_set::WorkingSet::busy_written_chunks`], about the nested
 /// faults the chunk costs) for a copy to pay. A copy costs about two passes over 2 MiB (the
 /// kernel zeroes the new page, then the file's bytes are read in), which in the nested test
-/// host takes as long as 25 faults and on bare metal as long as a hundred or so.
+/// host took as long as about 25 faults (on bare metal, where a fault costs far less, an
+/// estimated hundred or so).
 pub const MIN_SCORE: u64 = 64;
 /// Chunks copied per VM at most unless told otherwise (12 MiB of private memory). In the
 /// working sets measured, the sixth best chunk still saved about a hundred faults.
@@ -93,6 +94,7 @@ fn copy_chunk(mem: &GuestMem, file: &File, regions: &[MemRegion], chunk: u64) ->
     if !(target as usize).is_multiple_of(HUGE_PAGE) {
         return Err(invalid("guest RAM is not mapped 2 MiB aligned").into());
     }
+    let file_offset = libc::off_t::try_from(offset).map_err(|_| invalid("file offset"))?;
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     let copy = map_aligned(None, 0, HUGE_PAGE, prot, libc::MAP_PRIVATE)?;
     // SAFETY: `copy` is the fresh 2 MiB anonymous mapping made just above; nothing else uses
@@ -107,7 +109,6 @@ fn copy_chunk(mem: &GuestMem, file: &File, regions: &[MemRegion], chunk: u64) ->
         unsafe { libc::munmap(copy.cast(), HUGE_PAGE) };
         return Err(e.into());
     }
-    let file_offset = libc::off_t::try_from(offset).map_err(|_| invalid("file offset"))?;
     // SAFETY: both ranges are 2 MiB, aligned, and owned here: `copy` was made above and
     // `target` is guest RAM that no vCPU or device has touched yet (this runs before they
     // start). Moving the page over it replaces the file's mapping with the same bytes; the
