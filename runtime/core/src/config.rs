@@ -58,13 +58,13 @@ pub struct SnapshotsConfig {
     pub dir: Option<PathBuf>,
     /// How many of the 2 MiB chunks of guest memory a restored guest touches most each VM
     /// copies into private 2 MiB pages before it runs (default: the VMM's, 6; 0: none; at
-    /// most 32). Each is 2 MiB more private memory per VM, and saves the guest's page faults
+    /// most [`MAX_PRIVATE_CHUNKS`], 32). Each is 2 MiB more private memory per VM, and saves the guest's page faults
     /// there.
     pub private_chunks: Option<u32>,
 }
 
-/// Most `snapshots.private_chunks` (the VMM's own bound).
-pub const MAX_PRIVATE_CHUNKS: u32 = 32;
+/// Most `snapshots.private_chunks`: the VMM's own bound.
+pub const MAX_PRIVATE_CHUNKS: u32 = husk_vmm::snapshot::busy_chunks::MAX_CHUNKS as u32;
 
 impl Default for SnapshotsConfig {
     fn default() -> Self {
