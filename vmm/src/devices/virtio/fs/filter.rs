@@ -60,6 +60,10 @@ pub struct ShareFs {
     warn: Mutex<(LogLimit, LogLimit)>,
     /// Set under `cache=auto`: opens of unchanged files keep the guest's page cache.
     versions: Option<OpenVersions>,
+    /// How long the guest may trust that a name does not exist; zero: not at all.
+    negative_timeout: Duration,
+    /// Whether the guest may keep symlink targets in its page cache (FUSE_CACHE_SYMLINKS).
+    cache_symlinks: bool,
 }
 
 impl std::fmt::Debug for ShareFs {
@@ -85,13 +89,32 @@ impl ShareFs {
             handles: HandleCount::new(limits.handles),
             warn: Mutex::new((LogLimit::new(), LogLimit::new())),
             versions: None,
+            negative_timeout: Duration::ZERO,
+            cache_symlinks: false,
         }
+    }
+
+    /// For shares whose names the guest may trust for `timeout`: a name that does not exist is
+    /// answered as a negative entry valid that long (the kernel then keeps it, as it keeps
+    /// found names, instead of asking again at each path walk through it), and symlink
+    /// targets are cached. A symlink's target never changes in place: a new one is a new
+    /// inode.
+    pub fn caching_names(mut self, timeout: Duration) -> Self {
+        self.negative_timeout = timeout;
+        self.cache_symlinks = true;
+        self
     }
 
     /// Opens of a file unchanged since its previous open keep the guest's cached pages.
     pub fn keeping_unchanged_files_cached(mut self) -> Self {
         self.versions = Some(OpenVersions::default());
         self
+    }
+
+    /// The inodes and open handles the guest holds now.
+    #[cfg(test)]
+    pub(super) fn held(&self) -> (usize, usize) {
+        (self.inodes.count(), self.handles.count())
     }
 
     /// What this wrapper keeps about an inode the guest forgot `count` lookups of.
@@ -204,7 +227,11 @@ impl FileSystem for ShareFs {
         // default 128 KiB: each request is a round trip through the queue, an exit and an
         // interrupt, and reading a program in 128 KiB pieces was a third of a container
         // start's requests. The agent raises the share's readahead to match.
-        Ok(want | FsOptions::MAX_PAGES)
+        let mut want = want | FsOptions::MAX_PAGES;
+        if self.cache_symlinks && capable.contains(FsOptions::CACHE_SYMLINKS) {
+            want |= FsOptions::CACHE_SYMLINKS;
+        }
+        Ok(want)
     }
 
     fn destroy(&self) {
@@ -215,8 +242,23 @@ impl FileSystem for ShareFs {
     }
 
     fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
-        let entry = self.inner.lookup(ctx, parent, name)?;
-        self.admit(ctx, entry)
+        match self.inner.lookup(ctx, parent, name) {
+            Ok(entry) => self.admit(ctx, entry),
+            // Node id 0 is the protocol's negative entry; it holds no inode, so nothing is
+            // counted and the kernel never forgets it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !self.negative_timeout.is_zero() => {
+                Ok(Entry {
+                    inode: 0,
+                    generation: 0,
+                    // SAFETY: stat64 is plain integers, for which all zeros is a valid value.
+                    attr: unsafe { std::mem::zeroed() },
+                    attr_flags: 0,
+                    attr_timeout: Duration::ZERO,
+                    entry_timeout: self.negative_timeout,
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn forget(&self, ctx: &Context, inode: Inode, count: u64) {

@@ -79,11 +79,12 @@ impl std::fmt::Debug for Fs {
 /// as virtiofsd's `cache=`): `never` revalidates everything, `auto` trusts attributes for a
 /// second, `always` assumes nobody else changes the directory.
 fn passthrough_config(root_dir: String, cache: FsCache) -> PassthroughConfig {
-    let (cache_policy, timeout) = match cache {
-        FsCache::Never => (CachePolicy::Never, Duration::ZERO),
-        FsCache::Auto => (CachePolicy::Auto, Duration::from_secs(1)),
-        FsCache::Always => (CachePolicy::Always, Duration::from_secs(86_400)),
+    let cache_policy = match cache {
+        FsCache::Never => CachePolicy::Never,
+        FsCache::Auto => CachePolicy::Auto,
+        FsCache::Always => CachePolicy::Always,
     };
+    let timeout = name_timeout(cache);
     PassthroughConfig {
         root_dir,
         cache_policy,
@@ -96,7 +97,11 @@ fn passthrough_config(root_dir: String, cache: FsCache) -> PassthroughConfig {
         xattr: true,
         writeback: false,
         no_open: false,
-        no_opendir: false,
+        // FUSE_NO_OPENDIR_SUPPORT where the kernel offers it: the first OPENDIR gets ENOSYS
+        // and no directory open or release is a round trip after it (a container's start
+        // opened each of its mount points: 8 of its requests). READDIR opens the directory
+        // for itself, so no guest-held handle keeps a host fd open either.
+        no_opendir: true,
         // FUSE_HANDLE_KILLPRIV_V2: the guest kernel leaves clearing setuid/setgid to the server
         // and flags the requests that must clear them (WRITE, truncating SETATTR, OPEN with
         // O_TRUNC and CREATE whose caller lacks CAP_FSETID; every chown). The passthrough drops
@@ -105,6 +110,15 @@ fn passthrough_config(root_dir: String, cache: FsCache) -> PassthroughConfig {
         // itself with a separate SETATTR, racing with other writers.
         killpriv_v2: true,
         ..Default::default()
+    }
+}
+
+/// How long the guest may trust a name (found or not) and its attributes.
+fn name_timeout(cache: FsCache) -> Duration {
+    match cache {
+        FsCache::Never => Duration::ZERO,
+        FsCache::Auto => Duration::from_secs(1),
+        FsCache::Always => Duration::from_secs(86_400),
     }
 }
 
@@ -171,6 +185,10 @@ impl Fs {
         let mut fs = ShareFs::with_limits(inner, share.read_only, limits);
         if share.cache == FsCache::Auto {
             fs = fs.keeping_unchanged_files_cached();
+        }
+        let timeout = name_timeout(share.cache);
+        if !timeout.is_zero() {
+            fs = fs.caching_names(timeout);
         }
         Self::with_fs(&share.tag, fs)
     }

@@ -52,12 +52,16 @@ fn cstr(s: &str) -> Vec<u8> {
 
 /// A share with `hello.txt`, a subdirectory and a symlink pointing out of the share.
 fn share(read_only: bool) -> (TempDir, Fs) {
+    share_cached(read_only, FsCache::Auto)
+}
+
+fn share_cached(read_only: bool, cache: FsCache) -> (TempDir, Fs) {
     let dir = TempDir::new_with_prefix("/tmp/husk-fs-").unwrap();
     let root = dir.as_path();
     std::fs::write(root.join("hello.txt"), HELLO).unwrap();
     std::fs::create_dir(root.join("sub")).unwrap();
     std::os::unix::fs::symlink("/", root.join("escape")).unwrap();
-    let cfg = FsShareConfig { tag: "share".into(), path: root.into(), read_only, cache: FsCache::Auto };
+    let cfg = FsShareConfig { tag: "share".into(), path: root.into(), read_only, cache };
     let dev = Fs::new(&cfg).unwrap();
     // The test thread serves the requests, so it is set up like the device's worker: FUSE_INIT
     // (the passthrough's umask(0)) then leaves the process's umask alone under the other tests.
@@ -229,7 +233,8 @@ fn lookup_getattr_open_read() {
     let read = ReadIn { fh: fh + 1000, offset: 0, size: 16, ..Default::default() };
     assert_eq!(c.errno(Opcode::Read, entry.nodeid, read.as_slice()), libc::EBADF);
     assert_eq!(c.errno(Opcode::Getattr, 0xdead_beef, GetattrIn::default().as_slice()), libc::EBADF);
-    assert_eq!(c.errno(Opcode::Lookup, ROOT_ID, &cstr("missing")), libc::ENOENT);
+    // cache=auto: a missing name is a negative entry (node id 0), also kept for a second.
+    assert_eq!((c.lookup(ROOT_ID, "missing").nodeid, c.lookup(ROOT_ID, "missing").entry_valid), (0, 1));
     c.ok(Opcode::Statfs, ROOT_ID, &[]);
 }
 
@@ -873,4 +878,70 @@ fn max_pages_is_negotiated_when_offered() {
     let mut c = Client { dev, unique: 0 };
     let out = c.init_with(0);
     assert_eq!((out.flags & MAX_PAGES, out.max_pages), (0, 0));
+}
+
+const CACHE_SYMLINKS: u32 = FsOptions::CACHE_SYMLINKS.bits() as u32;
+const NO_OPENDIR: u32 = FsOptions::ZERO_MESSAGE_OPENDIR.bits() as u32;
+
+/// Under `cache=auto` and `always` a missing name is a negative entry the guest may keep for
+/// the share's timeout, and symlink targets may be cached; under `never`, neither.
+#[test]
+fn missing_names_and_symlinks_are_cached_as_long_as_names_are() {
+    for (cache, secs) in [(FsCache::Auto, 1), (FsCache::Always, 86_400)] {
+        let (_dir, dev) = share_cached(true, cache);
+        let mut c = Client { dev, unique: 0 };
+        let out = c.init_with(CACHE_SYMLINKS);
+        assert_ne!(out.flags & CACHE_SYMLINKS, 0, "{cache:?}: CACHE_SYMLINKS not negotiated");
+        let missing = c.lookup(ROOT_ID, "missing");
+        assert_eq!((missing.nodeid, missing.entry_valid, missing.attr_valid), (0, secs, 0), "{cache:?}");
+        // Found names are as before, and a negative entry is not counted as a lookup.
+        let found = c.lookup(ROOT_ID, "hello.txt");
+        assert_ne!(found.nodeid, 0);
+        assert_eq!(found.entry_valid, secs);
+        assert_eq!(c.dev.fs.held().0, 1, "{cache:?}");
+        // Other errors stay errors.
+        assert_eq!(c.errno(Opcode::Lookup, found.nodeid, &cstr("x")), libc::ENOTDIR);
+    }
+    let (_dir, dev) = share_cached(true, FsCache::Never);
+    let mut c = Client { dev, unique: 0 };
+    let out = c.init_with(CACHE_SYMLINKS);
+    assert_eq!(out.flags & CACHE_SYMLINKS, 0, "never: CACHE_SYMLINKS negotiated");
+    assert_eq!(c.errno(Opcode::Lookup, ROOT_ID, &cstr("missing")), libc::ENOENT);
+    // Not offered, not taken.
+    let (_dir, dev) = share(true);
+    let mut c = Client { dev, unique: 0 };
+    assert_eq!(c.init_with(0).flags & CACHE_SYMLINKS, 0);
+}
+
+/// Where the kernel offers FUSE_NO_OPENDIR_SUPPORT, directories are opened without a round
+/// trip: OPENDIR gets ENOSYS (the kernel's cue), READDIR works without a handle, and no
+/// handle slot is held.
+#[test]
+fn directories_are_read_without_opendir_when_the_kernel_allows() {
+    let (_dir, dev) = share(true);
+    let mut c = Client { dev, unique: 0 };
+    let out = c.init_with(NO_OPENDIR);
+    assert_ne!(out.flags & NO_OPENDIR, 0, "NO_OPENDIR_SUPPORT not negotiated");
+    assert_eq!(c.errno(Opcode::Opendir, ROOT_ID, OpenIn::default().as_slice()), libc::ENOSYS);
+    assert_eq!(c.dev.fs.held().1, 0);
+    let read = ReadIn { fh: 0, offset: 0, size: 0x1_0000, ..Default::default() };
+    let out = c.ok(Opcode::Readdir, ROOT_ID, read.as_slice());
+    let mut names = Vec::new();
+    let mut at = 0;
+    while at < out.len() {
+        let dirent: Dirent = obj(&out[at..]);
+        let name_at = at + size_of::<Dirent>();
+        names.push(String::from_utf8(out[name_at..name_at + dirent.namelen as usize].to_vec()).unwrap());
+        at = (name_at + dirent.namelen as usize + 7) & !7;
+    }
+    names.sort();
+    assert_eq!(names, ["escape", "hello.txt", "sub"]);
+    assert_eq!(c.dev.fs.held().1, 0);
+    // A kernel that does not offer it still gets directory handles.
+    let (_dir, dev) = share(true);
+    let mut c = Client { dev, unique: 0 };
+    assert_eq!(c.init_with(0).flags & NO_OPENDIR, 0);
+    let dh: OpenOut = obj(&c.ok(Opcode::Opendir, ROOT_ID, OpenIn::default().as_slice()));
+    assert_ne!(dh.fh, 0);
+    assert_eq!(c.dev.fs.held().1, 1);
 }
