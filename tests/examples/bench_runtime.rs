@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use husk_tests::artifacts::{bin, RuntimeTestKit};
-use husk_tests::{run_job, Job};
+use husk_tests::{balanced_orders, run_job, Job};
 
 const SCRIPT: &str = r##"
 mk_rootfs() {
@@ -29,12 +29,13 @@ mkdir -p /var/oci /var/oci-sleep
 # Each shape's first restored run records its working set: done here, untimed.
 $H --root /run/hb run --bundle /var/oci bench && $H run --net none --rootfs /var/bb -- true || echo "FAIL first restored runs"
 # Interleaved, one run of each per round, so that a slower spell of this shared machine falls
-# on every runtime alike; the order of the quick runs turns by one each round, so that none
-# always follows the same one (a run after another program finds less of its code in the
-# test host's caches). Every run is followed by a pause, so that the work it leaves to the
-# kernel (freeing memory; for husk, destroying its VM, which it does not wait for) is done
-# before the next run starts rather than counted in it; a longer one after each round's cold
-# runs.
+# on every runtime alike. The quick runs' order changes each round so that each follows every
+# other about equally often (a run after another program finds less of its code in the test
+# host's caches; see balanced_orders). Every run is followed by a pause, so that the work it
+# leaves to the kernel (freeing memory; for husk, destroying its VM, which it does not wait
+# for) is done before the next run starts rather than counted in it; a longer one after each
+# round's cold runs. One untimed round first: every runtime's first run reads its binary and
+# libraries, which no later run does.
 settle() { sleep 0.3; }
 quick() {
     case $1 in
@@ -44,18 +45,22 @@ quick() {
     esac
     settle
 }
-order="@RUNTIMES@ husk-bundle husk-rootfs"
-i=0
-while [ $i -lt @N@ ]; do
-    for q in $order; do quick $q; done
-    # Turned by one: the first goes last.
-    set -- $order; first=$1; shift; order="$* $first"
+cold() {
     @PROBE@ time husk-bundle-cold-ms 1 $H --no-snapshot --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (cold)"
     settle
     @PROBE@ time husk-rootfs-cold-ms 1 $H --no-snapshot run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (cold)"
     sleep 1
-    i=$((i+1))
-done
+}
+round() {
+    for q in "$@"; do quick $q; done
+    cold
+}
+warmup() {
+    for q in @QUICK@; do quick $q; done
+    cold
+}
+warmup | grep -v '^BENCH ' || true
+@ROUNDS@
 for mode in restored cold; do
     flag=; [ $mode = cold ] && flag=--no-snapshot
     i=0
@@ -228,11 +233,22 @@ fn main() -> anyhow::Result<()> {
     let runtimes: Vec<PathBuf> =
         ["/usr/sbin/runc", "/usr/bin/crun"].iter().map(PathBuf::from).filter(|p| p.is_file()).collect();
     let d = |p: &Path| p.display().to_string();
+    let quick: Vec<String> =
+        runtimes.iter().map(|p| d(p)).chain(["husk-bundle".into(), "husk-rootfs".into()]).collect();
+    let orders = balanced_orders(quick.len(), N);
+    let rounds: String = orders
+        .iter()
+        .map(|order| {
+            let runs: Vec<&str> = order.iter().map(|&i| quick[i].as_str()).collect();
+            format!("round {}\n", runs.join(" "))
+        })
+        .collect();
     let script = SCRIPT
         .replace("@BUSYBOX@", &d(&kit.busybox))
         .replace("@HUSK@", &d(&kit.husk))
         .replace("@PROBE@", &d(&probe))
-        .replace("@RUNTIMES@", &runtimes.iter().map(|p| d(p)).collect::<Vec<_>>().join(" "))
+        .replace("@QUICK@", &quick.join(" "))
+        .replace("@ROUNDS@", &rounds)
         .replace("@N@", &N.to_string())
         .replace("@D@", &D.to_string());
     let mut job = Job::new(script).timeout(Duration::from_secs(2400));
@@ -327,6 +343,30 @@ fn main() -> anyhow::Result<()> {
     for k in keys {
         let v: Vec<String> = samples[k].iter().map(|x| format!("{x:.0}")).collect();
         println!("  runs of {k}: {}", v.join(" "));
+    }
+    // Each quick run's median by the run before it in its round (husk's cold runs end each
+    // round, so they come before every round's first).
+    let label =
+        |q: &str| Path::new(q).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    for q in &quick {
+        let key = match q.as_str() {
+            "husk-bundle" | "husk-rootfs" => format!("{q}-restored-ms"),
+            _ => format!("{}-run-true-ms", label(q)),
+        };
+        let Some(runs) = samples.get(&key) else { continue };
+        let mut after: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        for (order, t) in orders.iter().zip(runs) {
+            let before = match order.iter().position(|&i| quick[i] == *q) {
+                Some(p) if p > 0 => label(&quick[order[p - 1]]),
+                _ => "husk cold".to_string(),
+            };
+            after.entry(before).or_default().push(*t);
+        }
+        let parts: Vec<String> = after
+            .into_iter()
+            .map(|(b, v)| format!("after {b} {:.0} ({} runs)", median(v.clone()), v.len()))
+            .collect();
+        println!("  {key} by the run before it: {}", parts.join(", "));
     }
     let (restored_runs, cold_runs) = (timing_runs(&out.output, "restored"), timing_runs(&out.output, "cold"));
     let booted = restored_runs.iter().filter(|p| p.iter().any(|(n, _, _)| n.starts_with("guest:"))).count();
