@@ -108,7 +108,12 @@ done
 $H snapshot ls | sed 's/^/SNAPSHOTS /'
 "##;
 
-/// Runs per timed command (and `--timings` runs per mode).
+/// Interleaved rounds, one run of each quick command per round: a multiple of the balanced
+/// square's size (4 with runc and crun), so each run follows every other equally often. The
+/// test host's run-to-run spread is wide (a slow spell doubles a round), so more rounds than
+/// the `--timings` runs.
+const ROUNDS: usize = 20;
+/// `--timings` runs per mode.
 const N: usize = 10;
 /// Idle sandboxes per density set.
 const D: usize = 10;
@@ -235,7 +240,7 @@ fn main() -> anyhow::Result<()> {
     let d = |p: &Path| p.display().to_string();
     let quick: Vec<String> =
         runtimes.iter().map(|p| d(p)).chain(["husk-bundle".into(), "husk-rootfs".into()]).collect();
-    let orders = balanced_orders(quick.len(), N);
+    let orders = balanced_orders(quick.len(), ROUNDS);
     let rounds: String = orders
         .iter()
         .map(|order| {
@@ -285,7 +290,7 @@ fn main() -> anyhow::Result<()> {
         "husk VMs under this host's KVM; runc/crun on this host"
     };
     println!(
-        "Runtime benchmarks ({place}); medians of {N} runs, a new VM each, runtimes interleaved run by run"
+        "Runtime benchmarks ({place}); medians of {ROUNDS} runs, a new VM each, runtimes interleaved run by run"
     );
     println!("`husk snapshot prepare` (both shapes, 256 MiB, 1 vCPU): {:.0} ms", get("snapshot-prepare-ms")?);
     let peers: Vec<(String, f64)> = runtimes
