@@ -156,7 +156,15 @@ fn copy_busy_chunks(
     if max == 0 || !busy_chunks::host_has_huge_pages() {
         return Ok(Vec::new());
     }
-    let chunks = ws.busy_written_chunks(busy_chunks::MIN_SCORE, max.min(busy_chunks::MAX_CHUNKS));
+    // Only free 2 MiB blocks, never ones the page fault would compact memory for.
+    let free = busy_chunks::free_huge_pages().unwrap_or(0);
+    let room = usize::try_from(free.saturating_sub(busy_chunks::FREE_RESERVE)).unwrap_or(usize::MAX);
+    let want = max.min(busy_chunks::MAX_CHUNKS).min(room);
+    if want == 0 {
+        tracing::debug!("working set: no busy chunks copied ({free} free 2 MiB blocks)");
+        return Ok(Vec::new());
+    }
+    let chunks = ws.busy_written_chunks(busy_chunks::MIN_SCORE, want);
     let copied = busy_chunks::copy_in(mem, file, regions, &chunks)?;
     if !copied.is_empty() {
         crate::vmm::timing_point("busy chunks in 2 MiB pages", crate::vmm::monotonic_ns());

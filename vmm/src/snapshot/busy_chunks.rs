@@ -11,8 +11,9 @@
 //! The price is memory: each chunk is 2 MiB private to the VM, where only its written pages
 //! were before. So only chunks the guest wrote in and touched much are copied, by default
 //! [`DEFAULT_CHUNKS`] of them at most (the VMM's `--private-chunks` sets the number, up to
-//! [`MAX_CHUNKS`]; 0 copies none). A chunk that cannot be copied (no 2 MiB page free, a
-//! short read) stays mapped from the file as it was.
+//! [`MAX_CHUNKS`]; 0 copies none), and no more than the host has free 2 MiB blocks for
+//! ([`free_huge_pages`]). A chunk that cannot be copied (a short read) stays mapped from the
+//! file as it was.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -38,11 +39,49 @@ pub const DEFAULT_CHUNKS: usize = 6;
 pub const MAX_CHUNKS: usize = 32;
 
 const THP_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
+const BUDDYINFO: &str = "/proc/buddyinfo";
+/// 2 MiB pages left free for the rest of the host: copies take only what is beyond these.
+pub const FREE_RESERVE: u64 = 4;
+/// The page allocator's order of a 2 MiB block (4 KiB base pages).
+const HUGE_ORDER: usize = 9;
 
 /// Whether this host gives anonymous memory 2 MiB pages where a program asks (`always` or
 /// `madvise`); without them a copy would only cost memory.
 pub fn host_has_huge_pages() -> bool {
     std::fs::read_to_string(THP_ENABLED).is_ok_and(|s| !s.contains("[never]"))
+}
+
+/// How many free 2 MiB blocks the host's page allocator holds now (/proc/buddyinfo, all zones
+/// but DMA); None if unknown. On a host whose memory is fragmented, a 2 MiB page that is not
+/// free would be made by compacting memory in the page fault itself (MADV_HUGEPAGE under the
+/// usual `defrag` of `madvise`), a stall of unbounded length in the middle of a restore. So no
+/// more chunks are copied than there are free blocks (less [`FREE_RESERVE`]).
+pub fn free_huge_pages() -> Option<u64> {
+    parse_buddyinfo(&std::fs::read_to_string(BUDDYINFO).ok()?)
+}
+
+/// Free 2 MiB blocks in buddyinfo's text: each line is `Node N, zone NAME` and the free block
+/// counts of orders 0, 1, ...; a block of order 9 + k holds 2^k of them.
+fn parse_buddyinfo(text: &str) -> Option<u64> {
+    let mut total = 0u64;
+    let mut zones = 0;
+    for line in text.lines() {
+        let Some((_, rest)) = line.split_once(" zone ") else { continue };
+        let mut fields = rest.split_whitespace();
+        // User memory never comes from the 16 MiB DMA zone.
+        if fields.next()? == "DMA" {
+            continue;
+        }
+        for (order, count) in fields.enumerate() {
+            let count: u64 = count.parse().ok()?;
+            if order >= HUGE_ORDER {
+                let each = 1u64.checked_shl(u32::try_from(order - HUGE_ORDER).ok()?)?;
+                total = total.saturating_add(count.saturating_mul(each));
+            }
+        }
+        zones += 1;
+    }
+    (zones > 0).then_some(total)
 }
 
 /// Copies the chunks at guest addresses `chunks` of `mem` (mapped from `file`, laid out as
@@ -148,6 +187,32 @@ fn copy_chunk(mem: &GuestMem, file: &File, regions: &[MemRegion], chunk: u64) ->
         return Err(e.into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod buddyinfo_tests {
+    use super::parse_buddyinfo;
+
+    #[test]
+    fn free_2mib_blocks_are_counted_from_order_9_up_outside_the_dma_zone() {
+        let text = "Node 0, zone      DMA      1      1      0      1      2      1      1      0      1      1      3 \n\
+                    Node 0, zone    DMA32      5      4      3      2      1      0      0      1      2      3      4 \n\
+                    Node 0, zone   Normal    100     50     20     10      5      2      1      0      0      1      2 \n";
+        // DMA32: 3 + 4 * 2; Normal: 1 + 2 * 2.
+        assert_eq!(parse_buddyinfo(text), Some(11 + 5));
+        let none_free = "Node 0, zone   Normal    9 9 9 9 9 9 9 9 9 0 0\n";
+        assert_eq!(parse_buddyinfo(none_free), Some(0));
+        // A kernel with fewer orders (no order 9) has none.
+        assert_eq!(parse_buddyinfo("Node 0, zone   Normal    1 2 3\n"), Some(0));
+    }
+
+    #[test]
+    fn unreadable_text_is_unknown() {
+        assert_eq!(parse_buddyinfo(""), None);
+        assert_eq!(parse_buddyinfo("no zones here\n"), None);
+        assert_eq!(parse_buddyinfo("Node 0, zone   Normal    1 x 3\n"), None);
+        assert_eq!(parse_buddyinfo("Node 0, zone      DMA    1 1 1 1 1 1 1 1 1 1 1\n"), None);
+    }
 }
 
 #[cfg(test)]
