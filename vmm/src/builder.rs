@@ -153,15 +153,9 @@ fn copy_busy_chunks(
     ws: &crate::snapshot::working_set::WorkingSet,
     max: usize,
 ) -> Result<Vec<u64>, BuildError> {
-    if max == 0 || !busy_chunks::host_has_huge_pages() {
-        return Ok(Vec::new());
-    }
-    // Only free 2 MiB blocks, never ones the page fault would compact memory for.
-    let free = busy_chunks::free_huge_pages().unwrap_or(0);
-    let room = usize::try_from(free.saturating_sub(busy_chunks::FREE_RESERVE)).unwrap_or(usize::MAX);
-    let want = max.min(busy_chunks::MAX_CHUNKS).min(room);
+    let want = busy_chunks::budget(max);
     if want == 0 {
-        tracing::debug!("working set: no busy chunks copied ({free} free 2 MiB blocks)");
+        tracing::debug!("working set: no busy chunks copied (none asked for, or no 2 MiB page free)");
         return Ok(Vec::new());
     }
     let chunks = ws.busy_written_chunks(busy_chunks::MIN_SCORE, want);

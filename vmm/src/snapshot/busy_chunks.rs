@@ -41,14 +41,29 @@ pub const MAX_CHUNKS: usize = 32;
 const THP_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
 const BUDDYINFO: &str = "/proc/buddyinfo";
 /// 2 MiB pages left free for the rest of the host: copies take only what is beyond these.
-pub const FREE_RESERVE: u64 = 4;
+const FREE_RESERVE: u64 = 4;
 /// The page allocator's order of a 2 MiB block (4 KiB base pages).
 const HUGE_ORDER: usize = 9;
 
 /// Whether this host gives anonymous memory 2 MiB pages where a program asks (`always` or
 /// `madvise`); without them a copy would only cost memory.
-pub fn host_has_huge_pages() -> bool {
+fn host_has_huge_pages() -> bool {
     std::fs::read_to_string(THP_ENABLED).is_ok_and(|s| !s.contains("[never]"))
+}
+
+/// How many chunks a VM asked for `max` may copy now: none without transparent huge pages,
+/// at most [`MAX_CHUNKS`], and no more than the host's free 2 MiB blocks beyond
+/// [`FREE_RESERVE`] ([`free_huge_pages`]; unknown counts as none).
+pub fn budget(max: usize) -> usize {
+    if max == 0 || !host_has_huge_pages() {
+        return 0;
+    }
+    budget_with(max, free_huge_pages())
+}
+
+fn budget_with(max: usize, free: Option<u64>) -> usize {
+    let room = free.unwrap_or(0).saturating_sub(FREE_RESERVE);
+    max.min(MAX_CHUNKS).min(usize::try_from(room).unwrap_or(usize::MAX))
 }
 
 /// How many free 2 MiB blocks the host's page allocator holds now (/proc/buddyinfo, all zones
@@ -56,7 +71,7 @@ pub fn host_has_huge_pages() -> bool {
 /// free would be made by compacting memory in the page fault itself (MADV_HUGEPAGE under the
 /// usual `defrag` of `madvise`), a stall of unbounded length in the middle of a restore. So no
 /// more chunks are copied than there are free blocks (less [`FREE_RESERVE`]).
-pub fn free_huge_pages() -> Option<u64> {
+fn free_huge_pages() -> Option<u64> {
     parse_buddyinfo(&std::fs::read_to_string(BUDDYINFO).ok()?)
 }
 
@@ -191,7 +206,18 @@ fn copy_chunk(mem: &GuestMem, file: &File, regions: &[MemRegion], chunk: u64) ->
 
 #[cfg(test)]
 mod buddyinfo_tests {
-    use super::parse_buddyinfo;
+    use super::{budget_with, parse_buddyinfo, FREE_RESERVE, MAX_CHUNKS};
+
+    #[test]
+    fn the_budget_is_the_free_blocks_beyond_the_reserve() {
+        assert_eq!(budget_with(6, Some(100)), 6);
+        assert_eq!(budget_with(100, Some(1000)), MAX_CHUNKS);
+        assert_eq!(budget_with(6, Some(FREE_RESERVE + 2)), 2);
+        assert_eq!(budget_with(6, Some(FREE_RESERVE)), 0);
+        assert_eq!(budget_with(6, Some(0)), 0);
+        assert_eq!(budget_with(6, None), 0);
+        assert_eq!(budget_with(0, Some(100)), 0);
+    }
 
     #[test]
     fn free_2mib_blocks_are_counted_from_order_9_up_outside_the_dma_zone() {
