@@ -31,25 +31,31 @@ $H --root /run/hb run --bundle /var/oci bench && $H run --net none --rootfs /var
 # Interleaved, one run of each per round, so that a slower spell of this shared machine falls
 # on every runtime alike. The quick runs' order changes each round so that each follows every
 # other about equally often (a run after another program finds less of its code in the test
-# host's caches; see balanced_orders). Every run is followed by a pause, so that the work it
-# leaves to the kernel (freeing memory; for husk, destroying its VM, which it does not wait
-# for) is done before the next run starts rather than counted in it; a longer one after each
-# round's cold runs. One untimed round first: every runtime's first run reads its binary and
-# libraries, which no later run does.
-settle() { sleep 0.3; }
+# host's caches; see balanced_orders). Every run is followed by a settle step: a pause, so that
+# the work it leaves to the kernel (freeing memory; for husk, destroying its VM, which it does
+# not wait for) is done before the next run starts rather than counted in it, and then an
+# untimed write to 256 MiB of fresh memory. In this nested test host, the memory a cold VM
+# frees is about 10x slower to write the first time it is reused (a 64 MiB touch: about 700 ms
+# after a cold VM, with or without another run between, and 57 ms when repeated right after;
+# most likely QEMU's TCG dropping the code it translated from those pages), and runc leaves a
+# little of the same. Without the touch that cost falls on whichever timed run next allocates
+# much, whatever runtime it is. The touch's own time is reported by the run it follows. One
+# untimed round first: every runtime's first run reads its binary and libraries, which no later
+# run does.
+settle() { sleep $2; @PROBE@ touch-memory 256 $1; }
 quick() {
     case $1 in
     husk-bundle) @PROBE@ time husk-bundle-restored-ms 1 $H --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (restored)" ;;
     husk-rootfs) @PROBE@ time husk-rootfs-restored-ms 1 $H run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (restored)" ;;
     *) @PROBE@ time $(basename $1)-run-true-ms 1 $1 --root /run/$(basename $1) run --no-pivot --bundle /var/oci bench || echo "FAIL $1" ;;
     esac
-    settle
+    settle $(basename $1) 0.3
 }
 cold() {
     @PROBE@ time husk-bundle-cold-ms 1 $H --no-snapshot --root /run/hb run --bundle /var/oci bench || echo "FAIL husk run bundle (cold)"
-    settle
+    settle husk-cold 0.3
     @PROBE@ time husk-rootfs-cold-ms 1 $H --no-snapshot run --net none --rootfs /var/bb -- true || echo "FAIL husk run rootfs (cold)"
-    sleep 1
+    settle husk-cold 1
 }
 round() {
     for q in "$@"; do quick $q; done
@@ -59,13 +65,13 @@ warmup() {
     for q in @QUICK@; do quick $q; done
     cold
 }
-warmup | grep -v '^BENCH ' || true
+warmup | grep -v -E '^(BENCH|SETTLE) ' || true
 @ROUNDS@
 for mode in restored cold; do
     flag=; [ $mode = cold ] && flag=--no-snapshot
     i=0
     while [ $i -lt @N@ ]; do
-        settle
+        settle timings 0.3
         $H $flag run --timings --net none --rootfs /var/bb -- true 2>/tmp/timings >/dev/null || echo "FAIL husk run --timings ($mode)"
         sed "s/^/TIMINGS $mode /" /tmp/timings
         echo "TIMINGS-END $mode"
@@ -373,6 +379,20 @@ fn main() -> anyhow::Result<()> {
             .collect();
         println!("  {key} by the run before it: {}", parts.join(", "));
     }
+    // The settle step's untimed touch, by the run it followed: how much reuse cost each
+    // runtime leaves behind (see the script).
+    let mut settle: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for l in out.output.lines().filter_map(|l| l.strip_prefix("SETTLE ")) {
+        if let Some((k, Ok(v))) = l.split_once(' ').map(|(k, v)| (k, v.trim().parse::<f64>())) {
+            settle.entry(k).or_default().push(v);
+        }
+    }
+    let parts: Vec<String> =
+        settle.iter().map(|(k, v)| format!("{k} {:.0} ({} runs)", median(v.clone()), v.len())).collect();
+    println!(
+        "  settle step (untimed 256 MiB write after each run), median by the run before: {}",
+        parts.join(", ")
+    );
     let (restored_runs, cold_runs) = (timing_runs(&out.output, "restored"), timing_runs(&out.output, "cold"));
     let booted = restored_runs.iter().filter(|p| p.iter().any(|(n, _, _)| n.starts_with("guest:"))).count();
     if booted > 0 {

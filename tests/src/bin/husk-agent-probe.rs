@@ -714,8 +714,46 @@ fn dd_command() -> String {
     format!("dd if=/dev/zero bs=1M count={DD_MIB} 2>/dev/null")
 }
 
+/// Writes one byte in each 4 KiB page of `mib` MiB of fresh anonymous memory, then frees it;
+/// returns how long that took. The bench's settle step: in the nested test host, memory that a
+/// cold VM freed is many times slower to write the first time it is reused (see
+/// bench/runtime.sh), so a touch of more than one VM's worth after every run makes that cost
+/// land here, untimed, instead of on whichever timed run allocates next.
+fn touch_memory(mib: usize) -> Result<Duration> {
+    let len = mib.checked_mul(1 << 20).context("size")?;
+    let t = Instant::now();
+    // SAFETY: a new private anonymous mapping at an address the kernel picks; it touches no
+    // existing memory and is unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        bail!("mmap {mib} MiB: {}", std::io::Error::last_os_error());
+    }
+    let base = p.cast::<u8>();
+    for off in (0..len).step_by(4096) {
+        // SAFETY: `off` < `len`, inside the mapping made above; volatile so the write stays.
+        unsafe { base.add(off).write_volatile(1) };
+    }
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(p, len) };
+    Ok(t.elapsed())
+}
+
 async fn host_baselines(args: &[String]) -> Result<()> {
     match args[1].as_str() {
+        "touch-memory" => {
+            let mib = args.get(2).context("MiB")?.parse::<usize>()?;
+            let label = args.get(3).map_or("-", String::as_str);
+            println!("SETTLE {label} {:.1}", touch_memory(mib)?.as_secs_f64() * 1e3);
+        }
         "time" => {
             let (label, n) = (args.get(2).context("label")?, args.get(3).context("N")?.parse::<usize>()?);
             let cmd = args.get(4..).filter(|c| !c.is_empty()).context("command")?;
@@ -768,7 +806,7 @@ async fn main() -> Result<()> {
         println!("{}", spec(&argv, &Opts::default()));
         return Ok(());
     }
-    if matches!(args.get(1).map(String::as_str), Some("time" | "pipe-baseline")) {
+    if matches!(args.get(1).map(String::as_str), Some("time" | "touch-memory" | "pipe-baseline")) {
         return host_baselines(&args).await;
     }
     let usage =
