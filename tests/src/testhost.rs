@@ -262,6 +262,14 @@ fn run_direct(job: &Job) -> Result<JobOutput, TestHostError> {
     })
 }
 
+/// TCG with a vCPU thread each, and the largest translation buffer QEMU allows on x86-64 hosts
+/// (2 GiB; the default is 1 GiB). TCG keeps the code it translated until the buffer is full,
+/// then drops all of it at once, and every program then runs slowly until its code is
+/// translated again. Each new VM's guest runs from pages of its own, so test-host jobs fill the
+/// buffer quickly: the default one filled in about two minutes of `bench/runtime.sh`, and the
+/// round after each flush was slow for every runtime.
+const L1_ACCEL: &str = "tcg,thread=multi,tb-size=2048";
+
 /// The L1's CPU: every feature TCG emulates (SVM for KVM among them) except ERMS and FSRM.
 /// QEMU 7.2's TCG runs `rep movsb` / `rep stosb` one byte per loop iteration, so software that
 /// picks them because those flags say they are fast (Linux's page clearing and user copies,
@@ -400,7 +408,7 @@ fn run_nested(job: &Job) -> Result<JobOutput, TestHostError> {
     let vm_start = Instant::now();
     let mut child = Command::new(&qemu)
         .args(["-M", "pc", "-nodefaults", "-no-user-config", "-vga", "none", "-display", "none"])
-        .args(["-monitor", "none", "-no-reboot", "-accel", "tcg,thread=multi", "-cpu", L1_CPU])
+        .args(["-monitor", "none", "-no-reboot", "-accel", L1_ACCEL, "-cpu", L1_CPU])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
         .args(["-m", &job.mem_mib.to_string(), "-smp", &job.cpus.to_string()])
