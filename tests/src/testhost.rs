@@ -267,7 +267,7 @@ fn run_direct(job: &Job) -> Result<JobOutput, TestHostError> {
 /// then drops all of it at once, and every program then runs slowly until its code is
 /// translated again. Each new VM's guest runs from pages of its own, so test-host jobs fill the
 /// buffer quickly: the default one filled in about two minutes of `bench/runtime.sh`, and the
-/// round after each flush was slow for every runtime.
+/// bench's rounds that were slow for every runtime came about that far apart.
 const L1_ACCEL: &str = "tcg,thread=multi,tb-size=2048";
 
 /// The L1's CPU: every feature TCG emulates (SVM for KVM among them) except ERMS and FSRM.
