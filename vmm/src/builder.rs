@@ -155,7 +155,9 @@ fn copy_busy_chunks(
 ) -> Result<Vec<u64>, BuildError> {
     let want = busy_chunks::budget(max);
     if want == 0 {
-        tracing::debug!("working set: no busy chunks copied (none asked for, or no 2 MiB page free)");
+        tracing::debug!(
+            "working set: no busy chunks copied (none asked for, no transparent huge pages, or no free 2 MiB block)"
+        );
         return Ok(Vec::new());
     }
     let chunks = ws.busy_written_chunks(busy_chunks::MIN_SCORE, want);
