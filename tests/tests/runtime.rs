@@ -104,6 +104,11 @@ $H run --net none --rootfs /var/bb -- sh -c 'echo scratch > /written && cat /wri
 # read ahead a request's worth, 1 MiB, not the kernel's 128 KiB.
 $H run --net none --rootfs /var/bb -- sh -c 'echo "bdis=$(ls /sys/class/bdi | wc -l) read-ahead=$(cat /sys/class/bdi/*/read_ahead_kb | sort -u | xargs)"'
 [ -e /var/bb/written ] && echo "@@ROOTFS-CHANGED"
+# What an exited container wrote to a share is on the host when `husk run` returns (its VM is
+# stopped without the guest's cleanup once its init, PID 1 of its namespace, is gone).
+mkdir -p /var/out
+$H run --net none --rootfs /var/bb -v /var/out:/out -- sh -c 'dd if=/dev/zero of=/out/big bs=64k count=64 2>/dev/null; echo last > /out/last'
+echo "@@OUT-ON-HOST $(wc -c < /var/out/big) $(cat /var/out/last)"
 $H run --net none --rootfs /var/bb -v /var/vol:/data:ro -e GREETING=hi -- sh -c 'echo $GREETING; cat /data/f; touch /data/g 2>/dev/null || echo ro-refused; echo home=$HOME'
 # Killed by a signal from outside (PID 1 of a PID namespace ignores its own SIGKILL).
 $H run --net none --rootfs /var/bb -- sleep 300 & p=$!
@@ -606,6 +611,7 @@ fn husk_runtime_with_husk_run_the_oci_cli_containerd_and_podman() {
             // HOME as runc sets it: root's from the rootfs's /etc/passwd.
             "hi\nvol-data\nro-refused\nhome=/root\n",
             "bdis=2 read-ahead=1024\n",
+            "@@OUT-ON-HOST 4194304 last\n",
             "@@RUN-KILLED-RC 137",
             "@@RUN-TERM-RC 42",
             "from-image\n@@IMAGE-RC 9",

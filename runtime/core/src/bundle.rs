@@ -82,6 +82,16 @@ impl Bundle {
         self.spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false)
     }
 
+    /// Whether the container gets a PID namespace of its own (one without a path), whose PID 1
+    /// its init is: every process of the container ends when the init does.
+    pub fn own_pid_namespace(&self) -> bool {
+        self.spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|nss| nss.iter().any(|n| n.typ() == LinuxNamespaceType::Pid && n.path().is_none()))
+    }
+
     /// The host hooks of one kind.
     pub fn hooks(&self, kind: HostHook) -> Vec<oci_spec::runtime::Hook> {
         let Some(h) = self.spec.hooks() else { return Vec::new() };

@@ -63,6 +63,10 @@ pub struct ContainerRecord {
     pub poststart: Vec<oci_spec::runtime::Hook>,
     #[serde(default)]
     pub poststop: Vec<oci_spec::runtime::Hook>,
+    /// Its init is PID 1 of a PID namespace of its own, so nothing of the container outlives
+    /// it (false in records written before this was kept: the guest is asked to clean up).
+    #[serde(default)]
+    pub own_pid_namespace: bool,
 }
 
 /// One VM and the containers in it.
@@ -378,6 +382,7 @@ mod tests {
             host_mounts: vec![],
             poststart: vec![],
             poststop: vec![],
+            own_pid_namespace: true,
         }
     }
 

@@ -92,6 +92,7 @@ fn orphan_record(sid: String) -> ContainerRecord {
         host_mounts: Vec::new(),
         poststart: Vec::new(),
         poststop: Vec::new(),
+        own_pid_namespace: false,
     }
 }
 

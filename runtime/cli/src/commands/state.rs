@@ -55,6 +55,7 @@ mod tests {
             host_mounts: vec![],
             poststart: vec![],
             poststop: vec![],
+            own_pid_namespace: false,
         };
         let v = state_json(&rec, Status::Running);
         assert_eq!(v["pid"], 42);

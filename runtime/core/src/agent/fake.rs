@@ -10,7 +10,7 @@ use husk_proto as pb;
 use super::{Agent, AgentError, AgentResult, Events, Status};
 use crate::error::RuntimeError;
 use crate::state::{SandboxRecord, StateDir};
-use crate::vm::{Booted, Calls, VmProcess, VmShape, Vms};
+use crate::vm::{Booted, Calls, PowerOff, VmProcess, VmShape, Vms};
 
 /// A step the fake can be told to fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -29,6 +29,8 @@ pub struct World {
     pub fail: HashSet<Step>,
     pub boots: usize,
     pub power_offs: usize,
+    /// Power-offs that stopped the VM without asking the guest to clean up.
+    pub discards: usize,
     /// VMs killed without a word to the guest.
     pub kills: usize,
     /// Containers removed through the agent, in order.
@@ -278,10 +280,13 @@ impl Vms for Fake {
         }
     }
 
-    async fn power_off(&self, rec: &SandboxRecord, _process: VmProcess) {
+    async fn power_off(&self, rec: &SandboxRecord, _process: VmProcess, how: PowerOff) {
         let mut w = self.world();
         if w.running_vms.remove(&rec.id) {
             w.power_offs += 1;
+            if how == PowerOff::Discard {
+                w.discards += 1;
+            }
             // Every container of the VM goes with it (the fake has one VM per test).
             w.containers.clear();
         }

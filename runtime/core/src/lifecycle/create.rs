@@ -17,7 +17,7 @@ use crate::relay::Target;
 use crate::share::{self, SHARE_TAG};
 use crate::state::{ContainerRecord, SandboxRecord};
 use crate::stdio::{self, StdioStrategy};
-use crate::vm::{Calls, VmProcess, Vms};
+use crate::vm::{Calls, PowerOff, VmProcess, Vms};
 use crate::{mounts, procinfo};
 
 /// Undo list for a create that fails halfway.
@@ -46,7 +46,7 @@ impl<A: Agent> Partial<A> {
             let _ = std::fs::remove_dir_all(d);
         }
         if let Some((rec, process)) = self.vm {
-            rt.vms.power_off(&rec, process).await;
+            rt.vms.power_off(&rec, process, PowerOff::Destroy).await;
             if let Err(e) = rt.release_sandbox(&rec.id).await {
                 tracing::warn!("sandbox {}: {e}", rec.id);
             }
@@ -238,6 +238,7 @@ impl<V: Vms> Runtime<V> {
             host_mounts: guest.host_mounts,
             poststart: bundle.hooks(HostHook::Poststart),
             poststop: bundle.hooks(HostHook::Poststop),
+            own_pid_namespace: bundle.own_pid_namespace(),
         };
         self.state.write_container(&rec)?;
         srec.containers.push(id.into());

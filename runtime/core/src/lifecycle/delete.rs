@@ -10,7 +10,7 @@ use super::{Runtime, OCI_VERSION};
 use crate::agent::{Agent, Status};
 use crate::error::RuntimeError;
 use crate::hooks::{self, HookState};
-use crate::vm::{VmProcess, Vms};
+use crate::vm::{PowerOff, VmProcess, Vms};
 use crate::{mounts, procinfo, share};
 
 /// How long a delete waits for a container's relay to notice the process is gone.
@@ -83,7 +83,14 @@ impl<V: Vms> Runtime<V> {
         mounts::unmount_under(&mine)?;
         let _ = std::fs::remove_dir_all(&mine);
         let unremoved = if vm_goes { agent.as_ref() } else { None };
-        self.leave_sandbox(&rec.sandbox_id, id, vm, unremoved).await?;
+        // Nothing of a last container whose init has exited (or never ran its program) runs on
+        // in its own PID namespace, so the guest has nothing left to do before the VM stops.
+        let how = if vm_goes && rec.own_pid_namespace && matches!(status, Status::Stopped | Status::Created) {
+            PowerOff::Discard
+        } else {
+            PowerOff::Destroy
+        };
+        self.leave_sandbox(&rec.sandbox_id, id, vm, unremoved, how).await?;
         crate::timeline::mark("delete: sandbox left");
         if vm_goes {
             // Its streams ended with the VM.
@@ -140,7 +147,8 @@ impl<V: Vms> Runtime<V> {
         }
     }
 
-    /// Takes `cid` out of its sandbox's record; the last one out powers the VM off.
+    /// Takes `cid` out of its sandbox's record; the last one out powers the VM off, `how` says
+    /// how (for `cid` being the last).
     /// `unremoved`: the agent that still holds `cid`, left there because its VM was to go with
     /// it; if another container joined the sandbox meanwhile, the VM stays and `cid` is
     /// removed from it here.
@@ -150,6 +158,7 @@ impl<V: Vms> Runtime<V> {
         cid: &str,
         vm: VmProcess,
         unremoved: Option<&V::Agent>,
+        how: PowerOff,
     ) -> Result<(), RuntimeError> {
         let (_slock, srec) = self.state.lock_sandbox_async(sid).await?;
         let Some(mut srec) = srec else {
@@ -161,7 +170,7 @@ impl<V: Vms> Runtime<V> {
         }
         if srec.containers.is_empty() {
             mounts::unmount_under(&share::shared_dir(&self.state, sid))?;
-            self.vms.power_off(&srec, vm).await;
+            self.vms.power_off(&srec, vm, how).await;
             crate::fault::point("delete-vm-off");
             self.release_sandbox(sid).await
         } else {
@@ -197,7 +206,7 @@ impl<V: Vms> Runtime<V> {
             Some(r) => {
                 tracing::info!("sandbox {sid}: removing it (no container holds it)");
                 mounts::unmount_under(&share::shared_dir(&self.state, sid))?;
-                self.vms.power_off(&r, VmProcess::default()).await;
+                self.vms.power_off(&r, VmProcess::default(), PowerOff::Destroy).await;
             }
             // Killed while its VM booted, before the VM was recorded: the VMM may still run.
             None => self.kill_unrecorded_vmm(sid).await,

@@ -10,6 +10,7 @@ use crate::agent::fake::{Fake, Step};
 use crate::bundle::Bundle;
 use crate::cni::testing::{FakePlugins, RESULT};
 use crate::cni::Attachment;
+use crate::vm::PowerOff;
 
 struct Fixture {
     dir: PathBuf,
@@ -105,7 +106,9 @@ async fn a_container_lives_and_goes() {
     f.rt.resume("c1").await.expect("resume");
     f.rt.delete("c1", true, held.vm).await.expect("delete");
     f.assert_gone("c1");
-    assert_eq!(f.fake.world().power_offs, 1);
+    let w = f.fake.world();
+    assert_eq!(w.power_offs, 1);
+    assert_eq!(w.discards, 0, "a running container's VM was stopped without the guest's cleanup");
 }
 
 #[tokio::test]
@@ -120,7 +123,33 @@ async fn a_container_seen_to_exit_goes_without_a_status_read() {
     let w = f.fake.world();
     assert_eq!(w.status_reads, reads, "the guest was asked again");
     assert_eq!(w.power_offs, 1, "its VM went with it");
+    assert_eq!(w.discards, 1, "the guest was asked to clean up after an init that was PID 1");
     assert!(w.removed.is_empty(), "taken apart in the guest before the VM went: {:?}", w.removed);
+}
+
+#[tokio::test]
+async fn an_exited_container_without_its_own_pid_namespace_has_the_guest_clean_up() {
+    // Its processes are not the init's children in a namespace of their own: some may still
+    // run and write, so the agent kills them and syncs before the VM stops.
+    let f = Fixture::new("sharedpid");
+    let b = f.bundle(json!({"linux": {"namespaces": [{"type": "mount"}, {"type": "network"}]}}));
+    let held = f.rt.create("c1", &b, Fixture::opts()).await.expect("create").expect("held");
+    f.rt.start("c1").await.expect("start");
+    f.fake.world().containers.insert("c1".into(), Status::Stopped);
+    f.rt.delete_exited("c1", held.vm).await.expect("delete");
+    f.assert_gone("c1");
+    let w = f.fake.world();
+    assert_eq!((w.power_offs, w.discards), (1, 0));
+}
+
+#[tokio::test]
+async fn a_created_container_that_never_ran_goes_with_its_vm_at_once() {
+    let f = Fixture::new("neverran");
+    let held = f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create").expect("held");
+    f.rt.delete("c1", false, held.vm).await.expect("delete");
+    f.assert_gone("c1");
+    let w = f.fake.world();
+    assert_eq!((w.power_offs, w.discards), (1, 1));
 }
 
 #[tokio::test]
@@ -285,7 +314,9 @@ async fn a_container_left_for_its_vm_is_removed_if_another_joined_meanwhile() {
     f.rt.create("pod3", &f.bundle(sb), Fixture::opts()).await.expect("sandbox");
     // m1 joins after pod3's delete found pod3 the last one and left it in the guest.
     f.rt.create("m1", &f.bundle(member), Fixture::opts()).await.expect("member");
-    f.rt.leave_sandbox("pod3", "pod3", VmProcess::default(), Some(&f.fake)).await.expect("leave");
+    f.rt.leave_sandbox("pod3", "pod3", VmProcess::default(), Some(&f.fake), PowerOff::Destroy)
+        .await
+        .expect("leave");
     let w = f.fake.world();
     assert_eq!(w.power_offs, 0, "the VM stays for m1");
     assert_eq!(w.removed, ["pod3"]);

@@ -18,7 +18,7 @@ use husk_vmm::config::{
 
 use super::snapshot;
 use super::spawn::{spawn, Spawn};
-use super::{cgroup, Booted, Calls, VmExit, VmProcess, VmShape, Vms};
+use super::{cgroup, Booted, Calls, PowerOff, VmExit, VmProcess, VmShape, Vms};
 use crate::agent::{Agent, GrpcAgent};
 use crate::config::Config;
 use crate::error::RuntimeError;
@@ -567,11 +567,15 @@ impl Vms for HuskVmm {
         procinfo::wait_exit(rec.vmm_pid, rec.vmm_start, EXIT_WAIT).await;
     }
 
-    async fn power_off(&self, rec: &SandboxRecord, process: VmProcess) {
+    async fn power_off(&self, rec: &SandboxRecord, process: VmProcess, how: PowerOff) {
         let was_alive = self.alive(rec);
         let kept = shared(rec);
         forget_shared(rec);
-        if was_alive {
+        if was_alive && how == PowerOff::Discard {
+            tracing::debug!("sandbox {}: nothing runs in the guest; VM stopped at once", rec.id);
+            procinfo::signal(rec.vmm_pid, rec.vmm_start, nix::sys::signal::Signal::SIGKILL);
+            procinfo::wait_exit(rec.vmm_pid, rec.vmm_start, EXIT_WAIT).await;
+        } else if was_alive {
             let agent = match kept {
                 Some(a) => Ok(a.with_call_timeout(Some(RPC_TIMEOUT))),
                 None => GrpcAgent::connect(&rec.vsock, Duration::from_secs(5), Some(RPC_TIMEOUT)).await,

@@ -204,6 +204,19 @@ pub enum Calls {
     Long,
 }
 
+/// How a VM's end treats its guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerOff {
+    /// The agent kills what still runs in the guest and syncs the shares, then the VM stops.
+    Destroy,
+    /// Nothing runs in the guest that could still write to a share (its last container's
+    /// init has exited, and with it the PID namespace it was PID 1 of, or never ran the
+    /// container's program): the VM stops at once. What the container wrote is on the host
+    /// already, since the guest's FUSE client writes a file's dirty pages back when the file is
+    /// closed or unmapped, which a process's exit does.
+    Discard,
+}
+
 /// Booting, reaching and destroying sandbox VMs.
 pub trait Vms: Send + Sync + 'static {
     type Agent: Agent;
@@ -229,7 +242,12 @@ pub trait Vms: Send + Sync + 'static {
 
     /// Powers the VM off (or kills it) and waits for it to go. The caller holds the sandbox
     /// lock; the sandbox's files are the caller's to remove.
-    fn power_off(&self, rec: &SandboxRecord, process: VmProcess) -> impl Future<Output = ()> + Send;
+    fn power_off(
+        &self,
+        rec: &SandboxRecord,
+        process: VmProcess,
+        how: PowerOff,
+    ) -> impl Future<Output = ()> + Send;
 
     /// Called once the sandbox's first container is created, before its process has run:
     /// where the VM was asked to, it records its snapshot's working set now.
