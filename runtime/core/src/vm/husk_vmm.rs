@@ -203,6 +203,29 @@ pub fn death_report(exit: VmExit, log: &str) -> Option<String> {
 }
 
 impl HuskVmm {
+    /// Asks the agent to destroy the sandbox (kill what runs, sync the shares); whether it
+    /// answered. The agent powers off moments after it answers; an answer lost to that is no
+    /// failure: the VMM's exit, awaited by the caller, is what counts.
+    async fn destroy_in_guest(&self, rec: &SandboxRecord, kept: Option<GrpcAgent>) -> bool {
+        let agent = match kept {
+            Some(a) => Ok(a.with_call_timeout(Some(RPC_TIMEOUT))),
+            None => GrpcAgent::connect(&rec.vsock, Duration::from_secs(5), Some(RPC_TIMEOUT)).await,
+        };
+        match agent {
+            Ok(c) => match c.destroy_sandbox().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!("sandbox {}: {e}", rec.id);
+                    false
+                }
+            },
+            Err(e) => {
+                tracing::warn!("sandbox {}: agent unreachable, killing the VM: {e}", rec.id);
+                false
+            }
+        }
+    }
+
     async fn wait_for_agent(
         &self,
         process: &mut VmProcess,
@@ -571,38 +594,23 @@ impl Vms for HuskVmm {
         let was_alive = self.alive(rec);
         let kept = shared(rec);
         forget_shared(rec);
-        if was_alive && how == PowerOff::Discard {
-            tracing::debug!("sandbox {}: nothing runs in the guest; VM stopped at once", rec.id);
-            procinfo::signal(rec.vmm_pid, rec.vmm_start, nix::sys::signal::Signal::SIGKILL);
-            procinfo::wait_exit(rec.vmm_pid, rec.vmm_start, EXIT_WAIT).await;
-        } else if was_alive {
-            let agent = match kept {
-                Some(a) => Ok(a.with_call_timeout(Some(RPC_TIMEOUT))),
-                None => GrpcAgent::connect(&rec.vsock, Duration::from_secs(5), Some(RPC_TIMEOUT)).await,
-            };
-            let destroyed = match agent {
-                Ok(c) => match c.destroy_sandbox().await {
-                    Ok(()) => true,
-                    // The agent powers off moments after it answers; an answer lost to that is
-                    // no failure: the VMM's exit, awaited below, is what counts.
-                    Err(e) => {
-                        tracing::debug!("sandbox {}: {e}", rec.id);
-                        false
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!("sandbox {}: agent unreachable, killing the VM: {e}", rec.id);
-                    false
+        if was_alive {
+            // Whether nothing in the VM is left worth its own shutdown, so it is stopped at once.
+            let stop_now = match how {
+                PowerOff::Discard => {
+                    tracing::debug!("sandbox {}: nothing runs in the guest; VM stopped at once", rec.id);
+                    true
                 }
+                // The agent answers once every container is gone and the guest has synced what
+                // they wrote to the shares: nothing in the VM is worth the guest's own shutdown
+                // (about a fifth of a second of teardown).
+                PowerOff::Destroy => self.destroy_in_guest(rec, kept).await,
             };
-            // The agent answers once every container is gone and the guest has synced what
-            // they wrote to the shares: nothing in the VM is worth the guest's own shutdown
-            // (about a fifth of a second of teardown), so the VMM is stopped at once.
-            if destroyed {
+            if stop_now {
                 procinfo::signal(rec.vmm_pid, rec.vmm_start, nix::sys::signal::Signal::SIGKILL);
             }
             procinfo::wait_exit(rec.vmm_pid, rec.vmm_start, EXIT_WAIT).await;
-            if !destroyed && procinfo::signal(rec.vmm_pid, rec.vmm_start, nix::sys::signal::Signal::SIGKILL) {
+            if !stop_now && procinfo::signal(rec.vmm_pid, rec.vmm_start, nix::sys::signal::Signal::SIGKILL) {
                 tracing::warn!("sandbox {}: husk-vmm did not exit after power-off; killed", rec.id);
             }
         }
