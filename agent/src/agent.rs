@@ -341,6 +341,8 @@ impl Agent {
         lock(&self.shares).keys().filter_map(|t| self.cfg.shares_dir.join(t).canonicalize().ok()).collect()
     }
 
+    /// Creates container `req.container_id`, and starts it too when `req.start` says so.
+    /// Returns its init's PID.
     pub async fn create_container(&self, req: husk_proto::CreateContainerRequest) -> Result<u32, AgentError> {
         let mut reservation = self.reserve(&req.container_id)?;
         let id = req.container_id.clone();
@@ -369,7 +371,7 @@ impl Agent {
             None
         };
         let bundle = self.cfg.state_dir.join("bundles").join(&id);
-        let result = self.create_in_bundle(&id, &bundle, &spec, &stdio).await;
+        let result = self.create_in_bundle(&id, &bundle, &spec, &stdio, req.start).await;
         let (init, cgroup, lifeline) = match result {
             Ok(v) => v,
             Err(e) => {
@@ -391,7 +393,7 @@ impl Agent {
             bundle,
             cgroup,
             overlay,
-            started: AtomicBool::new(false),
+            started: AtomicBool::new(req.start),
             process: spec.process().clone().unwrap_or_default(),
             seccomp: spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
             init,
@@ -422,6 +424,7 @@ impl Agent {
         bundle: &Path,
         spec: &oci_spec::runtime::Spec,
         stdio: &Stdio,
+        start_now: bool,
     ) -> Result<(Arc<Proc>, ContainerCgroup, Option<OwnedFd>), AgentError> {
         std::fs::create_dir_all(bundle).map_err(AgentError::io("creating the bundle"))?;
         let mut spec = spec.clone();
@@ -438,6 +441,7 @@ impl Agent {
             no_pivot: self.cfg.no_pivot,
             start: Box::new(start),
             propagation: crate::propagation::wanted(&spec),
+            start_now,
         };
         let (proc, lifeline) = self.run_process(op, stdio, &console).await?;
         let cgroup = ContainerCgroup::new(id)?;

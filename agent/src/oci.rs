@@ -50,6 +50,9 @@ pub enum Op {
         start: Box<ConfinedExec>,
         /// Bind mounts whose propagation the helper sets itself: (destination, mode).
         propagation: Vec<(PathBuf, String)>,
+        /// Start the init once it is created (see [`start`]).
+        #[serde(default)]
+        start_now: bool,
     },
     /// Runs the OCI process in `process_json` inside the running container.
     Exec {
@@ -297,9 +300,9 @@ fn fault_fires(point: &str, id: &str) -> bool {
     std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_ok()
 }
 
-/// Starts created container `id` from the agent itself, without a helper: starting forks
-/// nothing (the host runs the OCI hooks; none reach the guest), and a helper's exec was most
-/// of a start's time. libcontainer's own `start` reaches the init's notify socket by changing
+/// Starts created container `id` without a helper of its own: from the agent, or from the
+/// helper that created it when the create starts it too. Starting forks nothing (the host runs
+/// the OCI hooks; none reach the guest), and a helper's exec was most of a start's time. libcontainer's own `start` reaches the init's notify socket by changing
 /// the process's working directory, which a multithreaded agent must not do; this reaches it
 /// through a descriptor of the container's state directory (a short path, whatever the
 /// root's length). Blocking: call from a blocking thread.
@@ -339,10 +342,10 @@ fn load(root: &std::path::Path, id: &str) -> Result<Container, String> {
 
 fn perform(op: Op) -> Result<Option<i32>, String> {
     match op {
-        Op::Create { root, id, bundle, console_socket, no_pivot, start, propagation } => {
+        Op::Create { root, id, bundle, console_socket, no_pivot, start, propagation, start_now } => {
             fault_point("oci-create", &id);
             let mut container = ContainerBuilder::new(id.clone(), SyscallType::Linux)
-                .with_root_path(root)
+                .with_root_path(root.clone())
                 .map_err(|e| e.to_string())?
                 .with_console_socket(console_socket)
                 .with_executor(*start)
@@ -354,12 +357,22 @@ fn perform(op: Op) -> Result<Option<i32>, String> {
                 .map_err(|e| format!("creating container {id}: {e}"))?;
             fault_point("oci-created", &id);
             let pid = container.pid().map(|p| p.as_raw());
-            if let Some(pid) = pid {
-                if let Err(e) = crate::propagation::apply(pid, &propagation) {
-                    // Nothing half-made stays behind.
-                    let _ = container.delete(true);
-                    return Err(format!("creating container {id}: {e}"));
-                }
+            let started = match pid {
+                Some(pid) => crate::propagation::apply(pid, &propagation)
+                    .map_err(|e| format!("creating container {id}: {e}"))
+                    .and_then(|()| {
+                        if start_now {
+                            self::start(&root, &id).map_err(|e| e.to_string())
+                        } else {
+                            Ok(())
+                        }
+                    }),
+                None => Ok(()),
+            };
+            if let Err(e) = started {
+                // Nothing half-made stays behind.
+                let _ = container.delete(true);
+                return Err(e);
             }
             Ok(pid)
         }

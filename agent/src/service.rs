@@ -54,8 +54,10 @@ impl pb::containers_server::Containers for Service {
         &self,
         r: Request<pb::CreateContainerRequest>,
     ) -> Reply<pb::CreateContainerResponse> {
-        let pid = self.0.create_container(r.into_inner()).await?;
-        ok(pb::CreateContainerResponse { pid })
+        let req = r.into_inner();
+        let started = req.start;
+        let pid = self.0.create_container(req).await?;
+        ok(pb::CreateContainerResponse { pid, started })
     }
     async fn start_container(&self, r: Request<pb::ContainerRef>) -> Reply<pb::Empty> {
         tracing::debug!("rpc start_container");

@@ -64,12 +64,13 @@ echo "=== helper faults"; uptime_mark
 # in the guest shows when the same id is used again. Each fault fires once per boot.
 CRI='"io.kubernetes.cri.container-type"'
 bundle /var/hp '["sleep","300"]' "{$CRI:\"sandbox\",\"io.kubernetes.cri.sandbox-id\":\"hp\"}"
-HUSK_CMDLINE="$CMDLINE husk.fault=oci-create@m1,oci-created@m2,oci-start@m3,oci-exec@m3,oci-delete@m3" \
+HUSK_CMDLINE="$CMDLINE husk.fault=oci-create@m1,oci-created@m2,oci-start@m3,oci-exec@m3,oci-delete@m3,oci-start@m4" \
     $H --root $R run -d --bundle /var/hp --pid-file /var/hp.pid hp >/dev/null 2>&1; echo "@@HP-RC $?"
 ns="{\"type\":\"ipc\",\"path\":\"/proc/$(cat /var/hp.pid)/ns/ipc\"},{\"type\":\"network\",\"path\":\"/proc/$(cat /var/hp.pid)/ns/net\"}"
 for m in m1 m2 m3; do
     bundle /var/$m '["sleep","300"]' "{$CRI:\"container\",\"io.kubernetes.cri.sandbox-id\":\"hp\"}" "$ns"
 done
+bundle /var/m4 '["sh","-c","echo m4-ran"]' "{$CRI:\"container\",\"io.kubernetes.cri.sandbox-id\":\"hp\"}" "$ns"
 for m in m1 m2; do
     $H --root $R create --bundle /var/$m $m 2>&1; echo "@@HELPER-CREATE-RC $m $?"
     $H --root $R state $m >/dev/null 2>&1 && echo "@@HELPER-CREATE-LEFT $m"
@@ -85,6 +86,14 @@ $H --root $R exec m3 sh -c 'echo exec-after-fault'; echo "@@HELPER-EXEC-AGAIN-RC
 $H --root $R delete --force m3 2>&1; echo "@@HELPER-DELETE-RC m3 $?"
 $H --root $R create --bundle /var/m3 m3 && $H --root $R start m3; echo "@@HELPER-AGAIN-RC m3 $?"
 $H --root $R delete --force m3; echo "@@HELPER-DELETE-RC m3-again $?"
+# A foreground run has the agent start its process with the create: a start that fails there
+# fails the run, and nothing of the container stays.
+$H --root $R run --bundle /var/m4 m4 >/var/m4.out 2>&1; echo "@@HELPER-RUN-RC $?"
+cat /var/m4.out
+grep -q "fault injected at oci-start" /var/m4.out && echo "@@HELPER-RUN-START-FAILED"
+grep -q m4-ran /var/m4.out && echo "@@HELPER-RUN-RAN"
+$H --root $R state m4 >/dev/null 2>&1 && echo "@@HELPER-RUN-LEFT"
+$H --root $R run --bundle /var/m4 m4; echo "@@HELPER-RUN-AGAIN-RC $?"
 $H --root $R delete --force hp; echo "@@HP-DELETE-RC $?"
 leftovers helper
 "##;
@@ -374,6 +383,8 @@ fn faults_converge_and_cycles_leak_nothing() {
                 "@@HELPER-DELETE-RC m3 0",
                 "@@HELPER-AGAIN-RC m3 0",
                 "@@HELPER-DELETE-RC m3-again 0",
+                "@@HELPER-RUN-START-FAILED",
+                "m4-ran\n@@HELPER-RUN-AGAIN-RC 0",
                 "@@HP-DELETE-RC 0",
                 "@@CLEAN-CHECKED helper",
             ],
@@ -383,10 +394,13 @@ fn faults_converge_and_cycles_leak_nothing() {
             "@@HELPER-CREATE-RC m2 0",
             "@@HELPER-START-RC 0",
             "@@HELPER-EXEC-RC 0",
+            "@@HELPER-RUN-RC 0",
         ] {
             assert!(!o.contains(rc), "{rc}: the helper's fault did not fire:\n{o}");
         }
         assert!(!o.contains("@@HELPER-CREATE-LEFT"), "a failed create left a record:\n{o}");
+        assert!(!o.contains("@@HELPER-RUN-LEFT"), "a run whose start failed left a record:\n{o}");
+        assert!(!o.contains("@@HELPER-RUN-RAN"), "the run whose start failed ran:\n{o}");
     }
 
     expect(o, &["@@LG-RC 0", "@@LG-DELETE-RC 0", "@@CLEAN-CHECKED cycles"]);

@@ -428,6 +428,14 @@ fn phase_at(phases: &[(String, f64, f64)], name: &str, text: &str) -> f64 {
         .unwrap_or_else(|| panic!("no phase {name:?} in the timings:\n{text}"))
 }
 
+/// A run's process is started by its create: the agent gets no StartContainer call.
+fn no_start_call(phases: &[(String, f64, f64)], text: &str) {
+    assert!(
+        !phases.iter().any(|(n, _, _)| n.starts_with("agent: StartContainer")),
+        "the run started its container with a call of its own:\n{text}"
+    );
+}
+
 fn check_timings(text: &str) {
     let phases = husk_core::timeline::parse(text);
     let at = |name: &str| phase_at(&phases, name, text);
@@ -466,6 +474,7 @@ fn check_timings(text: &str) {
     // One agent connection for the whole run (stdio streams are not agent connections).
     let conns = phases.iter().filter(|(n, _, _)| n.starts_with("agent connected")).count();
     assert_eq!(conns, 1, "agent connections:\n{text}");
+    no_start_call(&phases, text);
     let (total, sum) = (phases.last().map_or(0.0, |p| p.1), phases.iter().map(|p| p.2).sum::<f64>());
     assert!((total - sum).abs() < 0.1 * phases.len() as f64, "deltas {sum} ms vs total {total} ms:\n{text}");
     assert!(total > 0.0 && total < 600_000.0, "total {total} ms:\n{text}");
@@ -530,6 +539,7 @@ fn check_snapshots(s: &str, cold: &str) {
     ];
     let times: Vec<f64> = order.iter().map(|n| at(&phases, n, restored)).collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "restored phases out of order:\n{restored}");
+    no_start_call(&phases, restored);
     let cold_phases = husk_core::timeline::parse(cold);
     let ready = |p: &[(String, f64, f64)], t: &str| at(p, "agent connected", t) - at(p, "vmm spawned", t);
     let (r, c) = (ready(&phases, restored), ready(&cold_phases, cold));

@@ -262,8 +262,8 @@ impl<V: Vms> Pod<V> {
             }
         };
         let mut init = Proc::new(stdio.clone(), None);
-        let Held { target, guest_pid, guest, vm } = held;
-        let held = Held { target, guest_pid, guest, vm: VmProcess::default() };
+        let Held { target, guest_pid, guest, vm, started } = held;
+        let held = Held { target, guest_pid, guest, vm: VmProcess::default(), started };
         self.attach(rt.clone(), id, "", held, &stdio, &mut init);
         let pid = init.pid;
         let first = self.table().is_empty();

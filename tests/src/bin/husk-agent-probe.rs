@@ -142,6 +142,7 @@ impl Probe {
             oci_spec_json: spec.to_string().into_bytes(),
             rootfs: Some(self.rootfs()),
             stdio: Some(stdio),
+            start: false,
         });
         step(&format!("create {id}"), create).await?.with_context(|| format!("create {id}"))?;
         Ok(running)
@@ -549,6 +550,7 @@ async fn bad_requests(p: &Probe) -> Result<()> {
         oci_spec_json: spec,
         rootfs: Some(rootfs),
         stdio: None,
+        start: false,
     };
     expect_code(c.start_container(cref("nope")).await, Code::NotFound).context("start unknown")?;
     // More host entropy than the agent takes: refused before anything changes.
@@ -646,6 +648,23 @@ async fn bad_requests(p: &Probe) -> Result<()> {
     )
     .context("remove running without force")?;
     p.remove("dup").await?;
+    // Created and started in one request: it runs to its end without a StartContainer, and a
+    // start after it is refused.
+    let exits7 = spec(&["sh", "-c", "exit 7"], &Opts::default());
+    let mut both = create("both", exits7.to_string().into(), p.rootfs());
+    both.start = true;
+    let made = c.create_container(both).await.context("create and start")?.into_inner();
+    if !made.started {
+        bail!("a create asked to start did not say it started");
+    }
+    let whole = pb::ProcessRef { container_id: "both".into(), exec_id: String::new() };
+    let exit = pr.wait_process(whole).await.context("wait for the started create")?.into_inner();
+    if exit.exit_code != 7 {
+        bail!("the started create's process exited {exit:?}, wanted code 7");
+    }
+    expect_code(c.start_container(cref("both")).await, Code::FailedPrecondition)
+        .context("start after a create that started")?;
+    p.remove("both").await?;
     Ok(())
 }
 

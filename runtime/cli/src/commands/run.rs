@@ -22,14 +22,20 @@ pub async fn run(rt: &Rt, a: OciRun) -> Result<ExitCode, RuntimeError> {
         }
         StdioStrategy::Held { size: foreground::own_terminal_size() }
     };
-    let held = rt.create(&a.id, &bundle, CreateOpts::new(stdio)).await?;
+    let mut opts = CreateOpts::new(stdio);
+    opts.start = true;
+    let held = rt.create(&a.id, &bundle, opts).await?;
     if !a.detach {
         // runc writes its own PID when it stays in the foreground.
         if let Some(p) = &a.pid_file {
             husk_core::state::write_atomic(p, &std::process::id().to_string())?;
         }
     }
-    if let Err(e) = rt.start(&a.id).await {
+    let started = match &held {
+        Some(h) if h.started => rt.started(&a.id).await,
+        _ => rt.start(&a.id).await,
+    };
+    if let Err(e) = started {
         let vm = held.map(|h| h.vm).unwrap_or_default();
         let _ = rt.delete(&a.id, true, vm).await;
         return Err(e);

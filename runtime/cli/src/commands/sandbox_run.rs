@@ -275,6 +275,7 @@ async fn run_in(
     opts.vcpus = a.cpus;
     // Without -i the process reads /dev/null, as under `docker run`.
     opts.stdin = a.interactive;
+    opts.start = true;
     let created = rt.create(id, &bundle, opts).await;
     watch.abort();
     let Some(held) = created? else {
@@ -284,7 +285,8 @@ async fn run_in(
         rt.delete(id, true, held.vm).await?;
         return Ok(130);
     }
-    if let Err(e) = rt.start(id).await {
+    let started = if held.started { rt.started(id).await } else { rt.start(id).await };
+    if let Err(e) = started {
         rt.delete(id, true, held.vm).await?;
         return Err(e.into());
     }

@@ -312,9 +312,12 @@ impl Agent for GrpcAgent {
         Ok(())
     }
 
-    async fn create_container(&self, req: pb::CreateContainerRequest) -> AgentResult<u32> {
+    async fn create_container(
+        &self,
+        req: pb::CreateContainerRequest,
+    ) -> AgentResult<pb::CreateContainerResponse> {
         let r = self.call("CreateContainer", self.containers.clone().create_container(req)).await?;
-        Ok(r.into_inner().pid)
+        Ok(r.into_inner())
     }
 
     async fn start_container(&self, id: &str) -> AgentResult<()> {

@@ -43,6 +43,10 @@ pub struct World {
     pub signals: Vec<(String, i32)>,
     /// Container states asked for.
     pub status_reads: usize,
+    /// StartContainer requests.
+    pub starts: usize,
+    /// Creates act as an agent that predates `CreateContainerRequest.start`: never started.
+    pub create_never_starts: bool,
     /// Stdio streams opened, by name.
     pub streams: Vec<String>,
     /// `first_container_created` calls: the sandbox, and the guest's containers then.
@@ -95,18 +99,23 @@ impl Agent for Fake {
         Ok(())
     }
 
-    async fn create_container(&self, req: pb::CreateContainerRequest) -> AgentResult<u32> {
+    async fn create_container(
+        &self,
+        req: pb::CreateContainerRequest,
+    ) -> AgentResult<pb::CreateContainerResponse> {
         self.step(Step::CreateContainer)?;
         let mut w = self.world();
         if w.containers.contains_key(&req.container_id) {
             return Err(AgentError::Rpc { call: "fake", status: tonic::Status::already_exists("exists") });
         }
-        w.containers.insert(req.container_id, Status::Created);
-        Ok(100 + w.containers.len() as u32)
+        let started = req.start && !w.create_never_starts;
+        w.containers.insert(req.container_id, if started { Status::Running } else { Status::Created });
+        Ok(pb::CreateContainerResponse { pid: 100 + w.containers.len() as u32, started })
     }
 
     async fn start_container(&self, id: &str) -> AgentResult<()> {
         self.step(Step::StartContainer)?;
+        self.world().starts += 1;
         self.with(id, |s| match s {
             Status::Created => {
                 *s = Status::Running;

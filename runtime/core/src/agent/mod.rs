@@ -117,11 +117,12 @@ pub trait Agent: Clone + Send + Sync + 'static {
     fn create_sandbox(&self, req: pb::CreateSandboxRequest) -> impl Future<Output = AgentResult<()>> + Send;
     /// Kills every container and powers the VM off.
     fn destroy_sandbox(&self) -> impl Future<Output = AgentResult<()>> + Send;
-    /// Returns the init process's guest PID.
+    /// Returns the init process's guest PID, and whether it was started too (`req.start`; an
+    /// agent that predates the field leaves it created).
     fn create_container(
         &self,
         req: pb::CreateContainerRequest,
-    ) -> impl Future<Output = AgentResult<u32>> + Send;
+    ) -> impl Future<Output = AgentResult<pb::CreateContainerResponse>> + Send;
     fn start_container(&self, id: &str) -> impl Future<Output = AgentResult<()>> + Send;
     /// `None`: the agent does not know the container.
     fn container_status(&self, id: &str) -> impl Future<Output = AgentResult<Option<Status>>> + Send;

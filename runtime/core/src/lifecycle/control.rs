@@ -7,9 +7,23 @@ use super::{Runtime, OCI_VERSION};
 use crate::agent::{Agent, Status};
 use crate::error::RuntimeError;
 use crate::hooks::{self, HookState};
+use crate::state::ContainerRecord;
 use crate::vm::Vms;
 
 const LIVE: [Status; 3] = [Status::Created, Status::Running, Status::Paused];
+
+/// The bundle's poststart hooks, whose failures are only logged (runc's way).
+async fn poststart(id: &str, rec: &ContainerRecord) {
+    let state = HookState {
+        oci_version: OCI_VERSION,
+        id,
+        status: "running",
+        pid: rec.relay_pid,
+        bundle: &rec.bundle,
+        annotations: &rec.annotations,
+    };
+    hooks::run_logged("poststart", &rec.poststart, &state).await;
+}
 
 impl<V: Vms> Runtime<V> {
     pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
@@ -34,15 +48,16 @@ impl<V: Vms> Runtime<V> {
         }
         crate::timeline::mark("container started");
         crate::fault::point("start-after-agent");
-        let state = HookState {
-            oci_version: OCI_VERSION,
-            id,
-            status: "running",
-            pid: rec.relay_pid,
-            bundle: &rec.bundle,
-            annotations: &rec.annotations,
-        };
-        hooks::run_logged("poststart", &rec.poststart, &state).await;
+        poststart(id, &rec).await;
+        Ok(())
+    }
+
+    /// What [`Runtime::start`] does once the agent has started the process, for a create
+    /// that started it ([`super::Held::started`]): the poststart hooks.
+    pub async fn started(&self, id: &str) -> Result<(), RuntimeError> {
+        let rec = self.state.read_container(id)?;
+        crate::timeline::mark("container started");
+        poststart(id, &rec).await;
         Ok(())
     }
 

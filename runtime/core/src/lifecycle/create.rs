@@ -203,14 +203,21 @@ impl<V: Vms> Runtime<V> {
         let (stdio, relay, streams) =
             stdio::wire(&agent, &target, bundle.terminal(), opts.stdin, &opts.stdio).await?;
         crate::timeline::mark("create: stdio streams opened");
+        // Nothing of husk's runs between this create and the start, so the agent does both.
+        let start = opts.start
+            && matches!(opts.stdio, StdioStrategy::Held { .. })
+            && bundle.hooks(HostHook::Prestart).is_empty()
+            && bundle.hooks(HostHook::CreateRuntime).is_empty();
         let req = pb::CreateContainerRequest {
             container_id: id.into(),
             oci_spec_json: guest.spec_json,
             rootfs: Some(rootfs),
             stdio: Some(stdio),
+            start,
         };
         crate::fault::point("create-before-agent");
-        let guest_pid = agent.create_container(req).await?;
+        let created = agent.create_container(req).await?;
+        let (guest_pid, started) = (created.pid, start && created.started);
         partial.created_in = Some(agent.clone());
         crate::fault::point("create-after-agent");
         if role.starts_vm() {
@@ -276,6 +283,6 @@ impl<V: Vms> Runtime<V> {
         let vm = partial.vm.take().map(|(_, p)| p).unwrap_or_default();
         *partial = Partial::default();
         crate::timeline::mark("create done");
-        Ok(streams.map(|guest| Held { target, guest_pid, guest, vm }))
+        Ok(streams.map(|guest| Held { target, guest_pid, guest, vm, started }))
     }
 }

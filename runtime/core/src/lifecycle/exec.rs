@@ -62,7 +62,7 @@ impl<V: Vms> Runtime<V> {
             r.go()?;
         }
         drop(lock);
-        Ok(streams.map(|guest| Held { target, guest_pid, guest, vm: VmProcess::default() }))
+        Ok(streams.map(|guest| Held { target, guest_pid, guest, vm: VmProcess::default(), started: true }))
     }
 }
 

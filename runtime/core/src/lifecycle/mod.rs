@@ -44,6 +44,12 @@ pub struct CreateOpts {
     /// The process gets an input stream; without one its stdin is /dev/null in the guest, as
     /// for `docker run` without `-i` (one guest connection fewer).
     pub stdin: bool,
+    /// The caller starts the process right after the create (`run`): with
+    /// [`StdioStrategy::Held`] and no host hook to run between the two (prestart,
+    /// createRuntime), the agent starts it as part of the create, one request instead of two.
+    /// [`Held::started`] says whether it did; the caller then calls
+    /// [`Runtime::started`] instead of [`Runtime::start`].
+    pub start: bool,
 }
 
 impl CreateOpts {
@@ -56,6 +62,7 @@ impl CreateOpts {
             vcpus: None,
             clients_see_guest_pids: false,
             stdin: true,
+            start: false,
         }
     }
 }
@@ -69,6 +76,9 @@ pub struct Held {
     pub guest: GuestStreams,
     /// The VMM when this call started it, so the caller reaps it after the last delete.
     pub vm: VmProcess,
+    /// The process runs already: an exec's always does, a create's when the create started it
+    /// too ([`CreateOpts::start`]).
+    pub started: bool,
 }
 
 /// The lifecycle over one state directory.

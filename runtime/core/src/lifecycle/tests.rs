@@ -112,6 +112,49 @@ async fn a_container_lives_and_goes() {
 }
 
 #[tokio::test]
+async fn a_run_starts_its_process_with_the_create_in_one_agent_call() {
+    let f = Fixture::new("run-start");
+    let marker = f.dir.join("poststart-ran");
+    let poststart = json!({"hooks": {
+        "poststart": [{"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}", marker.display())]}],
+    }});
+    let mut opts = Fixture::opts();
+    opts.start = true;
+    let held = f.rt.create("c1", &f.bundle(poststart), opts).await.expect("create").expect("held");
+    assert!(held.started, "not started with the create");
+    assert_eq!(status(&f, "c1").await, Status::Running);
+    f.rt.started("c1").await.expect("started");
+    assert_eq!(f.fake.world().starts, 0, "a StartContainer call was made too");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&marker).expect("poststart ran")).expect("state json");
+    assert_eq!(state["status"], "running");
+    f.rt.delete("c1", true, held.vm).await.expect("delete");
+    f.assert_gone("c1");
+}
+
+#[tokio::test]
+async fn a_run_with_hooks_before_its_start_or_an_agent_that_only_creates_starts_on_its_own() {
+    let f = Fixture::new("run-apart");
+    let prestart = json!({"hooks": {"prestart": [{"path": "/bin/true"}]}});
+    let create_runtime = json!({"hooks": {"createRuntime": [{"path": "/bin/true"}]}});
+    for (id, extra, old_agent) in
+        [("c1", prestart, false), ("c2", create_runtime, false), ("c3", json!({}), true)]
+    {
+        f.fake.world().create_never_starts = old_agent;
+        let mut opts = Fixture::opts();
+        opts.start = true;
+        let held = f.rt.create(id, &f.bundle(extra), opts).await.expect("create").expect("held");
+        assert!(!held.started, "{id}: started with the create");
+        assert_eq!(status(&f, id).await, Status::Created, "{id}");
+        f.rt.start(id).await.expect("start");
+        assert_eq!(status(&f, id).await, Status::Running, "{id}");
+        f.rt.delete(id, true, held.vm).await.expect("delete");
+        f.assert_gone(id);
+    }
+    assert_eq!(f.fake.world().starts, 3);
+}
+
+#[tokio::test]
 async fn a_container_seen_to_exit_goes_without_a_status_read() {
     let f = Fixture::new("exited");
     let held = f.rt.create("c1", &f.bundle(json!({})), Fixture::opts()).await.expect("create").expect("held");
