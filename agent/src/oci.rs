@@ -302,10 +302,11 @@ fn fault_fires(point: &str, id: &str) -> bool {
 
 /// Starts created container `id` without a helper of its own: from the agent, or from the
 /// helper that created it when the create starts it too. Starting forks nothing (the host runs
-/// the OCI hooks; none reach the guest), and a helper's exec was most of a start's time. libcontainer's own `start` reaches the init's notify socket by changing
-/// the process's working directory, which a multithreaded agent must not do; this reaches it
-/// through a descriptor of the container's state directory (a short path, whatever the
-/// root's length). Blocking: call from a blocking thread.
+/// the OCI hooks; none reach the guest), and a helper's exec was most of a start's time.
+/// libcontainer's own `start` reaches the init's notify socket by changing the process's
+/// working directory, which a multithreaded agent must not do; this reaches it through a
+/// descriptor of the container's state directory (a short path, whatever the root's length).
+/// Blocking: call from a blocking thread.
 pub fn start(root: &std::path::Path, id: &str) -> Result<(), AgentError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
